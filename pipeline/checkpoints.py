@@ -1,0 +1,69 @@
+"""State-dict checkpoints: safetensors (or torch.save files loaded with `weights_only=True`), with sha256.
+
+A checkpoint is written to a temporary name and renamed, so a crash never leaves half a file under
+the final name, and a failed write never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from pipeline.errors import CheckpointError
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str) -> str:
+    """Atomically write `state` as safetensors; returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def load_state_dict(path: str, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a state dict from .safetensors or a torch.save file (weights only), checking its sha256."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found")
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise CheckpointError(
+                f"checkpoint {path} does not match its recorded sha256 (expected {expected_sha256[:12]}…, "
+                f"found {actual[:12]}…): it was changed or corrupted"
+            )
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any parse failure means the file is not a usable checkpoint
+        raise CheckpointError(f"checkpoint {path} is not readable: {e.__class__.__name__}: {e}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint: take its model part
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str, arch: str) -> None:
+    """Load strictly; a key or shape mismatch names the checkpoint and the architecture."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:3]
+        raise CheckpointError(f"checkpoint {path} does not fit arch {arch!r}: {' '.join(s.strip() for s in first)}") from None

@@ -1,0 +1,80 @@
+"""The `raykd` command: one subcommand per stage, each reading one YAML plus `key=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import RaykdError
+
+
+def _stage_parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("-c", "--config", help="YAML config (defaults in code; see configs/)")
+    p.add_argument("--address", help="connect to this Ray cluster (else RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. teachers.optim.epochs=5")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raykd", description="Multi-teacher knowledge distillation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _stage_parser(sub, "teachers", "train the configured teachers on Ray Train (or evaluate given checkpoints)")
+    _stage_parser(sub, "config", "print the resolved config (defaults <- YAML <- overrides) and exit")
+    z = sub.add_parser("zoo", help="list the model zoo with parameters and stage shapes")
+    z.add_argument("--image-size", type=int, default=32)
+    z.add_argument("--in-chans", type=int, default=3)
+    z.add_argument("--num-classes", type=int, default=10)
+    return parser
+
+
+def _load(args):
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "address", None):
+        cfg.ray.address = args.address
+    return cfg
+
+
+def cmd_teachers(args) -> int:
+    from pipeline.teachers import format_table, run_teachers
+
+    records = run_teachers(_load(args))
+    print()
+    print(format_table(records))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from pipeline.config import dump_config
+
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from pipeline.models import MODELS, build_model
+
+    for name in MODELS.names():
+        m = build_model(name, args.num_classes, args.in_chans)
+        shapes = "  ".join(f"{k}={'x'.join(map(str, v))}" for k, v in m.stage_shapes(args.image_size).items())
+        print(f"{name:<11} {m.num_params():>10,}  {shapes}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"teachers": cmd_teachers, "config": cmd_config, "zoo": cmd_zoo}[args.command]
+    try:
+        return handler(args)
+    except RaykdError as e:
+        print(f"raykd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raykd: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

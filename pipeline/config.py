@@ -1,0 +1,238 @@
+"""One typed config for every stage: defaults in code, a YAML overrides them, `key=value` overrides the YAML.
+
+Unknown keys and wrong types are errors that name the key and where it came from (file or command line).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+NAME_RE = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    out_dir: str = Field("runs/default", description="where every stage writes (a local path)")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RaySection(Section):
+    address: str | None = Field(None, description="existing cluster; None = RAY_ADDRESS or a new local one")
+    num_cpus: int | None = Field(
+        None, gt=0, description="logical CPUs of a local Ray (default 2x cores, at least 4: Ray Data needs room under Train)"
+    )
+    object_store_mb: int | None = Field(None, gt=0)
+
+
+class DataSection(Section):
+    name: str = "digits"
+    root: str | None = Field(None, description="dataset folder; None = the dataset's default")
+    seed: int = Field(0, description="seeds the train/val(/test) split and every view")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="only for datasets without a test split (digits)")
+    train_subset: int | None = Field(None, gt=0, description="keep this many training samples (seeded)")
+    image_size: int | None = Field(None, gt=0, description="imagefolder only: resize + centre-crop to this")
+    pad: int | None = Field(None, ge=0, description="view policy: pad then crop back; None = dataset default")
+    flip: bool | None = Field(None, description="view policy: random horizontal flip; None = dataset default")
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from pipeline.data import DATASETS
+
+        DATASETS.check(v)
+        return v
+
+
+class OptimSection(Section):
+    epochs: int = Field(15, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = True
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+
+
+class WorkersSection(Section):
+    """Ray Train workers of one training job."""
+
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0, description="used only when the device is cuda")
+    max_failures: int = Field(1, ge=0, description="worker failures a job survives by restarting from its checkpoint")
+    torch_threads: int | None = Field(None, gt=0, description="torch threads per worker; None = node cores / workers on it")
+
+
+class TeacherSpec(Section):
+    name: str = Field(pattern=NAME_RE)
+    arch: str
+    seed: int = 0
+    checkpoint: str | None = Field(None, description="load and evaluate this state dict instead of training")
+    epochs: int | None = Field(None, gt=0, description="overrides teachers.optim.epochs for this teacher")
+    lr: float | None = Field(None, gt=0, description="overrides teachers.optim.lr for this teacher")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from pipeline.models import MODELS
+
+        MODELS.check(v)
+        return v
+
+
+def _default_teachers() -> list[TeacherSpec]:
+    return [
+        TeacherSpec(name="resnet8", arch="resnet8", seed=1),
+        TeacherSpec(name="wrn_16_2", arch="wrn_16_2", seed=2),
+        TeacherSpec(name="cnn32", arch="cnn32", seed=3),
+    ]
+
+
+class TeachersSection(Section):
+    models: list[TeacherSpec] = Field(default_factory=_default_teachers, min_length=1)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    workers: WorkersSection = Field(default_factory=WorkersSection)
+    min_val_acc: float = Field(0.0, ge=0, le=1, description="accuracy gate: a teacher below it may not be cached")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "TeachersSection":
+        names = [t.name for t in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teacher names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+
+class Config(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    ray: RaySection = Field(default_factory=RaySection)
+    data: DataSection = Field(default_factory=DataSection)
+    teachers: TeachersSection = Field(default_factory=TeachersSection)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|\d+))*$")
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`a.b.0.c=value` -> (['a', 'b', 0, 'c'], value); the value is typed by YAML (3, 0.1, true, [1, 2], null)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY_RE.match(key):
+        raise ConfigError(
+            f"bad override {text!r}: expected key=value with a dotted key, e.g. teachers.optim.epochs=5"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad override {text!r}: the value is not valid YAML ({e.__class__.__name__})") from None
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    return path, value
+
+
+def _set_path(tree: dict, path: list[str | int], value: Any, text: str) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(f"override {text!r}: no list item {part} at {_dotted(path[:i + 1])}")
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {text!r}: {_dotted(path[:i])} is not a mapping")
+        if part not in node or node[part] is None:
+            node[part] = [] if isinstance(nxt, int) else {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError(f"override {text!r}: no list item {last} at {_dotted(path[:-1])}")
+    elif not isinstance(node, dict):
+        raise ConfigError(f"override {text!r}: {_dotted(path[:-1])} is not a mapping")
+    node[last] = value
+
+
+def _dotted(loc) -> str:
+    return ".".join(str(p) for p in loc) or "<top level>"
+
+
+def _format_errors(err: ValidationError, source: str, overrides=()) -> str:
+    lines = []
+    for e in err.errors():
+        key = _dotted(e["loc"])
+        # blame the override that set this key (or a parent of it), if any
+        hit = [o for o in overrides if key == o.partition("=")[0].strip() or key.startswith(o.partition("=")[0].strip() + ".")]
+        if hit:
+            source = f"command line override {hit[-1]!r}"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: '{key}': {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, each layer validated and blamed separately."""
+    tree = _read_yaml(path) if path else {}
+    try:
+        Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, path or "<defaults>")) from None
+    if not overrides:
+        return Config.model_validate(tree)
+    # Overrides land on the file's values with the defaults filled in, so a list item (a teacher) can
+    # be addressed by index even when the file did not spell the list out.
+    tree = Config.model_validate(tree).model_dump(mode="json", exclude_unset=False)
+    for text in overrides:
+        p, v = parse_override(text)
+        _set_path(tree, p, v, text)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "command line override", overrides)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved(cfg: Config, out_dir: str, name: str = "config.resolved.yaml") -> str:
+    """Write the fully resolved config next to a stage's outputs; returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(dump_config(cfg))
+    return path

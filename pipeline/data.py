@@ -1,0 +1,252 @@
+"""Dataset registry: every dataset becomes uint8 images (N, H, W, C) in memory, split train/val/test.
+
+Sample ids are indices into the source training set, stable across runs, so a cache row can always be
+traced back to its image. Nothing is ever downloaded: data come from a local root or a package.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.errors import DataError
+from pipeline.registry import Registry
+from pipeline.views import ViewPolicy
+
+DATASETS: Registry = Registry("dataset")
+
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class Raw:
+    """What a loader returns: train (+ optional test) images as uint8 NHWC, int64 labels."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray | None
+    test_y: np.ndarray | None
+    num_classes: int
+    policy: ViewPolicy  # the dataset's default view policy
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+    ids: np.ndarray  # (N,) int64: index in the source training set (test: index in the test set)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Splits:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    policy: ViewPolicy
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+    fingerprint: str = ""
+
+    @property
+    def in_chans(self) -> int:
+        return self.train.images.shape[3]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[1]
+
+
+def cache_home() -> str:
+    return os.environ.get("RAYKD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "raykd")
+
+
+# --------------------------------------------------------------------------------------------------
+# loaders
+
+
+@DATASETS.register("digits")
+def _digits(root: str | None, image_size: int | None) -> Raw:
+    """scikit-learn's bundled 8x8 digits (1797 images, 0..16): the embedded default. No test split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]
+    return Raw(x, d.target.astype(np.int64), None, None, 10, ViewPolicy(pad=1, flip=False))
+
+
+def _torchvision_arrays(ds) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(ds.data)
+    if x.ndim == 3:
+        x = x[..., None]
+    return np.ascontiguousarray(x, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+
+
+@DATASETS.register("fashion-mnist")
+def _fashion_mnist(root: str | None, image_size: int | None) -> Raw:
+    """Fashion-MNIST from IDX files (the Debian package `dataset-fashion-mnist`), read by torchvision."""
+    import torchvision
+
+    root = root or FASHION_MNIST_DEBIAN
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    tv_root = _fashion_tv_root(root, names)
+    try:
+        tr = torchvision.datasets.FashionMNIST(tv_root, train=True, download=False)
+        te = torchvision.datasets.FashionMNIST(tv_root, train=False, download=False)
+    except RuntimeError as e:
+        raise DataError(f"fashion-mnist: cannot read the IDX files under {root}: {e}") from None
+    (trx, try_), (tex, tey) = _torchvision_arrays(tr), _torchvision_arrays(te)
+    return Raw(trx, try_, tex, tey, 10, ViewPolicy(pad=2, flip=True))
+
+
+def _fashion_tv_root(root: str, names: list[str]) -> str:
+    """torchvision wants uncompressed files in <root>/FashionMNIST/raw; the Debian package ships .gz.
+
+    Use <root> as is when it already has torchvision's layout, else decompress once into the raykd cache.
+    """
+    if all(os.path.exists(os.path.join(root, "FashionMNIST", "raw", n)) for n in names):
+        return root
+    found = {}
+    for n in names:
+        for cand in (os.path.join(root, n + ".gz"), os.path.join(root, n)):
+            if os.path.exists(cand):
+                found[n] = cand
+                break
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DataError(
+            f"fashion-mnist: no IDX files under {root} (missing {', '.join(missing)}). Install them with "
+            f"`make fashion-mnist` (Debian package dataset-fashion-mnist, files in {FASHION_MNIST_DEBIAN}) "
+            "or set data.root to a folder holding them."
+        )
+    key = hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:12]
+    tv_root = os.path.join(cache_home(), "fashion-mnist", key)
+    raw = os.path.join(tv_root, "FashionMNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for n, src in found.items():
+        dst = os.path.join(raw, n)
+        if os.path.exists(dst):
+            continue
+        tmp = f"{dst}.tmp{os.getpid()}"
+        opener = gzip.open if src.endswith(".gz") else open
+        with opener(src, "rb") as fi, open(tmp, "wb") as fo:
+            shutil.copyfileobj(fi, fo)
+        os.replace(tmp, dst)  # atomic: a concurrent reader never sees half a file
+    return tv_root
+
+
+def _cifar(cls_name: str, num_classes: int):
+    def load(root: str | None, image_size: int | None) -> Raw:
+        import torchvision
+
+        if not root:
+            raise DataError(f"{cls_name.lower()}: set data.root to the folder holding the extracted python archive")
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            tr, te = cls(root, train=True, download=False), cls(root, train=False, download=False)
+        except RuntimeError as e:
+            raise DataError(f"{cls_name.lower()}: not found or corrupt under data.root={root} ({e})") from None
+        (trx, try_), (tex, tey) = _torchvision_arrays(tr), _torchvision_arrays(te)
+        return Raw(trx, try_, tex, tey, num_classes, ViewPolicy(pad=4, flip=True))
+
+    return load
+
+
+DATASETS.register("cifar10")(_cifar("CIFAR10", 10))
+DATASETS.register("cifar100")(_cifar("CIFAR100", 100))
+
+
+@DATASETS.register("imagefolder")
+def _imagefolder(root: str | None, image_size: int | None) -> Raw:
+    """<root>/train/<class>/*.png and <root>/test/<class>/* (or val/), resized + centre-cropped in memory."""
+    import torchvision
+    from torchvision.transforms import v2
+
+    if not root or not os.path.isdir(os.path.join(root, "train")):
+        raise DataError(f"imagefolder: data.root={root} must hold a train/ folder of class folders")
+    test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
+    size = image_size or 32
+    tf = v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
+
+    def load(path: str, classes: list[str] | None = None):
+        ds = torchvision.datasets.ImageFolder(path)
+        if classes is not None and ds.classes != classes:
+            raise DataError(f"imagefolder: {path} has classes {ds.classes}, train/ has {classes}")
+        xs, ys = [], []
+        for img_path, y in ds.samples:
+            img = tf(ds.loader(img_path))
+            xs.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+            ys.append(y)
+        return np.stack(xs), np.asarray(ys, dtype=np.int64), ds.classes
+
+    trx, try_, classes = load(os.path.join(root, "train"))
+    tex = tey = None
+    if test_dir:
+        tex, tey, _ = load(test_dir, classes)
+    return Raw(trx, try_, tex, tey, len(classes), ViewPolicy(pad=max(1, size // 8), flip=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# splits
+
+
+def load_splits(data_cfg) -> Splits:
+    """Load `data_cfg.name` and carve the seeded val (and, if the dataset has none, test) split from train."""
+    raw = DATASETS.get(data_cfg.name)(data_cfg.root, data_cfg.image_size)
+    rng = np.random.default_rng(data_cfg.seed)
+    n = len(raw.train_y)
+    perm = rng.permutation(n)
+    if raw.test_x is None:
+        n_test = max(1, int(round(n * data_cfg.test_fraction)))
+        test = Split(raw.train_x[perm[:n_test]], raw.train_y[perm[:n_test]], perm[:n_test].astype(np.int64))
+        perm = perm[n_test:]
+    else:
+        test = Split(raw.test_x, raw.test_y, np.arange(len(raw.test_y), dtype=np.int64))
+    n_val = max(1, int(round(len(perm) * data_cfg.val_fraction)))
+    val_ids, train_ids = np.sort(perm[:n_val]), perm[n_val:]
+    if data_cfg.train_subset is not None:
+        train_ids = train_ids[: data_cfg.train_subset]
+    train_ids = np.sort(train_ids)
+    if len(train_ids) == 0:
+        raise DataError(f"{data_cfg.name}: no training samples left after the val/test split")
+    train = Split(raw.train_x[train_ids], raw.train_y[train_ids], train_ids.astype(np.int64))
+    val = Split(raw.train_x[val_ids], raw.train_y[val_ids], val_ids.astype(np.int64))
+    policy = ViewPolicy(
+        pad=raw.policy.pad if data_cfg.pad is None else data_cfg.pad,
+        flip=raw.policy.flip if data_cfg.flip is None else data_cfg.flip,
+    )
+    x = train.images.astype(np.float64) / 255.0
+    mean = tuple(float(m) for m in x.mean(axis=(0, 1, 2)))
+    std = tuple(float(max(s, 1e-3)) for s in x.std(axis=(0, 1, 2)))
+    splits = Splits(data_cfg.name, train, val, test, raw.num_classes, policy, mean, std)
+    splits.fingerprint = _fingerprint(splits, data_cfg)
+    return splits
+
+
+def _fingerprint(s: Splits, data_cfg) -> str:
+    h = hashlib.sha256()
+    h.update(repr((s.name, data_cfg.seed, s.policy.as_dict(), s.num_classes)).encode())
+    for part in (s.train, s.val, s.test):
+        h.update(part.ids.tobytes())
+        h.update(part.labels.tobytes())
+        h.update(hashlib.sha256(np.ascontiguousarray(part.images).tobytes()).digest())
+    return h.hexdigest()
+
+
+def normalize(images_u8, mean, std):
+    """uint8 (B, H, W, C) torch tensor -> float32 (B, C, H, W), standardised; works on any device."""
+    import torch
+
+    x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s

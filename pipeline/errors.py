@@ -1,0 +1,20 @@
+"""Errors a user can act on: the CLI prints them as one short message and exits non-zero.
+
+Anything else that escapes is a bug and keeps its traceback.
+"""
+
+
+class RaykdError(Exception):
+    """Base for errors caused by input (config, data, files), not by raykd itself."""
+
+
+class ConfigError(RaykdError):
+    """A config file, override or search space is malformed."""
+
+
+class DataError(RaykdError):
+    """A dataset is missing, unreadable or does not match what the config says."""
+
+
+class CheckpointError(RaykdError):
+    """A checkpoint is missing, corrupt or does not match its recorded hash or architecture."""

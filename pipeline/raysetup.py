@@ -1,0 +1,60 @@
+"""Connect to Ray once per command: an existing cluster (`--address` / RAY_ADDRESS) or a local one.
+
+A local Ray gets more logical CPUs than cores (default 2x, at least 4): Ray Data's read tasks need
+CPUs that Train workers would otherwise hold, and on 2 cores the read never starts (docs/ray-2.60.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.errors import ConfigError
+
+# Set before ray.init so every Ray process inherits them; a user's own value wins.
+_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else every worker print() reaches the console twice
+    "RAY_DATA_LOGGING_CONFIG": os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml"),
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # in workers; a stage driving Ray Data itself turns its bar on
+}
+
+# Worker and actor logs stay in the Ray session's log folder: the console shows raykd's progress lines
+# (pipeline.progress). Without a dashboard (ray[train,tune] has none), Ray Train's placement-group
+# cleaner warns every few seconds that the state API is unavailable, which would drown them.
+# RAYKD_LOG_TO_DRIVER=1 brings the raw logs back.
+LOG_TO_DRIVER = os.environ.get("RAYKD_LOG_TO_DRIVER", "0") == "1"
+TRAIN_LOG_LEVEL = os.environ.get("RAYKD_TRAIN_LOG_LEVEL", "WARNING")
+
+
+def init_ray(ray_cfg) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    for k, v in _ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=LOG_TO_DRIVER)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"cannot connect to the Ray cluster at {address} (ray.address / RAY_ADDRESS): {e}") from None
+        return
+    num_cpus = ray_cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    store = ray_cfg.object_store_mb * 2**20 if ray_cfg.object_store_mb else None
+    ray.init(num_cpus=num_cpus, object_store_memory=store, include_dashboard=False, log_to_driver=LOG_TO_DRIVER)
+
+
+def resolve_device(preference: str) -> str:
+    """'cpu', 'cuda' or 'auto' -> the device Train workers use, judged from the cluster's GPUs."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if preference == "cuda" and gpus == 0:
+        raise ConfigError("run.device=cuda but the Ray cluster has no GPU; use run.device=cpu or auto")
+    if preference == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    return preference

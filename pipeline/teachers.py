@@ -1,0 +1,301 @@
+"""`raykd teachers`: train each teacher with a Ray Train TorchTrainer, or load and evaluate a given checkpoint.
+
+Output per teacher under <out_dir>/teachers/<name>/: best.safetensors (by val accuracy),
+last.safetensors, metrics.jsonl and teacher.json (arch, sha256 of both files, val/test accuracy,
+the accuracy gate, fingerprint). A teacher whose record matches its fingerprint is not retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from pipeline.checkpoints import load_into, load_state_dict, save_state_dict, sha256_file
+from pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
+from pipeline.data import Splits, load_splits
+from pipeline.errors import CheckpointError, RaykdError
+from pipeline.models import build_model
+from pipeline.progress import ProgressPrinter, emit
+from pipeline.training import collect, evaluate, make_optimizer, set_worker_threads, split_to_ray, view_batch
+from pipeline.views import ViewPolicy
+
+RECORD = "teacher.json"
+
+
+def teacher_dir(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, "teachers", name)
+
+
+def teacher_fingerprint(spec: TeacherSpec, cfg: Config, data_fp: str) -> str:
+    ckpt_sha = sha256_file(spec.checkpoint) if spec.checkpoint and os.path.isfile(spec.checkpoint) else None
+    payload = {
+        "data": data_fp,
+        "spec": spec.model_dump(mode="json"),
+        "checkpoint_sha256": ckpt_sha,
+        "optim": None if spec.checkpoint else cfg.teachers.optim.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# the Ray Train worker loop
+
+
+def train_loop(lc: dict) -> list[dict]:
+    """One teacher's training on a Ray Train worker. `lc` is a plain dict (it crosses process boundaries)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    set_worker_threads(lc["torch_threads"])
+    torch.manual_seed(lc["seed"])
+    model = build_model(lc["arch"], lc["num_classes"], lc["in_chans"])
+    policy = ViewPolicy(**lc["policy"])
+
+    train_it = ray.train.get_dataset_shard("train")
+    val_x, val_y = collect(ray.train.get_dataset_shard("val"))
+    test_x, test_y = collect(ray.train.get_dataset_shard("test"))
+    steps = max(1, -(-lc["n_train"] // (world * lc["batch_size"])))
+
+    opt, sched = make_optimizer(model.parameters(), OptimSection(**lc["optim"]), steps, lc["epochs"], lc["lr"])
+    start, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restarted worker group, or a rerun of an interrupted run (same name)
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = int(state["epoch"]) + 1, json.loads(state["history"])
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+
+    for epoch in range(start, lc["epochs"]):
+        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        model.train()
+        for batch in train_it.iter_torch_batches(
+            batch_size=lc["batch_size"], device="cpu", local_shuffle_buffer_size=max(256, 4 * lc["batch_size"]),
+            local_shuffle_seed=lc["seed"] * 1000 + epoch,
+            dtypes={"image": torch.uint8, "label": torch.long, "sample_id": torch.long},
+        ):
+            x, y = view_batch(batch, epoch, lc["data_seed"], policy, lc["mean"], lc["std"], device)
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+        dt = time.time() - t0
+        val_acc, val_loss = evaluate(bare, val_x, val_y, lc["mean"], lc["std"], device)
+        test_acc, _ = evaluate(bare, test_x, test_y, lc["mean"], lc["std"], device)
+        m = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
+             "val_loss": val_loss, "val_acc": val_acc, "test_acc": test_acc, "lr": sched.get_last_lr()[0],
+             "epoch_time_s": dt, "samples_per_s": seen * world / max(dt, 1e-9)}
+        history.append(m)
+        if rank == 0:
+            emit(lc["progress"], f"[teacher {lc['name']}] epoch {epoch + 1}/{lc['epochs']} loss {m['train_loss']:.3f} "
+                 f"val {val_acc:.4f} test {test_acc:.4f} ({dt:.1f}s, {m['samples_per_s']:.0f} samples/s)")
+        with tempfile.TemporaryDirectory() as d:
+            ck = None
+            if rank == 0:
+                torch.save({"model": bare.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch, "history": json.dumps(history)},
+                           os.path.join(d, "train_state.pt"))
+                ck = Checkpoint.from_directory(d)
+            ray.train.report(m, checkpoint=ck)
+    return history
+
+
+# --------------------------------------------------------------------------------------------------
+# driver
+
+
+def _train_one(spec: TeacherSpec, cfg: Config, splits: Splits, datasets: dict, device: str, storage: str,
+               fp: str, progress_queue=None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.raysetup import TRAIN_LOG_LEVEL
+
+    w = cfg.teachers.workers
+    lc = {
+        "name": spec.name, "arch": spec.arch, "seed": spec.seed, "num_classes": splits.num_classes,
+        "in_chans": splits.in_chans, "policy": splits.policy.as_dict(), "data_seed": cfg.data.seed,
+        "mean": splits.mean, "std": splits.std, "n_train": len(splits.train),
+        "batch_size": cfg.teachers.optim.batch_size, "epochs": spec.epochs or cfg.teachers.optim.epochs,
+        "lr": spec.lr or cfg.teachers.optim.lr, "optim": cfg.teachers.optim.model_dump(), "progress": progress_queue,
+        "torch_threads": w.torch_threads,
+    }
+    use_gpu = device == "cuda"
+    res = {"CPU": w.cpus_per_worker, **({"GPU": w.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=lc,
+        scaling_config=ray.train.ScalingConfig(num_workers=w.num_workers, use_gpu=use_gpu, resources_per_worker=res),
+        run_config=ray.train.RunConfig(
+            name=f"teacher-{spec.name}-{fp[:12]}",  # same name on a rerun = resume from the last checkpoint
+            storage_path=storage,
+            logging_config=ray.train.LoggingConfig(log_level=TRAIN_LOG_LEVEL),
+            failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_acc"], cm[1]["epoch"]))
+    states = {}
+    for tag, ck in (("best", best_ckpt), ("last", result.checkpoint)):
+        with ck.as_directory() as d:
+            states[tag] = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
+    history = json.loads(states["last"]["history"])
+    return states["best"]["model"], states["last"]["model"], best_metrics, history
+
+
+def run_teachers(cfg: Config) -> list[dict]:
+    """Train or load every configured teacher; returns their records (also written as teacher.json)."""
+    from pipeline.raysetup import init_ray, resolve_device
+
+    splits = load_splits(cfg.data)
+    out = os.path.abspath(cfg.run.out_dir)
+    os.makedirs(out, exist_ok=True)
+    write_resolved(cfg, os.path.join(out, "teachers"))
+    records = []
+    datasets = None
+    for i, spec in enumerate(cfg.teachers.models):
+        tdir = teacher_dir(out, spec.name)
+        fp = teacher_fingerprint(spec, cfg, splits.fingerprint)
+        rec = read_record(out, spec.name, verify=False)
+        if rec is not None and rec.get("fingerprint") == fp and _files_intact(tdir, rec):
+            print(f"[teachers] {spec.name}: up to date ({tdir}), not retrained", flush=True)
+            rec = _apply_gate(rec, cfg.teachers.min_val_acc)
+            _write_record(tdir, rec)
+            records.append(rec)
+            continue
+        print(f"[teachers] {i + 1}/{len(cfg.teachers.models)} {spec.name} ({spec.arch}): "
+              f"{'evaluating ' + spec.checkpoint if spec.checkpoint else 'training'}", flush=True)
+        t0 = time.time()
+        init_ray(cfg.ray)
+        device = resolve_device(cfg.run.device)
+        if spec.checkpoint:
+            rec = _evaluate_given(spec, splits, device, tdir)
+        else:
+            if datasets is None:
+                datasets = {"train": split_to_ray(splits.train), "val": split_to_ray(splits.val),
+                            "test": split_to_ray(splits.test)}
+            with ProgressPrinter() as progress:
+                best, last, best_m, history = _train_one(
+                    spec, cfg, splits, datasets, device, os.path.join(out, "ray_train"), fp, progress.queue)
+            rec = _finish_trained(spec, splits, device, tdir, best, last, best_m, history)
+        rec.update(fingerprint=fp, wall_time_s=round(time.time() - t0, 2), data_fingerprint=splits.fingerprint,
+                   num_classes=splits.num_classes, in_chans=splits.in_chans, image_size=splits.image_size)
+        rec = _apply_gate(rec, cfg.teachers.min_val_acc)
+        _write_record(tdir, rec)
+        records.append(rec)
+    with open(os.path.join(out, "teachers", "summary.json"), "w") as f:
+        json.dump(records, f, indent=2)
+    return records
+
+
+def _finish_trained(spec, splits, device, tdir, best, last, best_m, history) -> dict:
+    os.makedirs(tdir, exist_ok=True)
+    with open(os.path.join(tdir, "metrics.jsonl"), "w") as f:
+        for m in history:
+            f.write(json.dumps(m) + "\n")
+    model = build_model(spec.arch, splits.num_classes, splits.in_chans)
+    model.load_state_dict(best)
+    return {
+        "name": spec.name, "arch": spec.arch, "seed": spec.seed, "source": "trained",
+        "params": model.num_params(),
+        "best": {"file": "best.safetensors", "sha256": save_state_dict(best, os.path.join(tdir, "best.safetensors")),
+                 "epoch": best_m["epoch"]},
+        "last": {"file": "last.safetensors", "sha256": save_state_dict(last, os.path.join(tdir, "last.safetensors")),
+                 "epoch": history[-1]["epoch"]},
+        "val_acc": best_m["val_acc"], "test_acc": best_m["test_acc"], "epochs": len(history),
+    }
+
+
+def _evaluate_given(spec, splits, device, tdir) -> dict:
+    state = load_state_dict(spec.checkpoint)
+    model = build_model(spec.arch, splits.num_classes, splits.in_chans)
+    load_into(model, state, spec.checkpoint, spec.arch)
+    model.to(device)
+    val_acc, _ = evaluate(model, torch.from_numpy(splits.val.images), torch.from_numpy(splits.val.labels),
+                          splits.mean, splits.std, device)
+    test_acc, _ = evaluate(model, torch.from_numpy(splits.test.images), torch.from_numpy(splits.test.labels),
+                           splits.mean, splits.std, device)
+    sha = save_state_dict(state, os.path.join(tdir, "best.safetensors"))
+    return {"name": spec.name, "arch": spec.arch, "seed": spec.seed, "source": os.path.abspath(spec.checkpoint),
+            "source_sha256": sha256_file(spec.checkpoint), "params": model.num_params(),
+            "best": {"file": "best.safetensors", "sha256": sha}, "val_acc": val_acc, "test_acc": test_acc}
+
+
+def _apply_gate(rec: dict, min_val_acc: float) -> dict:
+    rec["gate"] = {"min_val_acc": min_val_acc, "passed": rec["val_acc"] >= min_val_acc}
+    return rec
+
+
+def _write_record(tdir: str, rec: dict) -> None:
+    os.makedirs(tdir, exist_ok=True)
+    tmp = os.path.join(tdir, RECORD + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(rec, f, indent=2)
+    os.replace(tmp, os.path.join(tdir, RECORD))
+
+
+def _files_intact(tdir: str, rec: dict) -> bool:
+    try:
+        return all(sha256_file(os.path.join(tdir, rec[k]["file"])) == rec[k]["sha256"] for k in ("best", "last") if k in rec)
+    except OSError:
+        return False
+
+
+def read_record(out_dir: str, name: str, verify: bool = True) -> dict | None:
+    path = os.path.join(teacher_dir(out_dir, name), RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        if verify:
+            raise CheckpointError(f"teacher record {path} is unreadable: {e}") from None
+        return None
+    return rec
+
+
+def load_teacher(out_dir: str, name: str, for_cache: bool = True) -> tuple[torch.nn.Module, dict]:
+    """The best checkpoint of a teacher, verified against its sha256; refused if it failed the accuracy gate."""
+    rec = read_record(out_dir, name)
+    if rec is None:
+        raise RaykdError(f"teacher {name!r} has no record under {teacher_dir(out_dir, name)}: run `raykd teachers` first")
+    if for_cache and not rec["gate"]["passed"]:
+        raise RaykdError(
+            f"teacher {name!r} is below the accuracy gate (val {rec['val_acc']:.4f} < teachers.min_val_acc "
+            f"{rec['gate']['min_val_acc']}) and may not be cached")
+    path = os.path.join(teacher_dir(out_dir, name), rec["best"]["file"])
+    model = build_model(rec["arch"], rec["num_classes"], rec["in_chans"])
+    load_into(model, load_state_dict(path, rec["best"]["sha256"]), path, rec["arch"])
+    return model.eval(), rec
+
+
+def format_table(records: list[dict]) -> str:
+    head = f"{'teacher':<12} {'arch':<11} {'params':>9} {'val acc':>8} {'test acc':>9} {'time s':>7}  gate"
+    rows = [head, "-" * len(head)]
+    for r in records:
+        gate = "ok" if r["gate"]["passed"] else f"REFUSED (< {r['gate']['min_val_acc']:.2f})"
+        rows.append(f"{r['name']:<12} {r['arch']:<11} {r['params']:>9,} {100 * r['val_acc']:>7.2f}% "
+                    f"{100 * r['test_acc']:>8.2f}% {r.get('wall_time_s', 0):>7.1f}  {gate}")
+    return "\n".join(rows)

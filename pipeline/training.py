@@ -1,0 +1,106 @@
+"""Pieces shared by every training loop: splits as Ray Datasets, view batches, optimiser and schedule, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from pipeline.data import Split, normalize
+from pipeline.views import ViewPolicy, make_views
+
+
+def set_worker_threads(explicit: int | None) -> int:
+    """Torch threads for this Train worker. Ray sets OMP_NUM_THREADS to the worker's CPU count (often 1);
+    by default the workers on a node share its cores instead."""
+    import os
+
+    import ray.train
+
+    n = explicit or max(1, (os.cpu_count() or 1) // max(1, ray.train.get_context().get_local_world_size()))
+    torch.set_num_threads(n)
+    return n
+
+
+def split_to_ray(split: Split, rows_per_block: int = 4096):
+    """A split as a Ray Dataset of rows {sample_id, label, image (H, W, C) uint8 tensor}."""
+    import pyarrow as pa
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    tables = []
+    for s in range(0, len(split), rows_per_block):
+        e = s + rows_per_block
+        tables.append(pa.table({
+            "sample_id": pa.array(split.ids[s:e]),
+            "label": pa.array(split.labels[s:e]),
+            "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.images[s:e])),
+        }))
+    return ray.data.from_arrow(tables)
+
+
+def view_batch(batch: dict, epoch_view: int, data_seed: int, policy: ViewPolicy, mean, std, device):
+    """Render view `epoch_view` of each sample in a Ray batch and normalise it: -> (x float BCHW, y)."""
+    ids = batch["sample_id"].numpy()
+    pixels, _ = make_views(batch["image"].numpy(), ids, epoch_view, data_seed, policy)
+    x = normalize(torch.from_numpy(pixels).to(device, non_blocking=True), mean, std)
+    return x, batch["label"].to(device, dtype=torch.long)
+
+
+def lr_lambda(schedule: str, total_steps: int):
+    """Multiplier of the base lr at step t. Progress is clamped, so an uneven last shard never overruns."""
+    total = max(1, total_steps)
+
+    def f(step: int) -> float:
+        p = min(step / total, 1.0)
+        if schedule == "constant":
+            return 1.0
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * p))
+        # one-cycle: linear warm-up over the first 30 % from lr/25, then cosine to ~0 (as torch's OneCycleLR)
+        if p < 0.3:
+            return 0.04 + 0.96 * p / 0.3
+        return 0.5 * (1 + math.cos(math.pi * (p - 0.3) / 0.7)) + 1e-4
+
+    return f
+
+
+def make_optimizer(params, optim_cfg, steps_per_epoch: int, epochs: int, lr: float | None = None):
+    opt = torch.optim.SGD(
+        params,
+        lr=lr or optim_cfg.lr,
+        momentum=optim_cfg.momentum,
+        weight_decay=optim_cfg.weight_decay,
+        nesterov=optim_cfg.nesterov and optim_cfg.momentum > 0,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim_cfg.schedule, steps_per_epoch * epochs))
+    return opt, sched
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, mean, std, device,
+             batch_size: int = 1024) -> tuple[float, float]:
+    """(accuracy, mean CE) of `model` on un-augmented uint8 images (N, H, W, C)."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for s in range(0, len(labels), batch_size):
+        x = normalize(images_u8[s:s + batch_size].to(device), mean, std)
+        y = labels[s:s + batch_size].to(device)
+        logits = model(x)
+        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train(was_training)
+    n = max(1, len(labels))
+    return correct / n, loss / n
+
+
+def collect(iterator, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read a whole (small) Ray dataset shard into CPU tensors: (images uint8, labels)."""
+    xs, ys = [], []
+    for b in iterator.iter_torch_batches(batch_size=batch_size, device="cpu",
+                                         dtypes={"image": torch.uint8, "label": torch.long, "sample_id": torch.long}):
+        xs.append(b["image"])
+        ys.append(b["label"])
+    return torch.cat(xs), torch.cat(ys)

@@ -1,0 +1,113 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from pipeline.config import Config, load_config, parse_override, write_resolved
+from pipeline.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _yaml(tmp_path, text: str) -> str:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    path = _yaml(tmp_path, """
+        data: {name: digits, seed: 3}
+        teachers:
+          optim: {epochs: 7}
+          models: [{name: a, arch: cnn8}, {name: b, arch: resnet8, seed: 5}]
+    """)
+    cfg = load_config(path, ["teachers.optim.epochs=2", "teachers.optim.lr=0.2", "teachers.models.1.arch=cnn4",
+                             "data.flip=true", "run.out_dir=/tmp/x"])
+    assert cfg.data.seed == 3  # from the file
+    assert cfg.teachers.optim.epochs == 2 and isinstance(cfg.teachers.optim.epochs, int)
+    assert cfg.teachers.optim.lr == 0.2
+    assert cfg.teachers.models[1].arch == "cnn4" and cfg.teachers.models[1].seed == 5
+    assert cfg.data.flip is True
+    assert cfg.teachers.optim.batch_size == Config().teachers.optim.batch_size  # default kept
+
+
+def test_override_whole_list_and_index_into_default_list():
+    cfg = load_config(None, ["teachers.models=[{name: x, arch: cnn4}]"])
+    assert [t.name for t in cfg.teachers.models] == ["x"]
+    cfg = load_config(None, ["teachers.models.0.seed=9"])
+    assert cfg.teachers.models[0].seed == 9
+
+
+@pytest.mark.parametrize("text", ["noequals", "=3", "a..b=1", "a.b c=1", "teachers.models.x y=2"])
+def test_bad_override_syntax(text):
+    with pytest.raises(ConfigError, match="bad override"):
+        parse_override(text)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("teachers: {optim: {epoch: 3}}", "unknown key 'teachers.optim.epoch'"),
+    ("teachers: {optim: {epochs: many}}", "'teachers.optim.epochs'"),
+    ("teachers: {optim: {epochs: -1}}", "greater than 0"),
+    ("data: {name: mnist}", "unknown dataset 'mnist'"),
+    ("teachers: {models: [{name: a, arch: vgg}]}", "unknown model 'vgg'"),
+    ("teachers: {models: [{name: a, arch: cnn4}, {name: a, arch: cnn8}]}", "repeated: a"),
+    ("- a\n- b", "top level must be a mapping"),
+    ("data: {name: [unclosed", "not valid YAML"),
+])
+def test_file_errors_name_key_and_file(tmp_path, body, needle):
+    path = _yaml(tmp_path, body)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert needle in str(e.value)
+    assert path in str(e.value)
+
+
+def test_override_error_names_the_override(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["teachers.optim.epochs=abc"])
+    assert "teachers.optim.epochs=abc" in str(e.value)
+    with pytest.raises(ConfigError, match="no list item 5"):
+        load_config(None, ["teachers.models.5.arch=cnn4"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["teachers.optim.epochs=4", "data.pad=0"])
+    path = write_resolved(cfg, str(tmp_path))
+    assert load_config(path) == cfg
+    assert yaml.safe_load(open(path))["teachers"]["optim"]["epochs"] == 4
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["config", "-c", "configs/demo.yaml", "teachers.optim.epoch=3"], "unknown key 'teachers.optim.epoch'"),
+    (["config", "-c", "configs/demo.yaml", "teachers.optim.epochs=3.5"], "teachers.optim.epochs"),
+    (["config", "-c", "configs/demo.yaml", "teachers.optim.epochs"], "bad override"),
+    (["config", "-c", "configs/nope.yaml"], "configs/nope.yaml not found"),
+    (["teachers", "-c", "configs/demo.yaml", "data.name=fashion-mnist", "data.root=/nonexistent/fmnist"],
+     "make fashion-mnist"),
+    (["teachers", "-c", "configs/demo.yaml", "data.name=cifar10", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
+])
+def test_cli_errors_are_short_and_nonzero(args, needle):
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith("raykd: error:")
+
+
+def test_cli_config_prints_resolved():
+    r = _cli("config", "-c", "configs/demo.yaml", "teachers.optim.epochs=3")
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout)["teachers"]["optim"]["epochs"] == 3
+
+
+def test_shipped_configs_load():
+    for name in ("demo.yaml", "fashion_mnist.yaml"):
+        load_config(os.path.join(ROOT, "configs", name))

@@ -1,0 +1,84 @@
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import DataSection
+from pipeline.data import load_splits
+from pipeline.errors import DataError
+
+
+def test_digits_splits_are_seeded_and_disjoint(digits):
+    s = digits
+    assert s.num_classes == 10
+    assert s.train.images.shape[1:] == (8, 8, 1) and s.train.images.dtype == np.uint8
+    ids = [set(s.train.ids), set(s.val.ids), set(s.test.ids)]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert sum(map(len, ids)) == 1797
+    assert len(s.test) == round(1797 * 0.2)
+    again = load_splits(DataSection())
+    np.testing.assert_array_equal(again.val.ids, s.val.ids)
+    assert again.fingerprint == s.fingerprint
+    other = load_splits(DataSection(seed=1))
+    assert set(other.val.ids) != set(s.val.ids) and other.fingerprint != s.fingerprint
+    assert s.policy.pad == 1 and s.policy.flip is False
+
+
+def test_train_subset_and_policy_override():
+    s = load_splits(DataSection(train_subset=100, pad=0, flip=True))
+    assert len(s.train) == 100 and s.policy.pad == 0 and s.policy.flip
+
+
+def _idx(path, arr, labels=False):
+    with gzip.open(path, "wb") as f:
+        if labels:
+            f.write(struct.pack(">II", 2049, len(arr)) + arr.astype(np.uint8).tobytes())
+        else:
+            f.write(struct.pack(">IIII", 2051, *arr.shape) + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_debian_layout(tmp_path, monkeypatch):
+    # the Debian package's layout: four gzipped IDX files in one folder; read with torchvision's loader
+    monkeypatch.setenv("RAYKD_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    trx, tex = rng.integers(0, 256, (50, 28, 28)), rng.integers(0, 256, (20, 28, 28))
+    try_, tey = rng.integers(0, 10, 50), rng.integers(0, 10, 20)
+    _idx(tmp_path / "train-images-idx3-ubyte.gz", trx)
+    _idx(tmp_path / "train-labels-idx1-ubyte.gz", try_, labels=True)
+    _idx(tmp_path / "t10k-images-idx3-ubyte.gz", tex)
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", tey, labels=True)
+    s = load_splits(DataSection(name="fashion-mnist", root=str(tmp_path), val_fraction=0.2))
+    assert len(s.train) == 40 and len(s.val) == 10 and len(s.test) == 20
+    np.testing.assert_array_equal(s.test.images[..., 0], tex)
+    np.testing.assert_array_equal(s.train.images[..., 0], trx[s.train.ids])
+    np.testing.assert_array_equal(s.train.labels, try_[s.train.ids])
+    assert s.policy.pad == 2 and s.policy.flip
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path):
+    with pytest.raises(DataError, match="make fashion-mnist"):
+        load_splits(DataSection(name="fashion-mnist", root=str(tmp_path)))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_never_downloads(tmp_path, name):
+    with pytest.raises(DataError, match=str(tmp_path)):
+        load_splits(DataSection(name=name, root=str(tmp_path)))
+    assert os.listdir(tmp_path) == []
+
+
+def test_imagefolder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    s = load_splits(DataSection(name="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25))
+    assert s.num_classes == 2 and s.train.images.shape[1:] == (16, 16, 3)
+    assert len(s.train) + len(s.val) == 12 and len(s.test) == 4
+    with pytest.raises(DataError, match="train/"):
+        load_splits(DataSection(name="imagefolder", root=str(tmp_path / "test")))
