@@ -20,6 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raykd", description="Multi-teacher knowledge distillation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     _stage_parser(sub, "teachers", "train the configured teachers on Ray Train (or evaluate given checkpoints)")
+    c = _stage_parser(sub, "cache", "run the teachers once over K views of every training sample into a Parquet cache")
+    c.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs at cache.uri")
+    i = sub.add_parser("inspect", help="summarise a cache: manifest, sizes, bytes per column, teacher accuracy")
+    i.add_argument("uri", help="cache path or URL (s3://bucket/prefix)")
+    i.add_argument("--s3-endpoint", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    i.add_argument("--verify", action="store_true", help="also check every part file against its sha256")
     _stage_parser(sub, "config", "print the resolved config (defaults <- YAML <- overrides) and exit")
     z = sub.add_parser("zoo", help="list the model zoo with parameters and stage shapes")
     z.add_argument("--image-size", type=int, default=32)
@@ -46,6 +52,23 @@ def cmd_teachers(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from pipeline.cache import build_cache, cache_uri, inspect_cache
+
+    cfg = _load(args)
+    m = build_cache(cfg, overwrite=args.overwrite)
+    print()
+    print(inspect_cache(cache_uri(cfg), cfg.cache.s3_endpoint))
+    return 0 if m else 1
+
+
+def cmd_inspect(args) -> int:
+    from pipeline.cache import inspect_cache
+
+    print(inspect_cache(args.uri, args.s3_endpoint, verify=args.verify))
+    return 0
+
+
 def cmd_config(args) -> int:
     from pipeline.config import dump_config
 
@@ -65,12 +88,13 @@ def cmd_zoo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"teachers": cmd_teachers, "config": cmd_config, "zoo": cmd_zoo}[args.command]
+    handler = {"teachers": cmd_teachers, "cache": cmd_cache, "inspect": cmd_inspect, "config": cmd_config,
+               "zoo": cmd_zoo}[args.command]
     try:
         return handler(args)
     except RaykdError as e:
         print(f"raykd: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("raykd: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -107,6 +107,7 @@ class TeachersSection(Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     workers: WorkersSection = Field(default_factory=WorkersSection)
     min_val_acc: float = Field(0.0, ge=0, le=1, description="accuracy gate: a teacher below it may not be cached")
+    parallel: int | None = Field(None, gt=0, description="teachers trained at once (Ray Train jobs); None = all")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "TeachersSection":
@@ -117,11 +118,49 @@ class TeachersSection(Section):
         return self
 
 
+class CacheSection(Section):
+    """The teacher cache: K views of every training sample, each teacher's outputs as Parquet columns."""
+
+    uri: str | None = Field(None, description="local path or s3://bucket/prefix; None = <run.out_dir>/cache")
+    views: int = Field(4, gt=0, description="K: views per training sample (epoch e of a student uses view e mod K)")
+    teachers: list[str] | None = Field(None, description="teachers to cache (names); None = all of teachers.models")
+    store_views: bool = Field(True, description="store each view's uint8 pixels (else replay them from the record)")
+    topk: int | None = Field(None, gt=0, description="also store each teacher's top-k logits (indices + values)")
+    layers: dict[str, list[str]] = Field(default_factory=dict, description="teacher -> stage names to cache as features")
+    feat_dtype: Literal["fp16", "int8"] = "fp16"
+    batch_size: int = Field(256, gt=0)
+    actors_per_teacher: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(1.0, ge=0, description="used only when the device is cuda")
+    rows_per_file: int = Field(20_000, gt=0, description="upper bound of rows per Parquet file")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
+    views_per_pass: int | None = Field(
+        None, gt=0, description="views built per Ray Data pass (actor pools start once per pass); None = all missing")
+
+    @field_validator("layers")
+    @classmethod
+    def _no_empty_layers(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for t, ls in v.items():
+            if not ls:
+                raise ValueError(f"cache.layers.{t} is empty: list stage names or drop the teacher")
+        return v
+
+
 class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     ray: RaySection = Field(default_factory=RaySection)
     data: DataSection = Field(default_factory=DataSection)
     teachers: TeachersSection = Field(default_factory=TeachersSection)
+    cache: CacheSection = Field(default_factory=CacheSection)
+
+    @model_validator(mode="after")
+    def _cache_names_known(self) -> "Config":
+        known = {t.name for t in self.teachers.models}
+        for field, names in (("cache.teachers", self.cache.teachers or []), ("cache.layers", list(self.cache.layers))):
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ValueError(f"{field} names unknown teachers {unknown}; teachers.models has {sorted(known)}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------

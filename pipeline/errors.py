@@ -18,3 +18,9 @@ class DataError(RaykdError):
 
 class CheckpointError(RaykdError):
     """A checkpoint is missing, corrupt or does not match its recorded hash or architecture."""
+
+
+class StageFailed(RaykdError):
+    """A stage ran but some of its work failed (e.g. a training job); what succeeded is kept. Exit 1."""
+
+    exit_code = 1

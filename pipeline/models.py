@@ -57,6 +57,12 @@ class ZooModel(nn.Module, metaclass=ABCMeta):
         return sum(p.numel() for p in self.parameters())
 
 
+def _cifar_stage_shapes(w: tuple[int, ...], h: int) -> dict[str, tuple[int, int, int]]:
+    """stem and stage1 at full size, stage2 and stage3 each halve it (stride-2 first block)."""
+    return {"stem": (w[0], h, h), "stage1": (w[1], h, h), "stage2": (w[2], _down(h), _down(h)),
+            "stage3": (w[3], _down(_down(h)), _down(_down(h)))}
+
+
 def _init(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -108,9 +114,7 @@ class ResNetCifar(ZooModel):
         _init(self)
 
     def stage_shapes(self, image_size: int):
-        w, h = self.widths, image_size
-        return {"stem": (w[0], h, h), "stage1": (w[1], h, h), "stage2": (w[2], _down(h), _down(h)),
-                "stage3": (w[3], _down(_down(h)), _down(_down(h)))}
+        return _cifar_stage_shapes(self.widths, image_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,9 +156,7 @@ class WideResNet(ZooModel):
         _init(self)
 
     def stage_shapes(self, image_size: int):
-        w, h = self.widths, image_size
-        return {"stem": (w[0], h, h), "stage1": (w[1], h, h), "stage2": (w[2], _down(h), _down(h)),
-                "stage3": (w[3], _down(_down(h)), _down(_down(h)))}
+        return _cifar_stage_shapes(self.widths, image_size)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from pipeline.checkpoints import load_into, load_state_dict, save_state_dict, sha256_file
 from pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
 from pipeline.data import Splits, load_splits
-from pipeline.errors import CheckpointError, RaykdError
+from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.models import build_model
 from pipeline.progress import ProgressPrinter, emit
 from pipeline.training import collect, evaluate, make_optimizer, set_worker_threads, split_to_ray, view_batch
@@ -101,7 +101,8 @@ def train_loop(lc: dict) -> list[dict]:
         test_acc, _ = evaluate(bare, test_x, test_y, lc["mean"], lc["std"], device)
         m = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
              "val_loss": val_loss, "val_acc": val_acc, "test_acc": test_acc, "lr": sched.get_last_lr()[0],
-             "epoch_time_s": dt, "samples_per_s": seen * world / max(dt, 1e-9)}
+             "epoch_time_s": dt, "samples_per_s": seen * world / max(dt, 1e-9), "workers": world,
+             "samples": seen * world}
         history.append(m)
         if rank == 0:
             emit(lc["progress"], f"[teacher {lc['name']}] epoch {epoch + 1}/{lc['epochs']} loss {m['train_loss']:.3f} "
@@ -121,21 +122,22 @@ def train_loop(lc: dict) -> list[dict]:
 # driver
 
 
-def _train_one(spec: TeacherSpec, cfg: Config, splits: Splits, datasets: dict, device: str, storage: str,
-               fp: str, progress_queue=None):
+def _train_one(spec: TeacherSpec, cfg: Config, num_classes: int, in_chans: int, policy: dict, mean, std,
+               n_train: int, datasets: dict, device: str, storage: str, fp: str, progress_queue, threads):
+    """Runs in a Ray task: one teacher's TorchTrainer, start to end; returns its states and history."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.raysetup import TRAIN_LOG_LEVEL
 
+    t0 = time.time()
     w = cfg.teachers.workers
     lc = {
-        "name": spec.name, "arch": spec.arch, "seed": spec.seed, "num_classes": splits.num_classes,
-        "in_chans": splits.in_chans, "policy": splits.policy.as_dict(), "data_seed": cfg.data.seed,
-        "mean": splits.mean, "std": splits.std, "n_train": len(splits.train),
+        "name": spec.name, "arch": spec.arch, "seed": spec.seed, "num_classes": num_classes, "in_chans": in_chans,
+        "policy": policy, "data_seed": cfg.data.seed, "mean": mean, "std": std, "n_train": n_train,
         "batch_size": cfg.teachers.optim.batch_size, "epochs": spec.epochs or cfg.teachers.optim.epochs,
-        "lr": spec.lr or cfg.teachers.optim.lr, "optim": cfg.teachers.optim.model_dump(), "progress": progress_queue,
-        "torch_threads": w.torch_threads,
+        "lr": spec.lr or cfg.teachers.optim.lr, "optim": cfg.teachers.optim.model_dump(),
+        "progress": progress_queue, "torch_threads": threads,
     }
     use_gpu = device == "cuda"
     res = {"CPU": w.cpus_per_worker, **({"GPU": w.gpus_per_worker} if use_gpu else {})}
@@ -161,55 +163,102 @@ def _train_one(spec: TeacherSpec, cfg: Config, splits: Splits, datasets: dict, d
         with ck.as_directory() as d:
             states[tag] = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
     history = json.loads(states["last"]["history"])
-    return states["best"]["model"], states["last"]["model"], best_metrics, history
+    return states["best"]["model"], states["last"]["model"], best_metrics, history, time.time() - t0
 
 
 def run_teachers(cfg: Config) -> list[dict]:
-    """Train or load every configured teacher; returns their records (also written as teacher.json)."""
-    from pipeline.raysetup import init_ray, resolve_device
+    """Train or load every configured teacher; returns their records (also written as teacher.json).
 
+    Teachers to train run as concurrent Ray Train jobs (`teachers.parallel` at a time), each launched
+    from a Ray task, so their start-up costs overlap; each record is written as soon as its job ends.
+    """
     splits = load_splits(cfg.data)
     out = os.path.abspath(cfg.run.out_dir)
     os.makedirs(out, exist_ok=True)
     write_resolved(cfg, os.path.join(out, "teachers"))
-    records = []
-    datasets = None
-    for i, spec in enumerate(cfg.teachers.models):
+    records: dict[str, dict] = {}
+    to_train: list[tuple[TeacherSpec, str]] = []
+    for spec in cfg.teachers.models:
         tdir = teacher_dir(out, spec.name)
         fp = teacher_fingerprint(spec, cfg, splits.fingerprint)
         rec = read_record(out, spec.name, verify=False)
         if rec is not None and rec.get("fingerprint") == fp and _files_intact(tdir, rec):
             print(f"[teachers] {spec.name}: up to date ({tdir}), not retrained", flush=True)
-            rec = _apply_gate(rec, cfg.teachers.min_val_acc)
-            _write_record(tdir, rec)
-            records.append(rec)
-            continue
-        print(f"[teachers] {i + 1}/{len(cfg.teachers.models)} {spec.name} ({spec.arch}): "
-              f"{'evaluating ' + spec.checkpoint if spec.checkpoint else 'training'}", flush=True)
-        t0 = time.time()
-        init_ray(cfg.ray)
-        device = resolve_device(cfg.run.device)
-        if spec.checkpoint:
-            rec = _evaluate_given(spec, splits, device, tdir)
+        elif spec.checkpoint:
+            print(f"[teachers] {spec.name} ({spec.arch}): evaluating {spec.checkpoint}", flush=True)
+            t0 = time.time()
+            rec = _evaluate_given(spec, splits, _local_device(cfg.run.device), tdir)
+            rec["wall_time_s"] = round(time.time() - t0, 2)
         else:
-            if datasets is None:
-                datasets = {"train": split_to_ray(splits.train), "val": split_to_ray(splits.val),
-                            "test": split_to_ray(splits.test)}
-            with ProgressPrinter() as progress:
-                best, last, best_m, history = _train_one(
-                    spec, cfg, splits, datasets, device, os.path.join(out, "ray_train"), fp, progress.queue)
-            rec = _finish_trained(spec, splits, device, tdir, best, last, best_m, history)
-        rec.update(fingerprint=fp, wall_time_s=round(time.time() - t0, 2), data_fingerprint=splits.fingerprint,
-                   num_classes=splits.num_classes, in_chans=splits.in_chans, image_size=splits.image_size)
-        rec = _apply_gate(rec, cfg.teachers.min_val_acc)
-        _write_record(tdir, rec)
-        records.append(rec)
+            to_train.append((spec, fp))
+            continue
+        records[spec.name] = _finalise(rec, fp, splits, cfg, tdir)
+    if to_train:
+        records.update(_train_all(cfg, splits, out, to_train))
+    ordered = [records[s.name] for s in cfg.teachers.models]
     with open(os.path.join(out, "teachers", "summary.json"), "w") as f:
-        json.dump(records, f, indent=2)
+        json.dump(ordered, f, indent=2)
+    return ordered
+
+
+def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
+    import ray
+
+    from pipeline.raysetup import init_ray, resolve_device
+
+    init_ray(cfg.ray)
+    device = resolve_device(cfg.run.device)
+    parallel = min(cfg.teachers.parallel or len(to_train), len(to_train))
+    threads = cfg.teachers.workers.torch_threads
+    if threads is None and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        # a local Ray: the concurrent jobs' workers share this machine's cores
+        threads = max(1, (os.cpu_count() or 1) // (parallel * cfg.teachers.workers.num_workers))
+    datasets = {"train": split_to_ray(splits.train), "val": split_to_ray(splits.val), "test": split_to_ray(splits.test)}
+    fit = ray.remote(num_cpus=0, max_retries=0)(_train_one)  # Ray Train's FailureConfig handles worker faults
+    storage = os.path.join(out, "ray_train")
+    records, failed, pending, queue = {}, [], {}, list(to_train)
+    with ProgressPrinter() as progress:
+        while queue or pending:
+            while queue and len(pending) < parallel:
+                spec, fp = queue.pop(0)
+                print(f"[teachers] {spec.name} ({spec.arch}): training on Ray Train", flush=True)
+                ref = fit.remote(spec, cfg, splits.num_classes, splits.in_chans, splits.policy.as_dict(), splits.mean,
+                                 splits.std, len(splits.train), datasets, device, storage, fp, progress.queue, threads)
+                pending[ref] = (spec, fp)
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            spec, fp = pending.pop(ref)
+            tdir = teacher_dir(out, spec.name)
+            try:
+                best, last, best_m, history, seconds = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                failed.append(spec.name)
+                print(f"[teachers] {spec.name}: FAILED: {str(e).strip().splitlines()[-1]}", flush=True)
+                continue
+            rec = _finish_trained(spec, splits, tdir, best, last, best_m, history)
+            rec["wall_time_s"] = round(seconds, 2)
+            records[spec.name] = _finalise(rec, fp, splits, cfg, tdir)
+            print(f"[teachers] {spec.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f}", flush=True)
+    if failed:
+        raise StageFailed(f"teacher training failed for {', '.join(failed)}; the others are saved. "
+                          "Ray's logs: /tmp/ray/session_latest/logs")
     return records
 
 
-def _finish_trained(spec, splits, device, tdir, best, last, best_m, history) -> dict:
+def _finalise(rec: dict, fp: str, splits: Splits, cfg: Config, tdir: str) -> dict:
+    rec.update(fingerprint=fp, data_fingerprint=splits.fingerprint, num_classes=splits.num_classes,
+               in_chans=splits.in_chans, image_size=splits.image_size)
+    rec = _apply_gate(rec, cfg.teachers.min_val_acc)
+    _write_record(tdir, rec)
+    return rec
+
+
+def _local_device(preference: str) -> str:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but this machine has no GPU; use run.device=cpu or auto")
+    return "cuda" if preference != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def _finish_trained(spec, splits, tdir, best, last, best_m, history) -> dict:
     os.makedirs(tdir, exist_ok=True)
     with open(os.path.join(tdir, "metrics.jsonl"), "w") as f:
         for m in history:

@@ -71,3 +71,15 @@ def test_gate_refuses_weak_teacher(ray_session, tmp_path):
     with pytest.raises(RaykdError, match="below the accuracy gate"):
         load_teacher(str(tmp_path), "weak")
     load_teacher(str(tmp_path), "weak", for_cache=False)  # still loadable for evaluation
+
+
+def test_two_workers_share_the_training_split(ray_session, tmp_path, digits):
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.device=cpu", "teachers.workers.num_workers=2",
+                             "teachers.workers.cpus_per_worker=0.5", "teachers.optim.epochs=2",
+                             "teachers.models=[{name: ddp, arch: cnn4}]"])
+    (rec,) = run_teachers(cfg)
+    lines = [json.loads(x) for x in open(os.path.join(teacher_dir(str(tmp_path), "ddp"), "metrics.jsonl"))]
+    assert [m["workers"] for m in lines] == [2, 2]
+    # each worker got its own half: together one pass over the split (an equal split drops at most 1 row)
+    assert all(len(digits.train) - 2 < m["samples"] <= len(digits.train) for m in lines)
+    assert rec["epochs"] == 2

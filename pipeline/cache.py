@@ -1,0 +1,518 @@
+"""`raykd cache`: run every teacher once over K views of every training sample into a Parquet cache.
+
+Layout under the cache URI (a local path or any fsspec URL, e.g. s3://bucket/prefix):
+
+    view=0/part-*.parquet ... view=K-1/part-*.parquet   one Hive partition per view
+    _views/view=k.json                                  per-view commit record (files, rows, bytes)
+    _build.json                                         fingerprint of the build in progress
+    manifest.json                                       written last: the commit marker of the cache
+
+Each view is built by one Ray Data pipeline: render the views (sample id, view id -> record + pixels),
+then one `map_batches` stage per teacher on its own actor pool (model loaded once per actor, batched
+`no_grad` inference), each adding its columns, then `write_parquet` into a staging folder that is moved
+into place and recorded only when complete. A rerun after a crash skips committed views and redoes the
+rest, so every (sample_id, view_id) row exists exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, RaykdError
+from pipeline.views import apply_views, view_params
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CacheError(RaykdError):
+    """A cache is missing, corrupt, or not the cache the caller expects."""
+
+
+# --------------------------------------------------------------------------------------------------
+# storage
+
+
+def cache_uri(cfg: Config) -> str:
+    return cfg.cache.uri or os.path.join(os.path.abspath(cfg.run.out_dir), "cache")
+
+
+def open_fs(uri: str, s3_endpoint: str | None = None):
+    """(fsspec filesystem, root path without protocol) for a local path or URL. Credentials come from the
+    environment (AWS_ACCESS_KEY_ID, ...) or the usual AWS files; they are never logged or stored."""
+    import fsspec
+
+    opts = {}
+    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    if uri.startswith(("s3://", "s3a://")) and endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    try:
+        fs, root = fsspec.core.url_to_fs(uri, **opts)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"cache.uri={uri}: cannot open this storage ({e})") from None
+    return fs, root.rstrip("/")
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path} is not valid JSON ({e}): the cache is corrupt") from None
+
+
+def _write_json(fs, path: str, obj: dict) -> None:
+    """Write whole or not at all: a temporary name, then a move (a rename on local disk)."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
+    fs.mv(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Ray Data stages
+
+
+def render_views(batch: dict, view_ids: list[int], data_seed: int, pad: int, flip: bool) -> dict:
+    """Stage 1: source rows -> one row per (sample, view): the view record and its pixels.
+    A pure function of (seed, sample id, view id); `view` is the Hive partition key (= view_id)."""
+    from pipeline.views import ViewPolicy
+
+    ids = np.tile(batch["sample_id"].astype(np.int64), len(view_ids))
+    vids = np.repeat(np.asarray(view_ids, dtype=np.int32), len(batch["sample_id"]))
+    images = np.concatenate([batch["image"]] * len(view_ids))
+    rec = view_params(data_seed, ids, vids, ViewPolicy(pad=pad, flip=flip))
+    return {
+        "sample_id": ids,
+        "view_id": vids,
+        "view": vids.copy(),
+        "label": np.tile(batch["label"].astype(np.int64), len(view_ids)),
+        "view_ox": rec["ox"], "view_oy": rec["oy"], "view_flip": rec["flip"],
+        "pixels": apply_views(images, rec["ox"], rec["oy"], rec["flip"], pad),
+    }
+
+
+class TeacherForward:
+    """Stage 2..N+1, one actor pool per teacher: loads the model once, adds this teacher's columns."""
+
+    def __init__(self, name: str, arch: str, ckpt_path: str, ckpt_sha256: str, num_classes: int, in_chans: int,
+                 mean, std, layers: list[str], feat_dtype: str, topk: int | None, device: str, threads: int):
+        from pipeline.checkpoints import load_into, load_state_dict
+        from pipeline.models import build_model
+
+        torch.set_num_threads(threads)
+        self.name, self.layers, self.feat_dtype, self.topk = name, layers, feat_dtype, topk
+        self.mean, self.std = mean, std
+        self.device = torch.device(device)
+        self.model = build_model(arch, num_classes, in_chans)
+        load_into(self.model, load_state_dict(ckpt_path, ckpt_sha256), ckpt_path, arch)
+        self.model.to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        from pipeline.data import normalize
+
+        x = normalize(torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device), self.mean, self.std)
+        logits, stages = self.model.forward_stages(x)
+        out = dict(batch)
+        out[f"logits.{self.name}"] = logits.half().cpu().numpy()
+        if self.topk:
+            val, idx = logits.topk(self.topk, dim=1)
+            out[f"topk.{self.name}.values"] = val.half().cpu().numpy()
+            out[f"topk.{self.name}.indices"] = idx.to(torch.int16 if logits.shape[1] < 32768 else torch.int32).cpu().numpy()
+        for layer in self.layers:
+            fmap = stages[layer].float()
+            col = f"feat.{self.name}.{layer}"
+            if self.feat_dtype == "int8":
+                q, scale = quantize_int8(fmap)
+                out[col], out[col + ".scale"] = q.cpu().numpy(), scale.cpu().numpy()
+            else:
+                out[col] = fmap.half().cpu().numpy()
+        return out
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: q = round(x / s), s = max|x| / 127 over the row's whole map."""
+    flat = x.reshape(len(x), -1)
+    scale = flat.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.round(flat / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(x.shape), scale.float()
+
+
+def dequantize_int8(q, scale) -> torch.Tensor:
+    q = torch.as_tensor(q)
+    return q.float() * torch.as_tensor(scale, dtype=torch.float32).reshape(-1, *([1] * (q.dim() - 1)))
+
+
+# --------------------------------------------------------------------------------------------------
+# build
+
+
+def _teacher_entries(cfg: Config, out_dir: str, splits) -> list[dict]:
+    from pipeline.teachers import load_teacher, teacher_dir
+
+    names = cfg.cache.teachers or [t.name for t in cfg.teachers.models]
+    entries = []
+    for name in names:
+        model, rec = load_teacher(out_dir, name, for_cache=True)  # verifies sha256 and the accuracy gate
+        if rec["data_fingerprint"] != splits.fingerprint:
+            raise CacheError(f"teacher {name!r} was trained on other data (data fingerprint differs): rerun `raykd teachers`")
+        layers = cfg.cache.layers.get(name, [])
+        missing = [ly for ly in layers if ly not in model.stage_names]
+        if missing:
+            raise ConfigError(f"cache.layers.{name}: {missing} are not stages of {rec['arch']} "
+                              f"(stages: {', '.join(model.stage_names)})")
+        shapes = model.stage_shapes(splits.image_size)
+        entries.append({
+            "name": name, "arch": rec["arch"], "checkpoint_sha256": rec["best"]["sha256"],
+            "checkpoint": os.path.join(teacher_dir(out_dir, name), rec["best"]["file"]),
+            "val_acc": rec["val_acc"], "test_acc": rec["test_acc"],
+            "layers": {ly: list(shapes[ly]) for ly in layers},
+        })
+    return entries
+
+
+def cache_fingerprint(splits, cfg: Config, teachers: list[dict]) -> str:
+    c = cfg.cache
+    payload = {
+        "schema": SCHEMA_VERSION, "data": splits.fingerprint, "data_seed": cfg.data.seed,
+        "policy": splits.policy.as_dict(), "views": c.views, "store_views": c.store_views, "topk": c.topk,
+        "feat_dtype": c.feat_dtype,
+        "teachers": [{k: t[k] for k in ("name", "arch", "checkpoint_sha256", "layers")} for t in teachers],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def build_cache(cfg: Config, overwrite: bool = False) -> dict:
+    """Build (or finish, or reuse) the cache for `cfg`; returns its manifest."""
+    from pipeline.data import load_splits
+
+    splits = load_splits(cfg.data)
+    out = os.path.abspath(cfg.run.out_dir)
+    teachers = _teacher_entries(cfg, out, splits)
+    fp = cache_fingerprint(splits, cfg, teachers)
+    uri = cache_uri(cfg)
+    fs, root = open_fs(uri, cfg.cache.s3_endpoint)
+    try:
+        manifest = _read_json(fs, posixpath.join(root, MANIFEST))
+        building = _read_json(fs, posixpath.join(root, "_build.json"))
+    except OSError as e:
+        raise CacheError(f"cache.uri={uri}: storage not reachable ({e.__class__.__name__}: {e})") from None
+    if manifest is not None and manifest.get("fingerprint") == fp and not overwrite:
+        print(f"[cache] {uri}: up to date (fingerprint {fp[:12]}), reused", flush=True)
+        return manifest
+    other = manifest or building
+    if other is not None and other.get("fingerprint") != fp:
+        if not overwrite:
+            what = "a finished cache" if manifest else "an unfinished build"
+            raise CacheError(
+                f"{uri} holds {what} of other inputs (fingerprint {other.get('fingerprint', '?')[:12]}, "
+                f"this config {fp[:12]}): use another cache.uri, or --overwrite to replace it")
+    if overwrite and fs.exists(root):
+        print(f"[cache] --overwrite: removing {uri}", flush=True)
+        fs.rm(root, recursive=True)
+    fs.makedirs(root, exist_ok=True)
+    _write_json(fs, posixpath.join(root, "_build.json"), {"fingerprint": fp, "started": time.time()})
+    return _build_views(cfg, splits, teachers, fp, uri, fs, root)
+
+
+def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
+    import ray
+
+    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
+
+    from pipeline.raysetup import init_ray, resolve_device
+    from pipeline.training import split_to_ray
+
+    c = cfg.cache
+    init_ray(cfg.ray)
+    device = resolve_device(cfg.run.device)
+    ctx = ray.data.DataContext.get_current()
+    ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE  # pyarrow-native tensors
+    ctx.enable_progress_bars = True
+    threads = max(1, (os.cpu_count() or 1) // max(1, len(teachers) * c.actors_per_teacher))
+    t_start = time.time()
+    views_meta, todo = {}, []
+    for k in range(c.views):
+        done = _read_json(fs, _marker(root, k))
+        if done is not None and done.get("fingerprint") == fp and _files_present(fs, root, done["files"]):
+            views_meta[k] = done
+        else:
+            todo.append(k)
+    if views_meta:
+        print(f"[cache] views {sorted(views_meta)} already committed, kept", flush=True)
+    if fs.exists(posixpath.join(root, "_staging")):
+        fs.rm(posixpath.join(root, "_staging"), recursive=True)  # what a killed run left unfinished
+    per_pass = c.views_per_pass or len(todo) or 1
+    for group in [todo[i:i + per_pass] for i in range(0, len(todo), per_pass)]:
+        t0 = time.time()
+        print(f"[cache] views {group}: {len(splits.train)} samples x {len(group)} views x {len(teachers)} teachers "
+              f"({', '.join(t['name'] for t in teachers)})", flush=True)
+        ds = split_to_ray(splits.train, rows_per_block=max(c.batch_size, 1024)).map_batches(
+            render_views, batch_format="numpy", batch_size=c.batch_size,
+            fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "pad": splits.policy.pad,
+                       "flip": splits.policy.flip})
+        for t in teachers:
+            res = {"num_gpus": c.gpus_per_actor} if device == "cuda" else {}
+            ds = ds.map_batches(
+                TeacherForward, batch_format="numpy", batch_size=c.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=c.actors_per_teacher), num_cpus=c.cpus_per_actor, **res,
+                fn_constructor_kwargs={
+                    "name": t["name"], "arch": t["arch"], "ckpt_path": t["checkpoint"],
+                    "ckpt_sha256": t["checkpoint_sha256"], "num_classes": splits.num_classes,
+                    "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std,
+                    "layers": list(t["layers"]), "feat_dtype": c.feat_dtype, "topk": c.topk, "device": device,
+                    "threads": threads,
+                })
+        if not c.store_views:
+            ds = ds.drop_columns(["pixels"])
+        staging = posixpath.join(root, "_staging", uuid.uuid4().hex[:8])
+        ds.write_parquet(staging, filesystem=fs, partition_cols=["view"], max_rows_per_file=c.rows_per_file,
+                         compression="zstd")
+        for k in group:  # commit view by view: move into place, then record
+            final = posixpath.join(root, f"view={k}")
+            if fs.exists(final):
+                fs.rm(final, recursive=True)  # an uncommitted leftover of a killed run
+            fs.mv(posixpath.join(staging, f"view={k}"), final, recursive=True)
+            files = _describe_files(fs, root, final)
+            rows = sum(f["rows"] for f in files)
+            if rows != len(splits.train):
+                raise CacheError(f"view {k}: wrote {rows} rows, expected {len(splits.train)}; not committed")
+            views_meta[k] = {"fingerprint": fp, "view": k, "files": files, "rows": rows}
+            _write_json(fs, _marker(root, k), views_meta[k])
+        fs.rm(posixpath.join(root, "_staging"), recursive=True)
+        print(f"[cache] views {group}: committed in {time.time() - t0:.1f}s", flush=True)
+    manifest = _manifest(cfg, splits, teachers, fp, fs, root, views_meta, time.time() - t_start)
+    _write_json(fs, posixpath.join(root, MANIFEST), manifest)  # last: the commit marker
+    fs.rm(posixpath.join(root, "_build.json"))
+    print(f"[cache] {uri}: {manifest['rows']} rows, {manifest['bytes'] / 2**20:.1f} MiB, manifest written", flush=True)
+    return _read_json(fs, posixpath.join(root, MANIFEST))  # as every later reader will see it
+
+
+def _marker(root: str, k: int) -> str:
+    return posixpath.join(root, "_views", f"view={k}.json")
+
+
+def _type_str(t) -> str:
+    """'tensor<halffloat>[10]' for Arrow's fixed-shape tensors, Arrow's own name otherwise."""
+    if hasattr(t, "value_type") and hasattr(t, "shape"):
+        return f"tensor<{t.value_type}>{list(t.shape)}"
+    return str(t)
+
+
+def _describe_files(fs, root: str, folder: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = []
+    for path in sorted(p for p in fs.find(folder) if p.endswith(".parquet")):
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+        files.append({"path": posixpath.relpath(path, root), "rows": rows, "bytes": len(data),
+                      "sha256": hashlib.sha256(data).hexdigest()})
+    return files
+
+
+def _files_present(fs, root: str, files: list[dict]) -> bool:
+    try:
+        return all(fs.size(posixpath.join(root, f["path"])) == f["bytes"] for f in files)
+    except FileNotFoundError:
+        return False
+
+
+def _manifest(cfg, splits, teachers, fp, fs, root, views_meta, seconds) -> dict:
+    import pyarrow.parquet as pq
+
+    first = posixpath.join(root, views_meta[0]["files"][0]["path"])
+    with fs.open(first, "rb") as f:
+        schema = pq.read_schema(f)
+    files = [f for k in sorted(views_meta) for f in views_meta[k]["files"]]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fp,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": round(seconds, 2),
+        "dataset": {"name": splits.name, "fingerprint": splits.fingerprint, "seed": cfg.data.seed,
+                    "num_classes": splits.num_classes, "image_shape": list(splits.train.images.shape[1:]),
+                    "train_samples": len(splits.train), "mean": splits.mean, "std": splits.std},
+        "views": cfg.cache.views,
+        "policy": splits.policy.as_dict(),
+        "store_views": cfg.cache.store_views,
+        "topk": cfg.cache.topk,
+        "feat_dtype": cfg.cache.feat_dtype,
+        "teachers": [{k: t[k] for k in ("name", "arch", "checkpoint_sha256", "val_acc", "test_acc", "layers")}
+                     for t in teachers],
+        "columns": {field.name: _type_str(field.type) for field in schema},
+        "files": files,
+        "rows": sum(f["rows"] for f in files),
+        "bytes": sum(f["bytes"] for f in files),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# read
+
+
+class Cache:
+    """An opened, validated cache: its manifest and Ray Datasets of its view partitions."""
+
+    def __init__(self, uri: str, s3_endpoint: str | None = None):
+        self.uri = uri
+        self.fs, self.root = open_fs(uri, s3_endpoint)
+        try:
+            manifest = _read_json(self.fs, posixpath.join(self.root, MANIFEST))
+        except OSError as e:
+            raise CacheError(f"{uri}: storage not reachable ({e.__class__.__name__}: {e})") from None
+        if manifest is None:
+            raise CacheError(f"{uri} is not a cache: no {MANIFEST} (an unfinished build? rerun `raykd cache`)")
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise CacheError(f"{uri}/{MANIFEST}: schema_version {manifest.get('schema_version')!r}, "
+                             f"this raykd reads {SCHEMA_VERSION}")
+        self.manifest = manifest
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """The cheap check on open: every listed file exists with its recorded size; nothing unlisted."""
+        listed = {f["path"]: f for f in self.manifest["files"]}
+        for path, f in listed.items():
+            full = posixpath.join(self.root, path)
+            try:
+                size = self.fs.size(full)
+            except FileNotFoundError:
+                raise CacheError(f"{self.uri}: part file {path} is missing (listed in {MANIFEST})") from None
+            if size != f["bytes"]:
+                raise CacheError(f"{self.uri}: part file {path} has {size} bytes, {MANIFEST} says {f['bytes']}")
+        for k in range(self.manifest["views"]):
+            folder = posixpath.join(self.root, f"view={k}")
+            present = {posixpath.relpath(p, self.root) for p in self.fs.find(folder)} if self.fs.exists(folder) else set()
+            stray = sorted(present - set(listed))
+            if stray:
+                raise CacheError(f"{self.uri}: {stray[0]} is not listed in {MANIFEST} (a stray or foreign file)")
+
+    def verify(self) -> None:
+        """The full check: every part file's sha256 and row count against the manifest."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for f in self.manifest["files"]:
+            with self.fs.open(posixpath.join(self.root, f["path"]), "rb") as fh:
+                data = fh.read()
+            if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                raise CacheError(f"{self.uri}: part file {f['path']} does not match its sha256 in {MANIFEST} (corrupt)")
+            try:
+                rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+            except pa.ArrowException as e:
+                raise CacheError(f"{self.uri}: part file {f['path']} is not readable Parquet ({e})") from None
+            if rows != f["rows"]:
+                raise CacheError(f"{self.uri}: part file {f['path']} has {rows} rows, {MANIFEST} says {f['rows']}")
+
+    @property
+    def teachers(self) -> list[str]:
+        return [t["name"] for t in self.manifest["teachers"]]
+
+    def expect(self, teachers: list[str] | None = None, views: int | None = None,
+               columns: list[str] | None = None, data_fingerprint: str | None = None) -> "Cache":
+        """Refuse a cache that is not what the caller needs, naming what differs."""
+        m = self.manifest
+        if teachers is not None and sorted(teachers) != sorted(self.teachers):
+            raise CacheError(f"{self.uri}: cached teachers are {self.teachers}, expected {sorted(teachers)}")
+        if views is not None and views != m["views"]:
+            raise CacheError(f"{self.uri}: the cache has K={m['views']} views, expected {views}")
+        missing = [c for c in columns or [] if c not in m["columns"]]
+        if missing:
+            raise CacheError(f"{self.uri}: no column {missing[0]!r} in the cache; rebuild it with what adds it "
+                             f"(e.g. cache.layers for feat.* columns)")
+        if data_fingerprint is not None and data_fingerprint != m["dataset"]["fingerprint"]:
+            raise CacheError(f"{self.uri}: built from other data (dataset fingerprint differs)")
+        return self
+
+    def view_files(self, k: int) -> list[str]:
+        if not 0 <= k < self.manifest["views"]:
+            raise CacheError(f"{self.uri}: no view {k} (K={self.manifest['views']})")
+        return [posixpath.join(self.root, f["path"]) for f in self.manifest["files"]
+                if f["path"].startswith(f"view={k}/")]
+
+    def view_dataset(self, k: int, columns: list[str] | None = None):
+        """A Ray Dataset of view partition k (one epoch's worth of rows)."""
+        import ray
+
+        return ray.data.read_parquet(self.view_files(k), filesystem=self.fs, columns=columns)
+
+    def read_table(self, columns: list[str] | None = None, views: list[int] | None = None):
+        """Read columns straight with pyarrow (no Ray): for inspect and tests."""
+        import pyarrow.parquet as pq
+        import pyarrow as pa
+
+        tables = []
+        for k in views if views is not None else range(self.manifest["views"]):
+            for path in self.view_files(k):
+                with self.fs.open(path, "rb") as f:
+                    tables.append(pq.read_table(f, columns=columns))
+        return pa.concat_tables(tables)
+
+
+def column_array(table, name: str) -> np.ndarray:
+    """A fixed-shape tensor (or plain) column as one numpy array (rows, *shape)."""
+    col = table.column(name).combine_chunks()
+    if hasattr(col, "to_numpy_ndarray"):
+        return col.to_numpy_ndarray()
+    return col.to_numpy(zero_copy_only=False)
+
+
+def inspect_cache(uri: str, s3_endpoint: str | None = None, verify: bool = False) -> str:
+    """The summary `raykd inspect` prints; `verify` also checks every file's sha256."""
+    import pyarrow.parquet as pq
+
+    cache = Cache(uri, s3_endpoint)
+    if verify:
+        cache.verify()
+    m = cache.manifest
+    per_col: dict[str, int] = {}
+    for f in m["files"]:
+        with cache.fs.open(posixpath.join(cache.root, f["path"]), "rb") as fh:
+            md = pq.ParquetFile(fh).metadata
+        for rg in range(md.num_row_groups):
+            for c in range(md.num_columns):
+                col = md.row_group(rg).column(c)
+                name = col.path_in_schema.split(".list")[0].split(".element")[0]
+                per_col[name] = per_col.get(name, 0) + col.total_compressed_size
+    logit_cols = [f"logits.{t}" for t in cache.teachers]
+    table = cache.read_table(["label", *logit_cols])
+    labels = column_array(table, "label")
+    lines = [
+        f"cache      {uri}",
+        f"dataset    {m['dataset']['name']} ({m['dataset']['train_samples']} train samples, "
+        f"{m['dataset']['num_classes']} classes, image {'x'.join(map(str, m['dataset']['image_shape']))})",
+        f"views      K={m['views']}  policy {m['policy']}  store_views={m['store_views']}",
+        f"rows       {m['rows']}  in {len(m['files'])} files, {m['bytes'] / 2**20:.2f} MiB "
+        f"({m['bytes'] / max(1, m['rows']):.0f} B per row, {m['bytes'] / max(1, m['dataset']['train_samples']):.0f} B per sample over K views)",
+        f"built      {m['created']} in {m['build_seconds']:.1f}s, fingerprint {m['fingerprint'][:16]}"
+        + ("  (verified: every file matches its sha256)" if verify else ""),
+        "",
+        f"{'column':<28} {'type':<32} {'B/row':>8}",
+    ]
+    for name, typ in m["columns"].items():
+        lines.append(f"{name:<28} {typ:<32} {per_col.get(name, 0) / max(1, m['rows']):>8.1f}")
+    lines += ["", f"{'teacher':<14} {'arch':<11} {'val acc':>8} {'cached-view acc':>16}"]
+    probs = []
+    for t in m["teachers"]:
+        z = torch.from_numpy(column_array(table, f"logits.{t['name']}").astype(np.float32))
+        probs.append(z.softmax(1))
+        acc = (z.argmax(1).numpy() == labels).mean()
+        lines.append(f"{t['name']:<14} {t['arch']:<11} {100 * t['val_acc']:>7.2f}% {100 * acc:>15.2f}%")
+    ens = (torch.stack(probs).mean(0).argmax(1).numpy() == labels).mean()
+    lines.append(f"{'ensemble':<14} {'mean prob':<11} {'':>8} {100 * ens:>15.2f}%")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""The teacher cache: exact contents, reuse, refusal, corruption, a killed build, and S3."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import Cache, CacheError, build_cache, column_array, dequantize_int8, inspect_cache, quantize_int8
+from pipeline.config import load_config
+from pipeline.data import normalize
+from pipeline.teachers import load_teacher, run_teachers
+from pipeline.views import apply_views
+
+pytestmark = pytest.mark.timeout(400)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHERS = "teachers.models=[{name: a, arch: cnn4, seed: 1}, {name: b, arch: resnet8, seed: 2}]"
+
+
+def _cfg(out, *extra):
+    return load_config(None, [f"run.out_dir={out}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2",
+                              "cache.views=2", "cache.layers={b: [stage2, stage3]}", *extra])
+
+
+@pytest.fixture(scope="module")
+def built(ray_session, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache_run"))
+    cfg = _cfg(out)
+    run_teachers(cfg)
+    return cfg, build_cache(cfg)
+
+
+def _listing(root):
+    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                  for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_rows_and_columns(built, digits):
+    cfg, m = built
+    assert m["rows"] == 2 * len(digits.train) and m["views"] == 2
+    cache = Cache(os.path.join(cfg.run.out_dir, "cache"))
+    t = cache.read_table(["sample_id", "view_id"])
+    pairs = set(zip(column_array(t, "sample_id").tolist(), column_array(t, "view_id").tolist()))
+    assert len(pairs) == t.num_rows == 2 * len(digits.train)
+    assert m["columns"]["logits.a"] == "tensor<halffloat>[10]"
+    assert m["columns"]["feat.b.stage3"] == "tensor<halffloat>[64, 2, 2]"
+    assert m["columns"]["pixels"] == "tensor<uint8>[8, 8, 1]"
+    assert sorted(os.listdir(os.path.join(cfg.run.out_dir, "cache"))) == ["_views", "manifest.json", "view=0", "view=1"]
+    # readable without Ray: pyarrow's own dataset reader sees the Hive partitions and the tensor type
+    import pyarrow.dataset as pads
+    table = pads.dataset(os.path.join(cfg.run.out_dir, "cache"), format="parquet", partitioning="hive",
+                          exclude_invalid_files=True).to_table(
+        columns=["view", "logits.a"])
+    assert table.num_rows == m["rows"] and table.column("logits.a").type.shape == [10]
+
+
+def test_cached_outputs_equal_direct_forward_on_replayed_views(built, digits):
+    cfg, m = built
+    cache = Cache(os.path.join(cfg.run.out_dir, "cache"))
+    t = cache.read_table()
+    rows = np.random.default_rng(0).choice(t.num_rows, 40, replace=False)
+    ids = column_array(t, "sample_id")[rows]
+    pos = np.searchsorted(digits.train.ids, ids)
+    assert (digits.train.ids[pos] == ids).all()
+    replay = apply_views(digits.train.images[pos], column_array(t, "view_ox")[rows], column_array(t, "view_oy")[rows],
+                         column_array(t, "view_flip")[rows], digits.policy.pad)
+    np.testing.assert_array_equal(column_array(t, "pixels")[rows], replay)
+    np.testing.assert_array_equal(column_array(t, "label")[rows], digits.train.labels[pos])
+    x = normalize(torch.from_numpy(replay), digits.mean, digits.std)
+    for name in ("a", "b"):
+        model, _ = load_teacher(cfg.run.out_dir, name)
+        with torch.no_grad():
+            logits, stages = model.forward_stages(x)
+        cached = torch.from_numpy(column_array(t, f"logits.{name}")[rows].astype(np.float32))
+        torch.testing.assert_close(cached, logits, rtol=2e-3, atol=2e-3)  # fp16 storage
+        if name == "b":
+            for layer in ("stage2", "stage3"):
+                feat = torch.from_numpy(column_array(t, f"feat.b.{layer}")[rows].astype(np.float32))
+                torch.testing.assert_close(feat, stages[layer], rtol=2e-3, atol=2e-3)
+
+
+def test_finished_cache_is_reused(built, capsys):
+    cfg, m = built
+    root = os.path.join(cfg.run.out_dir, "cache")
+    before = _listing(root)
+    assert build_cache(cfg) == m
+    assert "up to date" in capsys.readouterr().out
+    assert _listing(root) == before
+
+
+def test_cache_of_other_inputs_is_refused(built):
+    cfg, _ = built
+    root = os.path.join(cfg.run.out_dir, "cache")
+    before = _listing(root)
+    with pytest.raises(CacheError, match="other inputs.*--overwrite"):
+        build_cache(_cfg(cfg.run.out_dir, "cache.views=3"))
+    assert _listing(root) == before
+
+
+def test_reader_refuses_what_the_caller_does_not_expect(built):
+    cfg, _ = built
+    cache = Cache(os.path.join(cfg.run.out_dir, "cache"))
+    with pytest.raises(CacheError, match=r"cached teachers are \['a', 'b'\]"):
+        cache.expect(teachers=["a", "c"])
+    with pytest.raises(CacheError, match="K=2"):
+        cache.expect(views=4)
+    with pytest.raises(CacheError, match="feat.a.stage3"):
+        cache.expect(columns=["feat.a.stage3"])
+    cache.expect(teachers=["b", "a"], views=2, columns=["logits.a", "feat.b.stage3"])
+    ds = cache.view_dataset(1, columns=["sample_id", "view_id", "logits.b"])
+    assert ds.count() == cache.manifest["rows"] // 2
+    assert set(ds.unique("view_id")) == {1}
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncate", "has .* bytes"),
+    ("delete", "is missing"),
+    ("stray", "not listed"),
+    ("manifest_json", "not valid JSON"),
+    ("manifest_schema", "schema_version"),
+    ("no_manifest", "not a cache"),
+])
+def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle):
+    cfg, m = built
+    root = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(cfg.run.out_dir, "cache"), root)
+    part = os.path.join(root, m["files"][1]["path"])
+    man = os.path.join(root, "manifest.json")
+    if damage == "truncate":
+        os.truncate(part, 100)
+    elif damage == "delete":
+        os.remove(part)
+    elif damage == "stray":
+        open(os.path.join(root, "view=1", "extra.parquet"), "wb").write(b"x")
+    elif damage == "manifest_json":
+        open(man, "a").write("}")
+    elif damage == "manifest_schema":
+        d = json.load(open(man))
+        d["schema_version"] = 99
+        json.dump(d, open(man, "w"))
+    else:
+        os.remove(man)
+    before = _listing(root)
+    with pytest.raises(CacheError, match=needle):
+        Cache(root)
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", root], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("raykd: error:") and "Traceback" not in r.stderr
+    if damage in ("truncate", "delete"):
+        assert os.path.basename(part) in r.stderr
+    assert _listing(root) == before
+
+
+def test_flipped_byte_found_by_verify(built, tmp_path):
+    cfg, m = built
+    root = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(cfg.run.out_dir, "cache"), root)
+    part = os.path.join(root, m["files"][0]["path"])
+    data = bytearray(open(part, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(part, "wb").write(bytes(data))
+    Cache(root)  # the cheap check on open sees the right size
+    with pytest.raises(CacheError, match=f"{os.path.basename(part)} does not match its sha256"):
+        inspect_cache(root, verify=True)
+
+
+def test_inspect_reports_accuracy_and_bytes(built):
+    cfg, m = built
+    text = inspect_cache(os.path.join(cfg.run.out_dir, "cache"), verify=True)
+    assert "verified" in text and "ensemble" in text and "feat.b.stage3" in text
+    for t in m["teachers"]:
+        assert t["name"] in text
+
+
+def test_int8_features_reconstruct_within_tolerance():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(16, 32, 4, 4)) * 3
+    q, s = quantize_int8(x)
+    assert q.dtype == torch.int8 and s.shape == (16,)
+    err = (dequantize_int8(q, s) - x).abs().amax(dim=(1, 2, 3))
+    # at most half a quantisation step per element: max|x| / 254 per row
+    assert (err <= x.abs().amax(dim=(1, 2, 3)) / 254 + 1e-6).all()
+
+
+def test_s3_round_trip(built, s3_endpoint):
+    import boto3
+    import s3fs
+
+    cfg, m = built
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="raykd-test")
+    s3fs.S3FileSystem.clear_instance_cache()
+    uri = "s3://raykd-test/caches/digits"
+    m3 = build_cache(_cfg(cfg.run.out_dir, f"cache.uri={uri}"))
+    assert m3["fingerprint"] == m["fingerprint"] and m3["rows"] == m["rows"]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    assert fs.exists("raykd-test/caches/digits/manifest.json")
+    cache = Cache(uri).expect(teachers=["a", "b"], views=2)
+    cache.verify()
+    assert cache.view_dataset(0, columns=["sample_id"]).count() == m["rows"] // 2
+    local = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table(["sample_id", "view_id", "logits.a"])
+    remote = cache.read_table(["sample_id", "view_id", "logits.a"])
+    key = lambda t: np.lexsort((column_array(t, "sample_id"), column_array(t, "view_id")))  # noqa: E731
+    np.testing.assert_array_equal(column_array(local, "logits.a")[key(local)], column_array(remote, "logits.a")[key(remote)])
+    assert "ensemble" in inspect_cache(uri)
+    with pytest.raises(CacheError, match="not a cache"):
+        Cache("s3://raykd-test/nothing-here")
