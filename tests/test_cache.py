@@ -184,27 +184,3 @@ def test_int8_features_reconstruct_within_tolerance():
     err = (dequantize_int8(q, s) - x).abs().amax(dim=(1, 2, 3))
     # at most half a quantisation step per element: max|x| / 254 per row
     assert (err <= x.abs().amax(dim=(1, 2, 3)) / 254 + 1e-6).all()
-
-
-def test_s3_round_trip(built, s3_endpoint):
-    import boto3
-    import s3fs
-
-    cfg, m = built
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="raykd-test")
-    s3fs.S3FileSystem.clear_instance_cache()
-    uri = "s3://raykd-test/caches/digits"
-    m3 = build_cache(_cfg(cfg.run.out_dir, f"cache.uri={uri}"))
-    assert m3["fingerprint"] == m["fingerprint"] and m3["rows"] == m["rows"]
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
-    assert fs.exists("raykd-test/caches/digits/manifest.json")
-    cache = Cache(uri).expect(teachers=["a", "b"], views=2)
-    cache.verify()
-    assert cache.view_dataset(0, columns=["sample_id"]).count() == m["rows"] // 2
-    local = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table(["sample_id", "view_id", "logits.a"])
-    remote = cache.read_table(["sample_id", "view_id", "logits.a"])
-    key = lambda t: np.lexsort((column_array(t, "sample_id"), column_array(t, "view_id")))  # noqa: E731
-    np.testing.assert_array_equal(column_array(local, "logits.a")[key(local)], column_array(remote, "logits.a")[key(remote)])
-    assert "ensemble" in inspect_cache(uri)
-    with pytest.raises(CacheError, match="not a cache"):
-        Cache("s3://raykd-test/nothing-here")
