@@ -3,15 +3,16 @@
 Layout under the cache URI (a local path or any fsspec URL, e.g. s3://bucket/prefix):
 
     view=0/part-*.parquet ... view=K-1/part-*.parquet   one Hive partition per view
-    _views/view=k.json                                  per-view commit record (files, rows, bytes)
+    _views/view=k.json                                  per-view commit record (files, rows, bytes, sha256)
     _build.json                                         fingerprint of the build in progress
     manifest.json                                       written last: the commit marker of the cache
 
-Each view is built by one Ray Data pipeline: render the views (sample id, view id -> record + pixels),
-then one `map_batches` stage per teacher on its own actor pool (model loaded once per actor, batched
-`no_grad` inference), each adding its columns, then `write_parquet` into a staging folder that is moved
-into place and recorded only when complete. A rerun after a crash skips committed views and redoes the
-rest, so every (sample_id, view_id) row exists exactly once.
+The missing views are built by one Ray Data pipeline per pass (`cache.views_per_pass`; default all,
+so the actor pools start once): render the views (sample id, view id -> record + pixels), then one
+`map_batches` stage per teacher on its own actor pool (model loaded once per actor, batched `no_grad`
+inference), each adding its columns, then `write_parquet` partitioned by view into a staging folder;
+each view is then moved into place and recorded. A rerun after a crash keeps committed views and
+redoes the rest, so every (sample_id, view_id) row exists exactly once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, RaykdError
-from pipeline.views import apply_views, view_params
+from pipeline.views import ViewPolicy, apply_views, view_params
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -88,8 +89,6 @@ def _write_json(fs, path: str, obj: dict) -> None:
 def render_views(batch: dict, view_ids: list[int], data_seed: int, pad: int, flip: bool) -> dict:
     """Stage 1: source rows -> one row per (sample, view): the view record and its pixels.
     A pure function of (seed, sample id, view id); `view` is the Hive partition key (= view_id)."""
-    from pipeline.views import ViewPolicy
-
     ids = np.tile(batch["sample_id"].astype(np.int64), len(view_ids))
     vids = np.repeat(np.asarray(view_ids, dtype=np.int32), len(batch["sample_id"]))
     images = np.concatenate([batch["image"]] * len(view_ids))
@@ -108,11 +107,13 @@ class TeacherForward:
     """Stage 2..N+1, one actor pool per teacher: loads the model once, adds this teacher's columns."""
 
     def __init__(self, name: str, arch: str, ckpt_path: str, ckpt_sha256: str, num_classes: int, in_chans: int,
-                 mean, std, layers: list[str], feat_dtype: str, topk: int | None, device: str, threads: int):
+                 mean, std, layers: list[str], feat_dtype: str, topk: int | None, device: str,
+                 threads: int | None):
         from pipeline.checkpoints import load_into, load_state_dict
         from pipeline.models import build_model
 
-        torch.set_num_threads(threads)
+        if threads:  # else Ray's default: as many as the actor's CPUs
+            torch.set_num_threads(threads)
         self.name, self.layers, self.feat_dtype, self.topk = name, layers, feat_dtype, topk
         self.mean, self.std = mean, std
         self.device = torch.device(device)
@@ -233,7 +234,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
 
     from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
 
-    from pipeline.raysetup import init_ray, resolve_device
+    from pipeline.raysetup import init_ray, local_thread_share, resolve_device
     from pipeline.training import split_to_ray
 
     c = cfg.cache
@@ -242,7 +243,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE  # pyarrow-native tensors
     ctx.enable_progress_bars = True
-    threads = max(1, (os.cpu_count() or 1) // max(1, len(teachers) * c.actors_per_teacher))
+    threads = local_thread_share(cfg.ray, len(teachers) * c.actors_per_teacher)  # all actors busy at once
     t_start = time.time()
     views_meta, todo = {}, []
     for k in range(c.views):

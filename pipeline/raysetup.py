@@ -48,6 +48,14 @@ def init_ray(ray_cfg) -> None:
     ray.init(num_cpus=num_cpus, object_store_memory=store, include_dashboard=False, log_to_driver=LOG_TO_DRIVER)
 
 
+def local_thread_share(ray_cfg, procs: int) -> int | None:
+    """Torch threads for each of `procs` busy processes sharing this machine's cores under a local Ray;
+    None on an existing cluster, where the driver cannot see the nodes' cores (workers decide there)."""
+    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    return max(1, (os.cpu_count() or 1) // max(1, procs))
+
+
 def resolve_device(preference: str) -> str:
     """'cpu', 'cuda' or 'auto' -> the device Train workers use, judged from the cluster's GPUs."""
     import ray

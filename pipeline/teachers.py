@@ -204,15 +204,14 @@ def run_teachers(cfg: Config) -> list[dict]:
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
     import ray
 
-    from pipeline.raysetup import init_ray, resolve_device
+    from pipeline.raysetup import init_ray, local_thread_share, resolve_device
 
     init_ray(cfg.ray)
     device = resolve_device(cfg.run.device)
     parallel = min(cfg.teachers.parallel or len(to_train), len(to_train))
-    threads = cfg.teachers.workers.torch_threads
-    if threads is None and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        # a local Ray: the concurrent jobs' workers share this machine's cores
-        threads = max(1, (os.cpu_count() or 1) // (parallel * cfg.teachers.workers.num_workers))
+    # the concurrent jobs' workers share the machine's cores
+    threads = cfg.teachers.workers.torch_threads or local_thread_share(
+        cfg.ray, parallel * cfg.teachers.workers.num_workers)
     datasets = {"train": split_to_ray(splits.train), "val": split_to_ray(splits.val), "test": split_to_ray(splits.test)}
     fit = ray.remote(num_cpus=0, max_retries=0)(_train_one)  # Ray Train's FailureConfig handles worker faults
     storage = os.path.join(out, "ray_train")
