@@ -10,9 +10,10 @@ Layout under the cache URI (a local path or any fsspec URL, e.g. s3://bucket/pre
 The missing views are built by one Ray Data pipeline per pass (`cache.views_per_pass`; default all,
 so the actor pools start once): render the views (sample id, view id -> record + pixels), then one
 `map_batches` stage per teacher on its own actor pool (model loaded once per actor, batched `no_grad`
-inference), each adding its columns, then `write_parquet` partitioned by view into a staging folder;
-each view is then moved into place and recorded. A rerun after a crash keeps committed views and
-redoes the rest, so every (sample_id, view_id) row exists exactly once.
+inference), each adding its columns, then `write_parquet` straight into the view partitions; each
+view is then committed by its record under `_views/`. A rerun after a crash keeps committed views,
+clears the partitions of uncommitted ones and redoes them, so every (sample_id, view_id) row exists
+exactly once.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def open_fs(uri: str, s3_endpoint: str | None = None):
         fs, root = fsspec.core.url_to_fs(uri, **opts)
     except (ImportError, ValueError) as e:
         raise ConfigError(f"cache.uri={uri}: cannot open this storage ({e})") from None
+    fs.invalidate_cache()  # fsspec reuses client instances: never trust listings cached before other processes wrote
     return fs, root.rstrip("/")
 
 
@@ -254,13 +256,16 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
             todo.append(k)
     if views_meta:
         print(f"[cache] views {sorted(views_meta)} already committed, kept", flush=True)
-    if fs.exists(posixpath.join(root, "_staging")):
-        fs.rm(posixpath.join(root, "_staging"), recursive=True)  # what a killed run left unfinished
     per_pass = c.views_per_pass or len(todo) or 1
     for group in [todo[i:i + per_pass] for i in range(0, len(todo), per_pass)]:
         t0 = time.time()
         print(f"[cache] views {group}: {len(splits.train)} samples x {len(group)} views x {len(teachers)} teachers "
               f"({', '.join(t['name'] for t in teachers)})", flush=True)
+        for k in group:  # what a killed run left in these partitions was never committed
+            if fs.exists(_marker(root, k)):
+                fs.rm(_marker(root, k))
+            if fs.exists(posixpath.join(root, f"view={k}")):
+                fs.rm(posixpath.join(root, f"view={k}"), recursive=True)
         ds = split_to_ray(splits.train, rows_per_block=max(c.batch_size, 1024)).map_batches(
             render_views, batch_format="numpy", batch_size=c.batch_size,
             fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "pad": splits.policy.pad,
@@ -279,21 +284,18 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
                 })
         if not c.store_views:
             ds = ds.drop_columns(["pixels"])
-        staging = posixpath.join(root, "_staging", uuid.uuid4().hex[:8])
-        ds.write_parquet(staging, filesystem=fs, partition_cols=["view"], max_rows_per_file=c.rows_per_file,
+        # Straight into the view=k partitions (file names are unique per write): no move, which on S3
+        # would be a copy of everything. A view counts only once its record under _views/ is written.
+        ds.write_parquet(root, filesystem=fs, partition_cols=["view"], max_rows_per_file=c.rows_per_file,
                          compression="zstd")
-        for k in group:  # commit view by view: move into place, then record
-            final = posixpath.join(root, f"view={k}")
-            if fs.exists(final):
-                fs.rm(final, recursive=True)  # an uncommitted leftover of a killed run
-            fs.mv(posixpath.join(staging, f"view={k}"), final, recursive=True)
-            files = _describe_files(fs, root, final)
+        fs.invalidate_cache()  # other processes wrote: drop this client's cached listings
+        for k in group:  # commit view by view
+            files = _describe_files(fs, root, posixpath.join(root, f"view={k}"))
             rows = sum(f["rows"] for f in files)
             if rows != len(splits.train):
                 raise CacheError(f"view {k}: wrote {rows} rows, expected {len(splits.train)}; not committed")
             views_meta[k] = {"fingerprint": fp, "view": k, "files": files, "rows": rows}
             _write_json(fs, _marker(root, k), views_meta[k])
-        fs.rm(posixpath.join(root, "_staging"), recursive=True)
         print(f"[cache] views {group}: committed in {time.time() - t0:.1f}s", flush=True)
     manifest = _manifest(cfg, splits, teachers, fp, fs, root, views_meta, time.time() - t_start)
     _write_json(fs, posixpath.join(root, MANIFEST), manifest)  # last: the commit marker
@@ -428,8 +430,10 @@ class Cache:
                columns: list[str] | None = None, data_fingerprint: str | None = None) -> "Cache":
         """Refuse a cache that is not what the caller needs, naming what differs."""
         m = self.manifest
-        if teachers is not None and sorted(teachers) != sorted(self.teachers):
-            raise CacheError(f"{self.uri}: cached teachers are {self.teachers}, expected {sorted(teachers)}")
+        missing = [t for t in teachers or [] if t not in self.teachers]
+        if missing:
+            raise CacheError(f"{self.uri}: no teacher {missing[0]!r} in the cache (cached teachers: {self.teachers}); "
+                             f"build a cache with it (cache.teachers) or pick cached ones (method.teachers)")
         if views is not None and views != m["views"]:
             raise CacheError(f"{self.uri}: the cache has K={m['views']} views, expected {views}")
         missing = [c for c in columns or [] if c not in m["columns"]]
@@ -447,10 +451,11 @@ class Cache:
                 if f["path"].startswith(f"view={k}/")]
 
     def view_dataset(self, k: int, columns: list[str] | None = None):
-        """A Ray Dataset of view partition k (one epoch's worth of rows)."""
+        """A Ray Dataset of view partition k (one epoch's worth of rows), optionally only some columns."""
         import ray
 
-        return ray.data.read_parquet(self.view_files(k), filesystem=self.fs, columns=columns)
+        ds = ray.data.read_parquet(self.view_files(k), filesystem=self.fs)
+        return ds.select_columns(columns) if columns else ds
 
     def read_table(self, columns: list[str] | None = None, views: list[int] | None = None):
         """Read columns straight with pyarrow (no Ray): for inspect and tests."""

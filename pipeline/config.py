@@ -27,6 +27,8 @@ class RunSection(Section):
     out_dir: str = Field("runs/default", description="where every stage writes (a local path)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compare: list[dict[str, Any]] = Field(
+        default_factory=list, description="`raykd run`: one student per entry, each {dotted.key: value} over this config")
 
 
 class RaySection(Section):
@@ -146,17 +148,85 @@ class CacheSection(Section):
         return v
 
 
+class KDOptions(Section):
+    temperature: float = Field(4.0, gt=0)
+    w_ce: float = Field(0.1, ge=0)
+    w_kd: float = Field(0.9, ge=0)
+
+
+class DKDOptions(Section):
+    temperature: float = Field(4.0, gt=0)
+    w_ce: float = Field(1.0, ge=0)
+    alpha: float = Field(1.0, ge=0, description="weight of TCKD")
+    beta: float = Field(8.0, ge=0, description="weight of NCKD (2 for resnet56->resnet20, 6 for wrn40-2 pairs)")
+    warmup: int = Field(20, ge=0, description="epochs over which the KD terms ramp up linearly (0 = none)")
+
+
+class MethodSection(Section):
+    """The distillation method: `name` picks it, its own options live under its name (method.dkd.beta)."""
+
+    name: str = "kd"
+    teachers: list[str] | None = Field(None, description="teachers to distil from; None = all cached ones")
+    ensemble: Literal["mean_prob", "mean_logit", "weighted", "per_teacher"] = "mean_prob"
+    teacher_weights: dict[str, float] | Literal["val_acc"] | None = Field(
+        None, description="for ensemble=weighted: fixed weights per teacher, or val_acc (the default)")
+    kd: KDOptions = Field(default_factory=KDOptions)
+    dkd: DKDOptions = Field(default_factory=DKDOptions)
+
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from methods import METHODS
+
+        METHODS.check(v)
+        return v
+
+
+def _default_distill_optim() -> OptimSection:
+    return OptimSection(epochs=12, batch_size=64, lr=0.05)
+
+
+class StudentSpec(Section):
+    arch: str = "cnn8"
+    seed: int | None = Field(None, description="initialisation and shuffling seed; None = run.seed")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from pipeline.models import MODELS
+
+        MODELS.check(v)
+        return v
+
+
+class DistillSection(Section):
+    """One student's distillation on Ray Train, from the cache or with the teachers online."""
+
+    name: str | None = Field(None, description="output folder under <out_dir>/students; None = <method>-<arch>-s<seed>")
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    teachers: Literal["cache", "online"] = Field(
+        "cache", description="read teacher outputs from the cache, or run the teachers inside the workers")
+    optim: OptimSection = Field(default_factory=_default_distill_optim)
+    workers: WorkersSection = Field(default_factory=WorkersSection)
+    shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer (0 = none)")
+
+
 class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     ray: RaySection = Field(default_factory=RaySection)
     data: DataSection = Field(default_factory=DataSection)
     teachers: TeachersSection = Field(default_factory=TeachersSection)
     cache: CacheSection = Field(default_factory=CacheSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
 
     @model_validator(mode="after")
     def _cache_names_known(self) -> "Config":
         known = {t.name for t in self.teachers.models}
-        for field, names in (("cache.teachers", self.cache.teachers or []), ("cache.layers", list(self.cache.layers))):
+        for field, names in (("cache.teachers", self.cache.teachers or []), ("cache.layers", list(self.cache.layers)),
+                             ("method.teachers", self.method.teachers or []),
+                             ("method.teacher_weights", list(self.method.teacher_weights or {}) if isinstance(
+                                 self.method.teacher_weights, dict) else [])):
             unknown = sorted(set(names) - known)
             if unknown:
                 raise ValueError(f"{field} names unknown teachers {unknown}; teachers.models has {sorted(known)}")
@@ -251,7 +321,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     except ValidationError as e:
         raise ConfigError(_format_errors(e, path or "<defaults>")) from None
     if not overrides:
-        return Config.model_validate(tree)
+        return _check_compare(Config.model_validate(tree), path or "<defaults>")
     # Overrides land on the file's values with the defaults filled in, so a list item (a teacher) can
     # be addressed by index even when the file did not spell the list out.
     tree = Config.model_validate(tree).model_dump(mode="json", exclude_unset=False)
@@ -259,9 +329,33 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         p, v = parse_override(text)
         _set_path(tree, p, v, text)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, "command line override", overrides)) from None
+    return _check_compare(cfg, path or "command line")
+
+
+def _check_compare(cfg: Config, source: str) -> Config:
+    """Every `run.compare` entry must give a valid config: found at load time, not after the teachers ran."""
+    for i, changes in enumerate(cfg.run.compare):
+        variant(cfg, changes, f"{source}: run.compare.{i}")
+    return cfg
+
+
+def variant(cfg: Config, changes: dict[str, Any], source: str) -> Config:
+    """`cfg` with `{dotted.key: value}` changes applied and validated; errors are blamed on `source`."""
+    tree = cfg.model_dump(mode="json")
+    texts = []
+    for key, value in changes.items():
+        text = f"{key}={value!r}"
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            raise ConfigError(f"{source}: {key!r} is not a dotted config key (e.g. method.name)")
+        _set_path(tree, [int(p) if p.isdigit() else p for p in key.split(".")], value, f"{source}: {text}")
+        texts.append(text)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
 
 
 def dump_config(cfg: Config) -> str:

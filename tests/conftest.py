@@ -49,3 +49,25 @@ def digits():
     from pipeline.data import load_splits
 
     return load_splits(DataSection())
+
+
+# The small run most Ray tests share: two tiny teachers on digits and a K=2 cache (with features of b).
+TEACHERS = "teachers.models=[{name: a, arch: cnn4, seed: 1}, {name: b, arch: resnet8, seed: 2}]"
+
+
+def digits_cfg(out, *extra):
+    from pipeline.config import load_config
+
+    return load_config(None, [f"run.out_dir={out}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2",
+                              "cache.views=2", "cache.layers={b: [stage2, stage3]}", *extra])
+
+
+@pytest.fixture(scope="session")
+def built(ray_session, tmp_path_factory):
+    """(config, cache manifest) of the shared run: teachers trained, cache built under <out>/cache."""
+    from pipeline.cache import build_cache
+    from pipeline.teachers import run_teachers
+
+    cfg = digits_cfg(str(tmp_path_factory.mktemp("cache_run")))
+    run_teachers(cfg)
+    return cfg, build_cache(cfg)

@@ -11,27 +11,14 @@ import pytest
 import torch
 
 from pipeline.cache import Cache, CacheError, build_cache, column_array, dequantize_int8, inspect_cache, quantize_int8
-from pipeline.config import load_config
 from pipeline.data import normalize
-from pipeline.teachers import load_teacher, run_teachers
+from pipeline.teachers import load_teacher
 from pipeline.views import apply_views
+
+from conftest import TEACHERS, digits_cfg
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHERS = "teachers.models=[{name: a, arch: cnn4, seed: 1}, {name: b, arch: resnet8, seed: 2}]"
-
-
-def _cfg(out, *extra):
-    return load_config(None, [f"run.out_dir={out}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2",
-                              "cache.views=2", "cache.layers={b: [stage2, stage3]}", *extra])
-
-
-@pytest.fixture(scope="module")
-def built(ray_session, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cache_run"))
-    cfg = _cfg(out)
-    run_teachers(cfg)
-    return cfg, build_cache(cfg)
 
 
 def _listing(root):
@@ -97,14 +84,14 @@ def test_cache_of_other_inputs_is_refused(built):
     root = os.path.join(cfg.run.out_dir, "cache")
     before = _listing(root)
     with pytest.raises(CacheError, match="other inputs.*--overwrite"):
-        build_cache(_cfg(cfg.run.out_dir, "cache.views=3"))
+        build_cache(digits_cfg(cfg.run.out_dir, "cache.views=3"))
     assert _listing(root) == before
 
 
 def test_reader_refuses_what_the_caller_does_not_expect(built):
     cfg, _ = built
     cache = Cache(os.path.join(cfg.run.out_dir, "cache"))
-    with pytest.raises(CacheError, match=r"cached teachers are \['a', 'b'\]"):
+    with pytest.raises(CacheError, match=r"no teacher 'c' in the cache \(cached teachers: \['a', 'b'\]\)"):
         cache.expect(teachers=["a", "c"])
     with pytest.raises(CacheError, match="K=2"):
         cache.expect(views=4)
@@ -184,3 +171,66 @@ def test_int8_features_reconstruct_within_tolerance():
     err = (dequantize_int8(q, s) - x).abs().amax(dim=(1, 2, 3))
     # at most half a quantisation step per element: max|x| / 254 per row
     assert (err <= x.abs().amax(dim=(1, 2, 3)) / 254 + 1e-6).all()
+
+
+def test_s3_round_trip(built, s3_endpoint):
+    """build -> read -> inspect against a real S3 endpoint (moto's server on 127.0.0.1)."""
+    import boto3
+    import s3fs
+
+    cfg, m = built
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="raykd-test")
+    s3fs.S3FileSystem.clear_instance_cache()
+    uri = "s3://raykd-test/caches/digits"
+    m3 = build_cache(digits_cfg(cfg.run.out_dir, f"cache.uri={uri}"))
+    assert m3["fingerprint"] == m["fingerprint"] and m3["rows"] == m["rows"]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    assert fs.exists("raykd-test/caches/digits/manifest.json")
+    assert fs.exists("raykd-test/caches/digits/view=1")
+    cache = Cache(uri).expect(teachers=["a", "b"], views=2)
+    cache.verify()
+    assert cache.view_dataset(0, columns=["sample_id"]).count() == m["rows"] // 2
+    cols = ["sample_id", "view_id", "logits.a", "feat.b.stage3"]
+    local, remote = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table(cols), cache.read_table(cols)
+    key = lambda t: np.lexsort((column_array(t, "sample_id"), column_array(t, "view_id")))  # noqa: E731
+    for c in cols[2:]:
+        np.testing.assert_array_equal(column_array(local, c)[key(local)], column_array(remote, c)[key(remote)])
+    text = inspect_cache(uri, verify=True)
+    assert "ensemble" in text and uri in text
+    # the rerun against S3 reuses the cache
+    assert build_cache(digits_cfg(cfg.run.out_dir, f"cache.uri={uri}"))["created"] == m3["created"]
+    with pytest.raises(CacheError, match="not a cache"):
+        Cache("s3://raykd-test/nothing-here")
+
+
+def test_killed_driver_then_rerun_completes_each_row_once(built, ray_session, tmp_path, digits):
+    """Kill the driver (SIGKILL) after it committed view 0 of 3; the rerun keeps view 0 and builds the rest."""
+    import signal
+    import time
+
+    cfg, _ = built
+    uri = str(tmp_path / "killed")
+    extra = [f"cache.uri={uri}", "cache.views=3", "cache.views_per_pass=1"]
+    address = ray_session.get_runtime_context().gcs_address
+    argv = [sys.executable, "-m", "pipeline.cli", "cache", "--address", address, f"run.out_dir={cfg.run.out_dir}",
+            "run.device=cpu", TEACHERS, "teachers.optim.epochs=2", "cache.layers={b: [stage2, stage3]}", *extra]
+    log = open(tmp_path / "driver.log", "w")  # a file, not a pipe: a full pipe would block the driver
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    marker = os.path.join(uri, "_views", "view=0.json")
+    deadline = time.time() + 240
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert os.path.exists(marker), open(tmp_path / "driver.log").read()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not os.path.exists(os.path.join(uri, "manifest.json"))
+    kept = json.load(open(marker))
+
+    m = build_cache(digits_cfg(cfg.run.out_dir, *extra))
+    n = len(digits.train)
+    assert m["rows"] == 3 * n
+    t = Cache(uri).read_table(["sample_id", "view_id"])
+    pairs = set(zip(column_array(t, "sample_id").tolist(), column_array(t, "view_id").tolist()))
+    assert len(pairs) == t.num_rows == 3 * n
+    assert [f for f in m["files"] if f["path"].startswith("view=0/")] == kept["files"]  # view 0 was not rebuilt
+    assert not os.path.exists(os.path.join(uri, "_staging")) and not os.path.exists(os.path.join(uri, "_build.json"))

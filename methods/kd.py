@@ -1,0 +1,35 @@
+"""KD — Hinton, Vinyals & Dean 2015, "Distilling the knowledge in a neural network" (reference, exact).
+
+Paper: L = w_ce * CE(z_s, y) + w_kd * tau^2 * KL(p_t^tau || p_s^tau); the tau^2 keeps the soft term's
+gradients on the scale of the hard term's. Defaults tau=4, w_ce=0.1, w_kd=0.9 are the CIFAR-100
+convention of RepDistiller/mdistiller.
+Our reading (multi-teacher, docs/methods.md): the teacher target is the mean of the teachers'
+probabilities (`method.ensemble=mean_prob`), or their mean logits, fixed or accuracy weights, or the
+mean of per-teacher losses (`per_teacher`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import METHODS, Method
+
+
+def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature: float,
+            reduction: str = "mean") -> torch.Tensor:
+    """tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)), summed over classes; batch mean or per sample."""
+    log_ps = F.log_softmax(logits_student / temperature, dim=1)
+    log_pt = F.log_softmax(logits_teacher / temperature, dim=1)
+    per_sample = (log_pt.exp() * (log_pt - log_ps)).sum(1) * temperature ** 2
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+@METHODS.register("kd")
+class KD(Method):
+    def forward(self, logits, stages, targets, labels, epoch):
+        o = self.cfg.kd
+        ce = F.cross_entropy(logits, labels)
+        zs = self.soft_target(targets, o.temperature)
+        kd = torch.stack([kd_loss(logits, z, o.temperature) for z in zs]).mean()
+        return {"loss": o.w_ce * ce + o.w_kd * kd, "ce": ce, "kd": kd}

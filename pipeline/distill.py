@@ -1,0 +1,397 @@
+"""`raykd distill`: train one student on Ray Train, from the teacher cache or with the teachers online.
+
+Cached mode: each view partition of the cache is a Ray Dataset; epoch e reads partition e mod K
+(`get_dataset_shard` -> `iter_torch_batches`, local shuffle), so the student sees exactly the views
+the teachers saw. Online mode runs the same loop on the same views, rendered from the source images,
+with the teachers inside each worker: the speed baseline and the check that the cache changes nothing.
+
+Output under <out_dir>/students/<name>/: student.safetensors and student.pt (state dict), method.safetensors
+(the method's own trained modules, if any), metrics.jsonl / metrics.csv (every loss term, accuracies,
+samples/s per epoch), student.json (summary + fingerprint) and config.resolved.yaml.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from methods import METHODS, MethodContext, Targets, build_method
+from pipeline.checkpoints import save_state_dict, sha256_file
+from pipeline.config import Config, MethodSection, OptimSection, write_resolved
+from pipeline.data import normalize
+from pipeline.errors import CheckpointError, RaykdError, StageFailed
+from pipeline.models import build_model
+from pipeline.progress import ProgressPrinter, emit
+from pipeline.training import collect, evaluate, make_optimizer, set_worker_threads, split_to_ray
+from pipeline.views import ViewPolicy, apply_views, make_views
+
+RECORD = "student.json"
+
+
+def student_seed(cfg: Config) -> int:
+    return cfg.run.seed if cfg.distill.student.seed is None else cfg.distill.student.seed
+
+
+def student_name(cfg: Config) -> str:
+    return cfg.distill.name or f"{cfg.method.name}-{cfg.distill.student.arch}-s{student_seed(cfg)}"
+
+
+def student_dir(cfg: Config) -> str:
+    return os.path.join(os.path.abspath(cfg.run.out_dir), "students", student_name(cfg))
+
+
+class Distiller(nn.Module):
+    """Student + method as one module, so one DDP wrapper syncs the student and the method's own parts."""
+
+    def __init__(self, student: nn.Module, method: nn.Module):
+        super().__init__()
+        self.student, self.method = student, method
+
+    def forward(self, x, targets: Targets, labels, epoch: int):
+        logits, stages = self.student.forward_stages(x)
+        return logits, self.method(logits, stages, targets, labels, epoch)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Ray Train worker loop
+
+
+def _maybe_fail(fault: dict | None, rank: int, epoch: int, step: int) -> None:
+    """Fault injection for the tests (RAYKD_FAULT): fail once, at (epoch, step), on rank 0."""
+    if not fault or rank != 0 or (epoch, step) != (fault["epoch"], fault["step"]) or os.path.exists(fault["marker"]):
+        return
+    open(fault["marker"], "w").close()
+    if fault.get("kind") == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected fault at epoch {epoch} step {step}")
+
+
+def _batch_views(batch: dict, lc: dict, epoch: int, train_images, device):
+    """The batch's views as normalised float tensors: the cached pixels, else rendered here by the same
+    pure function of (seed, sample id, view id) the cache used."""
+    if "pixels" in batch:
+        pixels = batch["pixels"]
+    elif "image" in batch:  # online: source rows, view e mod K
+        pixels = torch.from_numpy(make_views(batch["image"].numpy(), batch["sample_id"].numpy(), epoch % lc["views"],
+                                             lc["data_seed"], ViewPolicy(**lc["policy"]))[0])
+    else:  # a cache without pixels: replay its view records on the source images
+        images = train_images[np.searchsorted(lc["train_ids"], batch["sample_id"].numpy())]
+        pixels = torch.from_numpy(apply_views(images, batch["view_ox"].numpy(), batch["view_oy"].numpy(),
+                                              batch["view_flip"].numpy(), lc["policy"]["pad"]))
+    return normalize(pixels.to(device, non_blocking=True), lc["mean"], lc["std"])
+
+
+def _load_online_teachers(lc: dict, device) -> dict[str, nn.Module]:
+    from pipeline.checkpoints import load_into, load_state_dict
+
+    models = {}
+    for t in lc["online_teachers"]:
+        m = build_model(t["arch"], lc["num_classes"], lc["in_chans"])
+        load_into(m, load_state_dict(t["path"], t["sha256"]), t["path"], t["arch"])
+        models[t["name"]] = m.to(device).eval()
+    return models
+
+
+def distill_loop(lc: dict) -> list[dict]:
+    """One student's distillation on a Ray Train worker. `lc` is a plain dict (it crosses processes)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    set_worker_threads(lc["torch_threads"])
+    torch.manual_seed(lc["seed"])
+    student = build_model(lc["arch"], lc["num_classes"], lc["in_chans"])
+    method = build_method(MethodSection(**lc["method"]), MethodContext(**lc["method_ctx"]))
+    teachers = _load_online_teachers(lc, device) if lc["online_teachers"] else {}
+    train_images = ray.get(lc["train_images"]) if lc["train_images"] is not None else None
+    val_x, val_y = collect(ray.train.get_dataset_shard("val"))
+    test_x, test_y = collect(ray.train.get_dataset_shard("test"))
+
+    epochs, bs = lc["epochs"], lc["batch_size"]
+    steps = max(1, -(-lc["n_train"] // (world * bs)))
+    opt, sched = make_optimizer([*student.parameters(), *method.parameters()], OptimSection(**lc["optim"]), steps, epochs)
+    start, history, resumed = 0, [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restarted worker group, or a rerun of an interrupted run (same run name)
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
+        student.load_state_dict(state["student"])
+        method.load_state_dict(state["method"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = int(state["epoch"]) + 1, json.loads(state["history"])
+        resumed = start
+        if rank == 0:
+            emit(lc["progress"], f"[distill {lc['name']}] resuming after epoch {start} from its checkpoint")
+    model = ray.train.torch.prepare_model(Distiller(student, method))
+    bare = model.module if hasattr(model, "module") else model
+
+    for epoch in range(start, epochs):
+        shard = ray.train.get_dataset_shard(f"view{epoch % lc['views']}" if lc["cached"] else "train")
+        t0, seen, correct, sums = time.time(), 0, 0, {}
+        model.train()
+        for step, batch in enumerate(shard.iter_torch_batches(
+                batch_size=bs, device="cpu", local_shuffle_buffer_size=lc["shuffle_buffer"] or None,
+                local_shuffle_seed=lc["seed"] * 1000 + epoch)):
+            _maybe_fail(lc["fault"], rank, epoch + 1, step)
+            x = _batch_views(batch, lc, epoch, train_images, device)
+            y = batch["label"].to(device, dtype=torch.long)
+            if teachers:
+                with torch.no_grad():
+                    targets = Targets(logits={n: t(x) for n, t in teachers.items()})
+            else:
+                targets = Targets(logits={n: batch[f"logits.{n}"].to(device).float() for n in lc["method_ctx"]["teachers"]
+                                          if f"logits.{n}" in batch})
+            logits, terms = model(x, targets, y, epoch + 1)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            sched.step()
+            n = len(y)
+            seen += n
+            correct += (logits.argmax(1) == y).sum().item()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * n
+        dt = time.time() - t0
+        names = sorted(sums)
+        totals = torch.tensor([seen, correct, *[sums[k] for k in names]], dtype=torch.float64)
+        if world > 1:  # every worker's share: metrics of the whole epoch, not of rank 0's shard
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        seen_all, correct_all = int(totals[0]), float(totals[1])
+        val_acc, val_loss = evaluate(bare.student, val_x, val_y, lc["mean"], lc["std"], device)
+        test_acc, _ = evaluate(bare.student, test_x, test_y, lc["mean"], lc["std"], device)
+        m = {"epoch": epoch + 1, "view": epoch % lc["views"],
+             **{f"train_{k}": float(totals[2 + i]) / max(1, seen_all) for i, k in enumerate(names)},
+             "train_acc": correct_all / max(1, seen_all), "val_loss": val_loss, "val_acc": val_acc,
+             "test_acc": test_acc, "lr": sched.get_last_lr()[0], "epoch_time_s": dt,
+             "samples_per_s": seen_all / max(dt, 1e-9), "samples": seen_all, "workers": world,
+             "resumed_after": resumed}  # the epoch this attempt restarted after (None: from scratch)
+        history.append(m)
+        if rank == 0:
+            parts = " ".join(f"{k} {m['train_' + k]:.3f}" for k in names if k != "loss")
+            emit(lc["progress"], f"[distill {lc['name']}] epoch {epoch + 1}/{epochs} view {m['view']} "
+                 f"loss {m['train_loss']:.3f} ({parts}) train {m['train_acc']:.4f} val {val_acc:.4f} "
+                 f"test {test_acc:.4f} ({dt:.1f}s, {m['samples_per_s']:.0f} samples/s)")
+        with tempfile.TemporaryDirectory() as d:
+            ck = None
+            if rank == 0:
+                torch.save({"student": bare.student.state_dict(), "method": bare.method.state_dict(),
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                            "history": json.dumps(history)}, os.path.join(d, "train_state.pt"))
+                ck = Checkpoint.from_directory(d)
+            ray.train.report(m, checkpoint=ck)
+    return history
+
+
+# --------------------------------------------------------------------------------------------------
+# driver
+
+
+def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
+    """(teacher names, their val accuracy, K, upstream fingerprint, cache or None, online teacher entries)."""
+    from pipeline.cache import Cache, cache_uri
+    from pipeline.teachers import read_record, teacher_dir
+
+    out = os.path.abspath(cfg.run.out_dir)
+    if not online:
+        cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
+        cache.expect(data_fingerprint=splits.fingerprint)
+        names = (cfg.method.teachers or cache.teachers) if method_cls.uses_teachers else []
+        cache.expect(teachers=names)
+        acc = {t["name"]: t["val_acc"] for t in cache.manifest["teachers"]}
+        return names, acc, cache.manifest["views"], cache.manifest["fingerprint"], cache, []
+    names = []
+    if method_cls.uses_teachers:
+        names = cfg.method.teachers or cfg.cache.teachers or [t.name for t in cfg.teachers.models]
+    entries, acc = [], {}
+    for n in names:
+        rec = read_record(out, n)
+        if rec is None:
+            raise RaykdError(f"teacher {n!r} has no record under {teacher_dir(out, n)}: run `raykd teachers` first")
+        if rec["data_fingerprint"] != splits.fingerprint:
+            raise RaykdError(f"teacher {n!r} was trained on other data (data fingerprint differs): rerun `raykd teachers`")
+        path = os.path.join(teacher_dir(out, n), rec["best"]["file"])
+        if not os.path.isfile(path) or sha256_file(path) != rec["best"]["sha256"]:
+            raise CheckpointError(f"teacher {n!r}: checkpoint {path} is missing or does not match its recorded sha256")
+        entries.append({"name": n, "arch": rec["arch"], "path": path, "sha256": rec["best"]["sha256"]})
+        acc[n] = rec["val_acc"]
+    upstream = hashlib.sha256(json.dumps(
+        {"teachers": [[e["name"], e["sha256"]] for e in entries], "views": cfg.cache.views,
+         "policy": splits.policy.as_dict(), "data": splits.fingerprint}, sort_keys=True).encode()).hexdigest()
+    return names, acc, cfg.cache.views, upstream, None, entries
+
+
+def distill_fingerprint(cfg: Config, data_fp: str, upstream: str) -> str:
+    d = cfg.distill
+    payload = {"data": data_fp, "upstream": upstream, "mode": d.teachers, "student": d.student.arch,
+               "seed": student_seed(cfg), "optim": d.optim.model_dump(mode="json"),
+               "shuffle": d.shuffle_buffer, "workers": d.workers.num_workers,
+               "method": cfg.method.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def run_distill(cfg: Config) -> dict:
+    """Distil one student as configured; returns its record (also written as student.json)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data import load_splits
+    from pipeline.raysetup import TRAIN_LOG_LEVEL, init_ray, local_thread_share, resolve_device
+
+    splits = load_splits(cfg.data)
+    d = cfg.distill
+    online = d.teachers == "online"
+    method_cls = METHODS.get(cfg.method.name)
+    names, val_acc, views, upstream, cache, online_teachers = _teacher_sources(cfg, splits, method_cls, online)
+    name, sdir = student_name(cfg), student_dir(cfg)
+    seed = student_seed(cfg)
+    student = build_model(d.student.arch, splits.num_classes, splits.in_chans)
+    mctx = {"num_classes": splits.num_classes, "teachers": names, "teacher_val_acc": val_acc, "epochs": d.optim.epochs,
+            "student_stages": {k: list(v) for k, v in student.stage_shapes(splits.image_size).items()}}
+    method = build_method(cfg.method, MethodContext(**mctx))
+    fp = distill_fingerprint(cfg, splits.fingerprint, upstream)
+    prev = read_student(sdir)
+    if prev is not None and prev.get("fingerprint") == fp and _outputs_intact(sdir, prev):
+        print(f"[distill] {name}: up to date ({sdir}), not retrained", flush=True)
+        return prev
+
+    init_ray(cfg.ray)
+    device = resolve_device(cfg.run.device)
+    datasets = {"val": split_to_ray(splits.val), "test": split_to_ray(splits.test)}
+    train_images = None
+    if cache is not None:
+        cols = ["sample_id", "label", *method.columns()]
+        cols += ["pixels"] if cache.manifest["store_views"] else ["view_ox", "view_oy", "view_flip"]
+        cache.expect(columns=cols)
+        split_names = [f"view{k}" for k in sorted({e % views for e in range(d.optim.epochs)})]
+        for s in split_names:
+            datasets[s] = cache.view_dataset(int(s[4:]), columns=cols)
+        if not cache.manifest["store_views"]:
+            train_images = ray.put(splits.train.images)
+    else:
+        split_names = ["train"]
+        datasets["train"] = split_to_ray(splits.train)
+    fault = json.loads(os.environ["RAYKD_FAULT"]) if os.environ.get("RAYKD_FAULT") else None
+    w = d.workers
+    threads = w.torch_threads or local_thread_share(cfg.ray, w.num_workers)
+    use_gpu = device == "cuda"
+    os.makedirs(sdir, exist_ok=True)
+    write_resolved(cfg, sdir)
+    print(f"[distill] {name}: {cfg.method.name} -> {d.student.arch} ({student.num_params():,} params), "
+          f"{'teachers online' if online else 'from the cache'}{' ' + str(names) if names else ''}, {d.optim.epochs} epochs over K={views} "
+          f"views, {w.num_workers} worker(s)", flush=True)
+    t0 = time.time()
+    with ProgressPrinter() as progress:
+        lc = {
+            "name": name, "arch": d.student.arch, "seed": seed, "num_classes": splits.num_classes,
+            "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std, "policy": splits.policy.as_dict(),
+            "data_seed": cfg.data.seed, "views": views, "cached": cache is not None, "n_train": len(splits.train),
+            "train_ids": splits.train.ids, "train_images": train_images, "online_teachers": online_teachers,
+            "method": cfg.method.model_dump(mode="json"), "method_ctx": mctx, "epochs": d.optim.epochs,
+            "batch_size": d.optim.batch_size, "optim": d.optim.model_dump(), "shuffle_buffer": d.shuffle_buffer,
+            "torch_threads": threads, "progress": progress.queue, "fault": fault,
+        }
+        trainer = TorchTrainer(
+            distill_loop,
+            train_loop_config=lc,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=w.num_workers, use_gpu=use_gpu,
+                resources_per_worker={"CPU": w.cpus_per_worker, **({"GPU": w.gpus_per_worker} if use_gpu else {})}),
+            run_config=ray.train.RunConfig(
+                name=f"student-{name}-{fp[:12]}",  # same name on a rerun = resume from the last checkpoint
+                storage_path=os.path.join(os.path.abspath(cfg.run.out_dir), "ray_train"),
+                logging_config=ray.train.LoggingConfig(log_level=TRAIN_LOG_LEVEL),
+                failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=split_names),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise StageFailed(f"distillation of {name} failed ({str(e).strip().splitlines()[0][:300]}); its checkpoints "
+                              "are kept: rerun the same command to resume. Ray's logs: /tmp/ray/session_latest/logs") from None
+    with result.checkpoint.as_directory() as cdir:
+        state = torch.load(os.path.join(cdir, "train_state.pt"), map_location="cpu", weights_only=True)
+    history = json.loads(state["history"])
+    rec = _save_outputs(sdir, state, history, cfg, student, names, online, fp, upstream)
+    rec["wall_time_s"] = round(time.time() - t0, 2)
+    _write_json(os.path.join(sdir, RECORD), rec)
+    last = history[-1]
+    print(f"[distill] {name}: done, val {last['val_acc']:.4f} test {last['test_acc']:.4f} -> {sdir}", flush=True)
+    return rec
+
+
+def _save_outputs(sdir, state, history, cfg, student, teachers, online, fp, upstream) -> dict:
+    files = {"student.safetensors": save_state_dict(state["student"], os.path.join(sdir, "student.safetensors"))}
+    pt = os.path.join(sdir, "student.pt")
+    torch.save(state["student"], pt + ".tmp")
+    os.replace(pt + ".tmp", pt)
+    files["student.pt"] = sha256_file(pt)
+    if state["method"]:
+        files["method.safetensors"] = save_state_dict(state["method"], os.path.join(sdir, "method.safetensors"))
+    with open(os.path.join(sdir, "metrics.jsonl"), "w") as f:
+        for m in history:
+            f.write(json.dumps(m) + "\n")
+    keys = list(dict.fromkeys(k for m in history for k in m))
+    with open(os.path.join(sdir, "metrics.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    last = history[-1]
+    times = [m["epoch_time_s"] for m in history]
+    return {
+        "name": student_name(cfg), "method": cfg.method.name, "arch": cfg.distill.student.arch,
+        "params": student.num_params(), "seed": student_seed(cfg), "teachers": teachers,
+        "mode": "online" if online else "cache", "epochs": len(history), "val_acc": last["val_acc"],
+        "test_acc": last["test_acc"], "best_val_acc": max(m["val_acc"] for m in history),
+        "epoch_time_s": round(float(np.median(times)), 3), "files": files, "fingerprint": fp, "upstream": upstream,
+    }
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_student(sdir: str) -> dict | None:
+    try:
+        with open(os.path.join(sdir, RECORD)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _outputs_intact(sdir: str, rec: dict) -> bool:
+    try:
+        return all(sha256_file(os.path.join(sdir, f)) == sha for f, sha in rec["files"].items())
+    except (OSError, KeyError):
+        return False
+
+
+def format_results(records: list[dict]) -> str:
+    head = (f"{'student':<22} {'method':<7} {'arch':<9} {'params':>8} {'teachers':<9} {'val acc':>8} {'test acc':>9} "
+            f"{'epoch s':>8}")
+    rows = [head, "-" * len(head)]
+    for r in records:
+        rows.append(f"{r['name']:<22} {r['method']:<7} {r['arch']:<9} {r['params']:>8,} {r['mode']:<9} "
+                    f"{100 * r['val_acc']:>7.2f}% {100 * r['test_acc']:>8.2f}% {r['epoch_time_s']:>8.2f}")
+    return "\n".join(rows)

@@ -1,0 +1,109 @@
+"""Distillation on Ray Train from the shared digits cache: outputs, cached = online, failures and resume."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from pipeline.cache import CacheError
+from pipeline.checkpoints import load_state_dict
+from pipeline.distill import read_student, run_distill, student_dir
+from pipeline.errors import StageFailed
+from pipeline.models import build_model
+from pipeline.training import evaluate
+
+from conftest import digits_cfg
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def _metrics(cfg):
+    return [json.loads(x) for x in open(os.path.join(student_dir(cfg), "metrics.jsonl"))]
+
+
+def test_kd_from_the_cache_end_to_end(built, digits, capsys):
+    cfg0, _ = built
+    cfg = digits_cfg(cfg0.run.out_dir, "method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=3",
+                     "distill.optim.lr=0.1")
+    rec = run_distill(cfg)
+    sdir = student_dir(cfg)
+    assert rec["name"] == "kd-cnn4-s0" and rec["teachers"] == ["a", "b"] and rec["mode"] == "cache"
+    ms = _metrics(cfg)
+    assert [m["epoch"] for m in ms] == [1, 2, 3] and [m["view"] for m in ms] == [0, 1, 0]
+    assert all({"train_loss", "train_ce", "train_kd", "train_acc", "val_acc", "test_acc", "samples_per_s"} <= set(m)
+               for m in ms)
+    assert all(m["samples"] == len(digits.train) for m in ms)
+    assert ms[-1]["train_loss"] < ms[0]["train_loss"]
+    assert rec["test_acc"] > 0.3  # 3 epochs of a 1.7k-parameter CNN: far above chance (0.1)
+    header = open(os.path.join(sdir, "metrics.csv")).readline().strip().split(",")
+    assert {"epoch", "train_kd", "val_acc"} <= set(header)
+    assert "method:\n  name: kd" in open(os.path.join(sdir, "config.resolved.yaml")).read()
+    # the saved student reproduces the recorded test accuracy; .pt and .safetensors hold the same weights
+    student = build_model("cnn4", 10, 1)
+    student.load_state_dict(load_state_dict(os.path.join(sdir, "student.safetensors")))
+    acc, _ = evaluate(student, torch.from_numpy(digits.test.images), torch.from_numpy(digits.test.labels),
+                      digits.mean, digits.std, "cpu")
+    assert acc == pytest.approx(rec["test_acc"], abs=1e-9)
+    pt = torch.load(os.path.join(sdir, "student.pt"), weights_only=True)
+    assert all(torch.equal(pt[k], v) for k, v in student.state_dict().items())
+    # the same config again: reused, not retrained
+    capsys.readouterr()
+    assert run_distill(cfg) == read_student(sdir)
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_cached_and_online_losses_agree(built, tmp_path):
+    """Same seed, same views, one full-split batch per step (batch order cannot differ): the first steps'
+    losses of cached and online training agree within the fp16 rounding of the cached logits."""
+    cfg0, _ = built
+    common = ["method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=3", "distill.optim.batch_size=2048",
+              "distill.shuffle_buffer=0"]
+    cached = digits_cfg(cfg0.run.out_dir, *common, "distill.name=agree-cached")
+    online = digits_cfg(cfg0.run.out_dir, *common, "distill.name=agree-online", "distill.teachers=online")
+    rc, ro = run_distill(cached), run_distill(online)
+    assert rc["mode"] == "cache" and ro["mode"] == "online"
+    mc, mo = _metrics(cached), _metrics(online)
+    for a, b in zip(mc, mo):
+        for k in ("train_loss", "train_ce", "train_kd"):
+            assert a[k] == pytest.approx(b[k], rel=5e-4), (a["epoch"], k)
+    assert mc[0]["train_kd"] > 0.1  # the teachers' targets are really in the loss
+
+
+def test_failed_worker_resumes_from_its_checkpoint(built, tmp_path, monkeypatch):
+    cfg0, _ = built
+    marker = tmp_path / "fault"
+    monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 2, "step": 3, "marker": str(marker)}))
+    cfg = digits_cfg(cfg0.run.out_dir, "method.name=dkd", "distill.student.arch=cnn4", "distill.optim.epochs=3",
+                     "distill.workers.max_failures=1")
+    rec = run_distill(cfg)
+    assert marker.exists()  # the fault did happen
+    ms = _metrics(cfg)
+    assert [m["epoch"] for m in ms] == [1, 2, 3] and rec["epochs"] == 3
+    assert ms[0]["resumed_after"] is None and ms[1]["resumed_after"] == 1 and ms[2]["resumed_after"] == 1
+
+
+def test_interrupted_run_resumes_when_rerun(built, tmp_path, monkeypatch):
+    """A run that dies (no failures allowed) keeps its checkpoints; the same command again resumes it."""
+    cfg0, _ = built
+    monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 3, "step": 0, "marker": str(tmp_path / "f"), "kind": "exit"}))
+    cfg = digits_cfg(cfg0.run.out_dir, "method.name=ce", "distill.student.arch=cnn4", "distill.optim.epochs=3",
+                     "distill.workers.max_failures=0")
+    with pytest.raises(StageFailed, match="rerun the same command to resume"):
+        run_distill(cfg)
+    assert read_student(student_dir(cfg)) is None
+    monkeypatch.delenv("RAYKD_FAULT")
+    run_distill(cfg)
+    ms = _metrics(cfg)
+    assert [m["epoch"] for m in ms] == [1, 2, 3] and ms[2]["resumed_after"] == 2
+
+
+def test_missing_cache_and_unknown_teachers_are_named(built, tmp_path):
+    cfg0, _ = built
+    with pytest.raises(CacheError, match="not a cache"):
+        run_distill(digits_cfg(cfg0.run.out_dir, f"cache.uri={tmp_path / 'none'}"))
+    # a teacher that is configured but not in the cache
+    cfg = digits_cfg(cfg0.run.out_dir, "teachers.models=[{name: a, arch: cnn4, seed: 1}, "
+                     "{name: b, arch: resnet8, seed: 2}, {name: c, arch: cnn8}]", "method.teachers=[c]")
+    with pytest.raises(CacheError, match="no teacher 'c' in the cache"):
+        run_distill(cfg)

@@ -1,0 +1,167 @@
+"""Loss functions of the logit methods: golden values on fixed tensors, the properties the papers state,
+and which parameters a step trains. No Ray, no data."""
+
+import numpy as np
+import pytest
+import torch
+
+from methods import METHODS, MethodContext, Targets, build_method
+from methods.dkd import dkd_loss, dkd_terms, warmup_factor
+from methods.kd import kd_loss
+from pipeline.config import MethodSection
+from pipeline.distill import Distiller
+from pipeline.models import build_model
+
+# fixed inputs, written out so they do not depend on any RNG
+ZS = torch.tensor([[-2.2517, -2.3047, -0.5012, -0.8678, 1.1977],
+                   [-3.1102, -0.6827, 3.7060, 0.9362, -0.3154],
+                   [2.8873, 0.5321, 2.7787, 3.1727, 1.8926],
+                   [-1.6874, 1.8637, 2.5180, 4.0100, 0.1075]])
+ZT = torch.tensor([[1.3191, 0.3372, 1.9224, 1.3235, 0.6166],
+                   [-1.3510, -1.7192, -1.6661, 1.7830, 4.6258],
+                   [1.5220, -1.7731, -3.9760, 0.5657, -0.2072],
+                   [-1.4848, -4.4877, -0.5815, 1.3365, 3.9758]])
+Y = torch.tensor([0, 3, 4, 1])
+
+# Golden values, computed once with the numpy references below (float64) and kept as numbers, so a
+# refactor that changes the numerics fails here even if it changes the references too.
+GOLDEN = {"kd_t4": 3.6354433, "kd_t1": 2.1980054, "tckd_t4": 0.4518190, "nckd_t4": 3.8547386,
+          "dkd_a1_b8_t4": 31.2897282}
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def ref_kd(zs, zt, t):
+    ps, pt = _softmax(zs / t), _softmax(zt / t)
+    return float((pt * (np.log(pt) - np.log(ps))).sum(1).mean() * t * t)
+
+
+def ref_dkd(zs, zt, y, alpha, beta, t):
+    """mdistiller's dkd_loss, written in numpy: cat_mask binary probabilities, then the -1000 masking."""
+    gt = np.eye(zs.shape[1])[y]
+    ps, pt = _softmax(zs / t), _softmax(zt / t)
+    bs = np.stack([(ps * gt).sum(1), (ps * (1 - gt)).sum(1)], 1)
+    bt = np.stack([(pt * gt).sum(1), (pt * (1 - gt)).sum(1)], 1)
+    tckd = (bt * (np.log(bt) - np.log(bs))).sum(1).mean() * t * t
+    ns, nt = _softmax(zs / t - 1000 * gt), _softmax(zt / t - 1000 * gt)
+    keep = 1 - gt  # the target's probability is exp(-1000) = 0: leave it out of the sum
+    nckd = (keep * nt * (np.log(nt + gt) - np.log(ns + gt))).sum(1).mean() * t * t
+    return float(tckd), float(nckd), float(alpha * tckd + beta * nckd)
+
+
+def test_kd_golden_values():
+    zs, zt = ZS.double().numpy(), ZT.double().numpy()
+    assert ref_kd(zs, zt, 4.0) == pytest.approx(GOLDEN["kd_t4"], rel=1e-6)
+    assert ref_kd(zs, zt, 1.0) == pytest.approx(GOLDEN["kd_t1"], rel=1e-6)
+    assert kd_loss(ZS, ZT, 4.0).item() == pytest.approx(GOLDEN["kd_t4"], rel=1e-5)
+    assert kd_loss(ZS, ZT, 1.0).item() == pytest.approx(GOLDEN["kd_t1"], rel=1e-5)
+
+
+def test_dkd_golden_values():
+    tckd, nckd, total = ref_dkd(ZS.double().numpy(), ZT.double().numpy(), Y.numpy(), 1.0, 8.0, 4.0)
+    assert (tckd, nckd, total) == pytest.approx((GOLDEN["tckd_t4"], GOLDEN["nckd_t4"], GOLDEN["dkd_a1_b8_t4"]), rel=1e-6)
+    t, n = dkd_terms(ZS, ZT, Y, 4.0)
+    assert (t.item(), n.item()) == pytest.approx((GOLDEN["tckd_t4"], GOLDEN["nckd_t4"]), rel=1e-5)
+    assert dkd_loss(ZS, ZT, Y, 1.0, 8.0, 4.0).item() == pytest.approx(GOLDEN["dkd_a1_b8_t4"], rel=1e-5)
+
+
+def test_kd_of_identical_logits_is_zero():
+    z = torch.randn(16, 10) * 5
+    assert kd_loss(z, z.clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    t, n = dkd_terms(z, z.clone(), torch.randint(0, 10, (16,)), 4.0)
+    assert t.item() == pytest.approx(0.0, abs=1e-6) and n.item() == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_dkd_decomposition_identity(temperature):
+    """DKD paper, eq. (5): KD = TCKD + (1 - p_t,target) * NCKD, per sample."""
+    torch.manual_seed(1)
+    zs, zt = torch.randn(32, 10, dtype=torch.float64) * 3, torch.randn(32, 10, dtype=torch.float64) * 3
+    y = torch.randint(0, 10, (32,))
+    tckd, nckd = dkd_terms(zs, zt, y, temperature, reduction="none")
+    p_target = torch.softmax(zt / temperature, 1).gather(1, y[:, None]).squeeze(1)
+    kd = kd_loss(zs, zt, temperature, reduction="none")
+    torch.testing.assert_close(tckd + (1 - p_target) * nckd, kd, rtol=1e-9, atol=1e-9)
+
+
+def test_dkd_warmup_counts_epochs_from_one():
+    assert [warmup_factor(e, 4) for e in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert warmup_factor(1, 0) == 1.0
+
+
+def _method(name, teachers=("a", "b"), **changes):
+    cfg = MethodSection(name=name, **changes)
+    return build_method(cfg, MethodContext(num_classes=5, teachers=list(teachers), teacher_val_acc={"a": 0.9, "b": 0.6},
+                                           epochs=10))
+
+
+def test_ensembles_of_teacher_probabilities():
+    za, zb = ZT, ZS
+    t = Targets(logits={"a": za, "b": zb})
+    (z,) = _method("kd").soft_target(t, 4.0)  # mean_prob: softmax(z~ / tau) is the mean of the probabilities
+    torch.testing.assert_close(torch.softmax(z / 4, 1), (torch.softmax(za / 4, 1) + torch.softmax(zb / 4, 1)) / 2)
+    (z,) = _method("kd", ensemble="mean_logit").soft_target(t, 4.0)
+    torch.testing.assert_close(z, (za + zb) / 2)
+    (z,) = _method("kd", ensemble="weighted").soft_target(t, 2.0)  # weights from val accuracy: 0.6 / 0.4
+    torch.testing.assert_close(torch.softmax(z / 2, 1), 0.6 * torch.softmax(za / 2, 1) + 0.4 * torch.softmax(zb / 2, 1))
+    (z,) = _method("kd", ensemble="weighted", teacher_weights={"a": 1.0, "b": 3.0}).soft_target(t, 2.0)
+    torch.testing.assert_close(torch.softmax(z / 2, 1), 0.25 * torch.softmax(za / 2, 1) + 0.75 * torch.softmax(zb / 2, 1))
+    per = _method("kd", ensemble="per_teacher")
+    terms = per(ZS, {}, Targets(logits={"a": za, "b": zb}), Y, 1)
+    expect = (kd_loss(ZS, za, 4.0) + kd_loss(ZS, zb, 4.0)) / 2
+    assert terms["kd"].item() == pytest.approx(expect.item(), rel=1e-6)
+
+
+def test_single_teacher_ensemble_is_that_teacher():
+    m = _method("dkd", teachers=("a",))
+    (z,) = m.soft_target(Targets(logits={"a": ZT}), 4.0)
+    assert torch.equal(z, ZT)
+    terms = m(ZS, {}, Targets(logits={"a": ZT}), Y, 20)
+    assert terms["loss"].item() == pytest.approx(
+        (torch.nn.functional.cross_entropy(ZS, Y) + dkd_loss(ZS, ZT, Y, 1.0, 8.0, 4.0)).item(), rel=1e-6)
+
+
+def test_method_losses_are_their_weighted_terms():
+    t = Targets(logits={"a": ZT, "b": ZS.flip(0)})
+    kd = _method("kd")(ZS, {}, t, Y, 1)
+    assert kd["loss"].item() == pytest.approx(0.1 * kd["ce"].item() + 0.9 * kd["kd"].item(), rel=1e-6)
+    dkd = _method("dkd")(ZS, {}, t, Y, 5)  # warm-up 5/20
+    assert dkd["loss"].item() == pytest.approx(dkd["ce"].item() + 0.25 * (dkd["tckd"].item() + 8 * dkd["nckd"].item()),
+                                               rel=1e-6)
+    ce = _method("ce")(ZS, {}, t, Y, 1)
+    assert set(ce) == {"loss", "ce"} and _method("ce").columns() == []
+    assert _method("kd").columns() == ["logits.a", "logits.b"]
+
+
+@pytest.mark.parametrize("name", ["ce", "kd", "dkd"])
+def test_gradients_reach_exactly_the_student(name):
+    """A step trains the student's parameters (all of them) and nothing of the teacher's targets."""
+    torch.manual_seed(0)
+    student = build_model("cnn4", 5, 1)
+    model = Distiller(student, _method(name))
+    x = torch.randn(8, 1, 8, 8)
+    za = torch.randn(8, 5, requires_grad=True)  # teacher targets must get no gradient
+    logits, terms = model(x, Targets(logits={"a": za, "b": za.detach() * 2}), torch.randint(0, 5, (8,)), 3)
+    terms["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert za.grad is None
+    assert list(model.method.parameters()) == []
+
+
+def test_teacher_targets_are_not_differentiated():
+    za = torch.randn(8, 5, requires_grad=True)
+    zs = torch.randn(8, 5, requires_grad=True)
+    for name in ("kd", "dkd"):
+        zs.grad = None
+        terms = _method(name, teachers=("a",))(zs, {}, Targets(logits={"a": za.detach()}), torch.randint(0, 5, (8,)), 20)
+        terms["loss"].backward()
+        assert zs.grad.abs().sum() > 0
+
+
+def test_registry_names_the_known_methods():
+    assert {"ce", "kd", "dkd"} <= set(METHODS.names())
+    with pytest.raises(ValueError, match="unknown method 'fitnet'; known: .*dkd.*kd"):
+        METHODS.get("fitnet")
