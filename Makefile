@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/raykd teachers -c configs/demo.yaml
+	$(BIN)/raykd run -c configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -78,9 +78,9 @@ class Method(nn.Module, metaclass=ABCMeta):
         if mode == "mean_logit":
             return [torch.stack(zs).mean(0)]
         w = self.teacher_weights() if mode == "weighted" else {t: 1.0 / len(zs) for t in self.ctx.teachers}
-        logp = torch.stack([F.log_softmax(z / temperature, dim=1) + torch.log(torch.tensor(w[t]))
-                            for t, z in zip(self.ctx.teachers, zs)])
-        return [temperature * torch.logsumexp(logp, dim=0)]
+        z = torch.stack(zs)  # (N, B, C)
+        log_w = torch.tensor([w[t] for t in self.ctx.teachers], dtype=z.dtype, device=z.device).log().view(-1, 1, 1)
+        return [temperature * torch.logsumexp(F.log_softmax(z / temperature, dim=2) + log_w, dim=0)]
 
 
 def build_method(cfg, ctx: MethodContext) -> Method:

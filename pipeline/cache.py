@@ -4,6 +4,7 @@ Layout under the cache URI (a local path or any fsspec URL, e.g. s3://bucket/pre
 
     view=0/part-*.parquet ... view=K-1/part-*.parquet   one Hive partition per view
     _views/view=k.json                                  per-view commit record (files, rows, bytes, sha256)
+    config.resolved.yaml                                the resolved config of the run that built it
     _build.json                                         fingerprint of the build in progress
     manifest.json                                       written last: the commit marker of the cache
 
@@ -22,6 +23,7 @@ import hashlib
 import json
 import os
 import posixpath
+import sys
 import time
 import uuid
 
@@ -30,6 +32,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, RaykdError
+from pipeline.progress import ProgressPrinter, emit
 from pipeline.views import ViewPolicy, apply_views, view_params
 
 SCHEMA_VERSION = 1
@@ -110,13 +113,13 @@ class TeacherForward:
 
     def __init__(self, name: str, arch: str, ckpt_path: str, ckpt_sha256: str, num_classes: int, in_chans: int,
                  mean, std, layers: list[str], feat_dtype: str, topk: int | None, device: str,
-                 threads: int | None):
+                 threads: int | None, progress=None):
         from pipeline.checkpoints import load_into, load_state_dict
         from pipeline.models import build_model
 
         if threads:  # else Ray's default: as many as the actor's CPUs
             torch.set_num_threads(threads)
-        self.name, self.layers, self.feat_dtype, self.topk = name, layers, feat_dtype, topk
+        self.name, self.layers, self.feat_dtype, self.topk, self.progress = name, layers, feat_dtype, topk, progress
         self.mean, self.std = mean, std
         self.device = torch.device(device)
         self.model = build_model(arch, num_classes, in_chans)
@@ -143,6 +146,7 @@ class TeacherForward:
                 out[col], out[col + ".scale"] = q.cpu().numpy(), scale.cpu().numpy()
             else:
                 out[col] = fmap.half().cpu().numpy()
+        emit(self.progress, (self.name, len(x)))
         return out
 
 
@@ -244,7 +248,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
     device = resolve_device(cfg.run.device)
     ctx = ray.data.DataContext.get_current()
     ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE  # pyarrow-native tensors
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = sys.stderr.isatty()  # Ray Data's bars in a terminal; our count lines anywhere
     threads = local_thread_share(cfg.ray, len(teachers) * c.actors_per_teacher)  # all actors busy at once
     t_start = time.time()
     views_meta, todo = {}, []
@@ -266,6 +270,8 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
                 fs.rm(_marker(root, k))
             if fs.exists(posixpath.join(root, f"view={k}")):
                 fs.rm(posixpath.join(root, f"view={k}"), recursive=True)
+        progress = ProgressPrinter(totals={t["name"]: len(splits.train) * len(group) for t in teachers},
+                                   prefix=f"[cache] views {group}: ")
         ds = split_to_ray(splits.train, rows_per_block=max(c.batch_size, 1024)).map_batches(
             render_views, batch_format="numpy", batch_size=c.batch_size,
             fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "pad": splits.policy.pad,
@@ -280,14 +286,18 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
                     "ckpt_sha256": t["checkpoint_sha256"], "num_classes": splits.num_classes,
                     "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std,
                     "layers": list(t["layers"]), "feat_dtype": c.feat_dtype, "topk": c.topk, "device": device,
-                    "threads": threads,
+                    "threads": threads, "progress": progress.queue,
                 })
         if not c.store_views:
             ds = ds.drop_columns(["pixels"])
         # Straight into the view=k partitions (file names are unique per write): no move, which on S3
         # would be a copy of everything. A view counts only once its record under _views/ is written.
-        ds.write_parquet(root, filesystem=fs, partition_cols=["view"], max_rows_per_file=c.rows_per_file,
-                         compression="zstd")
+        # A write task gathers about rows_per_file rows of each view of the pass before writing, so files
+        # are few and large while the compute stages stay fine-grained. (Ray marks min_rows_per_file with
+        # partition_cols deprecated after Feb 2027; Ray is pinned to 2.60 here.)
+        with progress:
+            ds.write_parquet(root, filesystem=fs, partition_cols=["view"], min_rows_per_file=c.rows_per_file * len(group),
+                             compression="zstd")
         fs.invalidate_cache()  # other processes wrote: drop this client's cached listings
         for k in group:  # commit view by view
             files = _describe_files(fs, root, posixpath.join(root, f"view={k}"))
@@ -297,6 +307,10 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
             views_meta[k] = {"fingerprint": fp, "view": k, "files": files, "rows": rows}
             _write_json(fs, _marker(root, k), views_meta[k])
         print(f"[cache] views {group}: committed in {time.time() - t0:.1f}s", flush=True)
+    from pipeline.config import dump_config
+
+    with fs.open(posixpath.join(root, "config.resolved.yaml"), "wb") as f:  # the config that built it
+        f.write(dump_config(cfg).encode())
     manifest = _manifest(cfg, splits, teachers, fp, fs, root, views_meta, time.time() - t_start)
     _write_json(fs, posixpath.join(root, MANIFEST), manifest)  # last: the commit marker
     fs.rm(posixpath.join(root, "_build.json"))

@@ -134,7 +134,7 @@ class CacheSection(Section):
     actors_per_teacher: int = Field(1, gt=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(1.0, ge=0, description="used only when the device is cuda")
-    rows_per_file: int = Field(20_000, gt=0, description="upper bound of rows per Parquet file")
+    rows_per_file: int = Field(20_000, gt=0, description="about this many rows per Parquet file (a hint to Ray Data)")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
     views_per_pass: int | None = Field(
         None, gt=0, description="views built per Ray Data pass (actor pools start once per pass); None = all missing")

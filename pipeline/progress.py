@@ -1,8 +1,10 @@
 """Progress lines from Ray workers to the driver's console.
 
 Workers put short lines on a `ray.util.queue.Queue` (an actor holding no CPU); a driver thread prints
-them as they come. The console then shows raykd's own progress, not Ray's internal logs, which stay
-in the Ray session's log folder.
+them as they come. Workers may also put counts, `(key, n)`: the driver sums them and prints one line
+of percentages against `totals` every `every` seconds (and once at the end). The console then shows
+raykd's own progress, not Ray's internal logs, which stay in the Ray session's log folder (Ray
+Data's own progress bars are off unless the console is a terminal).
 """
 
 from __future__ import annotations
@@ -10,16 +12,20 @@ from __future__ import annotations
 import queue as _queue
 import sys
 import threading
+import time
 
 
 class ProgressPrinter:
     """Context manager: `.queue` goes to the workers; lines put there are printed by the driver."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, totals: dict[str, int] | None = None, prefix: str = "", every: float = 10.0):
         from ray.util.queue import Queue
 
         self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         self._stream = stream or sys.stdout
+        self._totals, self._prefix, self._every = totals or {}, prefix, every
+        self._counts = {k: 0 for k in self._totals}
+        self._t0 = self._last = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -34,8 +40,21 @@ class ProgressPrinter:
             except Exception:  # the queue actor is gone (Ray shutting down): stop quietly
                 return
 
-    def _print(self, line: str) -> None:
-        print(line, file=self._stream, flush=True)
+    def _print(self, item) -> None:
+        if isinstance(item, tuple):  # a count from a worker
+            key, n = item
+            self._counts[key] = self._counts.get(key, 0) + n
+            if time.time() - self._last >= self._every:
+                self._summary()
+            return
+        print(item, file=self._stream, flush=True)
+
+    def _summary(self) -> None:
+        self._last = time.time()
+        parts = [f"{k} {100 * self._counts.get(k, 0) / max(1, t):.0f}%" for k, t in self._totals.items()]
+        done = min((self._counts.get(k, 0) for k in self._totals), default=0)
+        rate = done / max(1e-9, self._last - self._t0)
+        print(f"{self._prefix}{'  '.join(parts)}  ({rate:.0f} rows/s)", file=self._stream, flush=True)
 
     def __enter__(self) -> "ProgressPrinter":
         self._thread.start()
@@ -45,17 +64,19 @@ class ProgressPrinter:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            for line in self.queue.get_nowait_batch(self.queue.qsize()):
-                self._print(line)
+            for item in self.queue.get_nowait_batch(self.queue.qsize()):
+                self._print(item)
+            if self._totals:
+                self._summary()
         finally:
             self.queue.shutdown()
 
 
-def emit(q, line: str) -> None:
-    """Called on a worker: send a progress line if there is a queue; never blocks training."""
+def emit(q, item) -> None:
+    """Called on a worker: send a progress line (or a `(key, n)` count) if there is a queue; never blocks."""
     if q is None:
         return
     try:
-        q.put_nowait(line)
+        q.put_nowait(item)
     except Exception:  # a full or vanished queue must not fail a training step
         pass

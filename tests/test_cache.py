@@ -36,7 +36,9 @@ def test_rows_and_columns(built, digits):
     assert m["columns"]["logits.a"] == "tensor<halffloat>[10]"
     assert m["columns"]["feat.b.stage3"] == "tensor<halffloat>[64, 2, 2]"
     assert m["columns"]["pixels"] == "tensor<uint8>[8, 8, 1]"
-    assert sorted(os.listdir(os.path.join(cfg.run.out_dir, "cache"))) == ["_views", "manifest.json", "view=0", "view=1"]
+    assert sorted(os.listdir(os.path.join(cfg.run.out_dir, "cache"))) == [
+        "_views", "config.resolved.yaml", "manifest.json", "view=0", "view=1"]
+    assert "views: 2" in open(os.path.join(cfg.run.out_dir, "cache", "config.resolved.yaml")).read()
     # readable without Ray: pyarrow's own dataset reader sees the Hive partitions and the tensor type
     import pyarrow.dataset as pads
     table = pads.dataset(os.path.join(cfg.run.out_dir, "cache"), format="parquet", partitioning="hive",
@@ -88,6 +90,17 @@ def test_cache_of_other_inputs_is_refused(built):
     assert _listing(root) == before
 
 
+def test_cli_refuses_a_cache_of_other_teachers(built):
+    cfg, _ = built
+    root = os.path.join(cfg.run.out_dir, "cache")
+    before = _listing(root)
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", f"run.out_dir={cfg.run.out_dir}", "run.device=cpu",
+                        TEACHERS, "teachers.optim.epochs=2", "cache.views=2", "cache.teachers=[a]"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "holds a finished cache of other inputs" in r.stderr and "--overwrite" in r.stderr
+    assert "Traceback" not in r.stderr and _listing(root) == before
+
+
 def test_reader_refuses_what_the_caller_does_not_expect(built):
     cfg, _ = built
     cache = Cache(os.path.join(cfg.run.out_dir, "cache"))
@@ -109,6 +122,7 @@ def test_reader_refuses_what_the_caller_does_not_expect(built):
     ("stray", "not listed"),
     ("manifest_json", "not valid JSON"),
     ("manifest_schema", "schema_version"),
+    ("manifest_edit", "has .* bytes, manifest.json says"),
     ("no_manifest", "not a cache"),
 ])
 def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle):
@@ -125,9 +139,12 @@ def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle)
         open(os.path.join(root, "view=1", "extra.parquet"), "wb").write(b"x")
     elif damage == "manifest_json":
         open(man, "a").write("}")
-    elif damage == "manifest_schema":
+    elif damage in ("manifest_schema", "manifest_edit"):
         d = json.load(open(man))
-        d["schema_version"] = 99
+        if damage == "manifest_schema":
+            d["schema_version"] = 99
+        else:
+            d["files"][1]["bytes"] += 1
         json.dump(d, open(man, "w"))
     else:
         os.remove(man)
@@ -137,7 +154,7 @@ def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle)
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", root], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("raykd: error:") and "Traceback" not in r.stderr
-    if damage in ("truncate", "delete"):
+    if damage in ("truncate", "delete", "manifest_edit"):
         assert os.path.basename(part) in r.stderr
     assert _listing(root) == before
 
