@@ -32,9 +32,19 @@ class MethodContext:
 
 @dataclass
 class Targets:
-    """One batch's teacher outputs, float32 on the training device: `logits[teacher]` is (B, C)."""
+    """One batch's teacher outputs, float32 on the training device: `logits[teacher]` is (B, C);
+    `refined` (B, C) the professor's refined logits, when the method asks for them."""
 
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    refined: torch.Tensor | None = None
+
+
+def ensemble_logits(zs: list[torch.Tensor], temperature: float, weights: list[float] | None = None) -> torch.Tensor:
+    """z~ = tau * log(sum_t w_t softmax(z_t / tau)): logits whose softmax at tau is exactly the (weighted)
+    mean of the teachers' probabilities, so one loss function serves one teacher and an ensemble alike."""
+    z = torch.stack(zs)  # (N, B, C)
+    w = torch.tensor(weights or [1.0 / len(zs)] * len(zs), dtype=z.dtype, device=z.device)
+    return temperature * torch.logsumexp(F.log_softmax(z / temperature, dim=2) + w.log().view(-1, 1, 1), dim=0)
 
 
 class Method(nn.Module, metaclass=ABCMeta):
@@ -48,7 +58,10 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     def columns(self) -> list[str]:
         """Cache columns this method reads besides the view and its label."""
-        return [f"logits.{t}" for t in self.ctx.teachers] if self.uses_teachers else []
+        if not self.uses_teachers:
+            return []
+        cols = [f"logits.{t}" for t in self.ctx.teachers] if self.cfg.targets != "refined" else []
+        return cols + (["refined"] if self.cfg.targets != "teachers" else [])
 
     @abstractmethod
     def forward(self, logits: torch.Tensor, stages: dict[str, torch.Tensor], targets: Targets, labels: torch.Tensor,
@@ -64,23 +77,31 @@ class Method(nn.Module, metaclass=ABCMeta):
         return {t: w[t] / total for t in self.ctx.teachers}
 
     def soft_target(self, targets: Targets, temperature: float) -> list[torch.Tensor]:
-        """The teacher logits a logit method distils from, per `method.ensemble`.
-
-        `mean_prob` / `weighted` return one tensor z~ = tau * log(sum_t w_t softmax(z_t / tau)), whose
-        softmax at tau is exactly the (weighted) mean of the teachers' probabilities, so one loss
-        function serves single teachers and ensembles alike; `mean_logit` the mean logits; `per_teacher`
-        every teacher's own logits (the caller averages the per-teacher losses). Always detached.
-        """
+        """The teachers' logits to distil from, per `method.ensemble`: `mean_prob` / `weighted` one
+        `ensemble_logits` tensor, `mean_logit` the mean logits, `per_teacher` every teacher's own."""
         zs = [targets.logits[t].detach() for t in self.ctx.teachers]  # teachers are frozen
         mode = self.cfg.ensemble
         if mode == "per_teacher" or len(zs) == 1:
             return zs
         if mode == "mean_logit":
             return [torch.stack(zs).mean(0)]
-        w = self.teacher_weights() if mode == "weighted" else {t: 1.0 / len(zs) for t in self.ctx.teachers}
-        z = torch.stack(zs)  # (N, B, C)
-        log_w = torch.tensor([w[t] for t in self.ctx.teachers], dtype=z.dtype, device=z.device).log().view(-1, 1, 1)
-        return [temperature * torch.logsumexp(F.log_softmax(z / temperature, dim=2) + log_w, dim=0)]
+        w = self.teacher_weights() if mode == "weighted" else None
+        return [ensemble_logits(zs, temperature, [w[t] for t in self.ctx.teachers] if w else None)]
+
+    def soft_targets(self, targets: Targets, temperature: float) -> list[tuple[float, torch.Tensor]]:
+        """(weight, logits) pairs whose weighted sum of losses is the method's distillation term, per
+        `method.targets`: the teachers (split evenly over `per_teacher`), the professor's refined targets
+        (`refined`, the `replace` strategy), or both (`both`, the `combine` strategy, `method.combine`)."""
+        out: list[tuple[float, torch.Tensor]] = []
+        mode = self.cfg.targets
+        if mode in ("teachers", "both"):
+            zs = self.soft_target(targets, temperature)
+            w = 1.0 if mode == "teachers" else self.cfg.combine.teachers
+            out += [(w / len(zs), z) for z in zs]
+        if mode in ("refined", "both"):
+            w = 1.0 if mode == "refined" else self.cfg.combine.professor
+            out.append((w, targets.refined.detach()))
+        return out
 
 
 def build_method(cfg, ctx: MethodContext) -> Method:

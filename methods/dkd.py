@@ -58,8 +58,9 @@ class DKD(Method):
     def forward(self, logits, stages, targets, labels, epoch):
         o = self.cfg.dkd
         ce = F.cross_entropy(logits, labels)
-        terms = [dkd_terms(logits, z, labels, o.temperature) for z in self.soft_target(targets, o.temperature)]
-        tckd = torch.stack([t for t, _ in terms]).mean()
-        nckd = torch.stack([n for _, n in terms]).mean()
+        tckd = nckd = 0.0
+        for w, z in self.soft_targets(targets, o.temperature):
+            t, n = dkd_terms(logits, z, labels, o.temperature)
+            tckd, nckd = tckd + w * t, nckd + w * n
         warm = warmup_factor(epoch, o.warmup)
         return {"loss": o.w_ce * ce + warm * (o.alpha * tckd + o.beta * nckd), "ce": ce, "tckd": tckd, "nckd": nckd}

@@ -30,6 +30,5 @@ class KD(Method):
     def forward(self, logits, stages, targets, labels, epoch):
         o = self.cfg.kd
         ce = F.cross_entropy(logits, labels)
-        zs = self.soft_target(targets, o.temperature)
-        kd = torch.stack([kd_loss(logits, z, o.temperature) for z in zs]).mean()
+        kd = sum(w * kd_loss(logits, z, o.temperature) for w, z in self.soft_targets(targets, o.temperature))
         return {"loss": o.w_ce * ce + o.w_kd * kd, "ce": ce, "kd": kd}

@@ -78,7 +78,7 @@ def _read_json(fs, path: str) -> dict | None:
         raise CacheError(f"{path} is not valid JSON ({e}): the cache is corrupt") from None
 
 
-def _write_json(fs, path: str, obj: dict) -> None:
+def write_json(fs, path: str, obj: dict) -> None:
     """Write whole or not at all: a temporary name, then a move (a rename on local disk)."""
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -231,7 +231,7 @@ def build_cache(cfg: Config, overwrite: bool = False) -> dict:
         print(f"[cache] --overwrite: removing {uri}", flush=True)
         fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)
-    _write_json(fs, posixpath.join(root, "_build.json"), {"fingerprint": fp, "started": time.time()})
+    write_json(fs, posixpath.join(root, "_build.json"), {"fingerprint": fp, "started": time.time()})
     return _build_views(cfg, splits, teachers, fp, uri, fs, root)
 
 
@@ -300,19 +300,19 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
                              compression="zstd")
         fs.invalidate_cache()  # other processes wrote: drop this client's cached listings
         for k in group:  # commit view by view
-            files = _describe_files(fs, root, posixpath.join(root, f"view={k}"))
+            files = describe_files(fs, root, posixpath.join(root, f"view={k}"))
             rows = sum(f["rows"] for f in files)
             if rows != len(splits.train):
                 raise CacheError(f"view {k}: wrote {rows} rows, expected {len(splits.train)}; not committed")
             views_meta[k] = {"fingerprint": fp, "view": k, "files": files, "rows": rows}
-            _write_json(fs, _marker(root, k), views_meta[k])
+            write_json(fs, _marker(root, k), views_meta[k])
         print(f"[cache] views {group}: committed in {time.time() - t0:.1f}s", flush=True)
     from pipeline.config import dump_config
 
     with fs.open(posixpath.join(root, "config.resolved.yaml"), "wb") as f:  # the config that built it
         f.write(dump_config(cfg).encode())
     manifest = _manifest(cfg, splits, teachers, fp, fs, root, views_meta, time.time() - t_start)
-    _write_json(fs, posixpath.join(root, MANIFEST), manifest)  # last: the commit marker
+    write_json(fs, posixpath.join(root, MANIFEST), manifest)  # last: the commit marker
     fs.rm(posixpath.join(root, "_build.json"))
     print(f"[cache] {uri}: {manifest['rows']} rows, {manifest['bytes'] / 2**20:.1f} MiB, manifest written", flush=True)
     return _read_json(fs, posixpath.join(root, MANIFEST))  # as every later reader will see it
@@ -329,7 +329,7 @@ def _type_str(t) -> str:
     return str(t)
 
 
-def _describe_files(fs, root: str, folder: str) -> list[dict]:
+def describe_files(fs, root: str, folder: str) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -401,9 +401,14 @@ class Cache:
         self.manifest = manifest
         self._check_files()
 
+    @property
+    def all_files(self) -> list[dict]:
+        """Every file the manifest lists: the view partitions', then the professor's (if any)."""
+        return [*self.manifest["files"], *(self.manifest.get("professor") or {}).get("files", [])]
+
     def _check_files(self) -> None:
         """The cheap check on open: every listed file exists with its recorded size; nothing unlisted."""
-        listed = {f["path"]: f for f in self.manifest["files"]}
+        listed = {f["path"]: f for f in self.all_files}
         for path, f in listed.items():
             full = posixpath.join(self.root, path)
             try:
@@ -412,8 +417,11 @@ class Cache:
                 raise CacheError(f"{self.uri}: part file {path} is missing (listed in {MANIFEST})") from None
             if size != f["bytes"]:
                 raise CacheError(f"{self.uri}: part file {path} has {size} bytes, {MANIFEST} says {f['bytes']}")
-        for k in range(self.manifest["views"]):
-            folder = posixpath.join(self.root, f"view={k}")
+        folders = [f"view={k}" for k in range(self.manifest["views"])]
+        if self.manifest.get("professor"):  # without an entry, professor/ is an uncommitted leftover: ignored
+            folders += [f"professor/view={k}" for k in range(self.manifest["views"])]
+        for sub in folders:
+            folder = posixpath.join(self.root, sub)
             present = {posixpath.relpath(p, self.root) for p in self.fs.find(folder)} if self.fs.exists(folder) else set()
             stray = sorted(present - set(listed))
             if stray:
@@ -424,7 +432,7 @@ class Cache:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for f in self.manifest["files"]:
+        for f in self.all_files:
             with self.fs.open(posixpath.join(self.root, f["path"]), "rb") as fh:
                 data = fh.read()
             if hashlib.sha256(data).hexdigest() != f["sha256"]:
@@ -452,8 +460,9 @@ class Cache:
             raise CacheError(f"{self.uri}: the cache has K={m['views']} views, expected {views}")
         missing = [c for c in columns or [] if c not in m["columns"]]
         if missing:
-            raise CacheError(f"{self.uri}: no column {missing[0]!r} in the cache; rebuild it with what adds it "
-                             f"(e.g. cache.layers for feat.* columns)")
+            how = ("run `raykd professor` on it" if missing[0] == "refined" else
+                   "rebuild it with what adds it (e.g. cache.layers for feat.* columns)")
+            raise CacheError(f"{self.uri}: no column {missing[0]!r} in the cache; {how}")
         if data_fingerprint is not None and data_fingerprint != m["dataset"]["fingerprint"]:
             raise CacheError(f"{self.uri}: built from other data (dataset fingerprint differs)")
         return self
@@ -463,6 +472,14 @@ class Cache:
             raise CacheError(f"{self.uri}: no view {k} (K={self.manifest['views']})")
         return [posixpath.join(self.root, f["path"]) for f in self.manifest["files"]
                 if f["path"].startswith(f"view={k}/")]
+
+    def refined_files(self, k: int) -> list[str]:
+        """The professor's files of view k (the `refined` column, keyed by sample_id)."""
+        prof = self.manifest.get("professor")
+        if not prof:
+            raise CacheError(f"{self.uri}: no refined column: run `raykd professor` on this cache first")
+        return [posixpath.join(self.root, f["path"]) for f in prof["files"]
+                if f["path"].startswith(f"professor/view={k}/")]
 
     def view_dataset(self, k: int, columns: list[str] | None = None):
         """A Ray Dataset of view partition k (one epoch's worth of rows), optionally only some columns."""
@@ -484,6 +501,24 @@ class Cache:
         return pa.concat_tables(tables)
 
 
+def load_refined(fs, paths: list[str], by_view: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The professor's refined targets in `paths`, sorted by key: (keys, refined float32 (N, C)).
+    The key is the sample id, or view_id * 2**40 + sample_id with `by_view` (several views)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=["sample_id", "view_id", "refined"]))
+    t = pa.concat_tables(tables)
+    keys = column_array(t, "sample_id").astype(np.int64)
+    if by_view:
+        keys = keys + column_array(t, "view_id").astype(np.int64) * (1 << 40)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], column_array(t, "refined")[order].astype(np.float32)
+
+
 def column_array(table, name: str) -> np.ndarray:
     """A fixed-shape tensor (or plain) column as one numpy array (rows, *shape)."""
     col = table.column(name).combine_chunks()
@@ -501,7 +536,7 @@ def inspect_cache(uri: str, s3_endpoint: str | None = None, verify: bool = False
         cache.verify()
     m = cache.manifest
     per_col: dict[str, int] = {}
-    for f in m["files"]:
+    for f in cache.all_files:
         with cache.fs.open(posixpath.join(cache.root, f["path"]), "rb") as fh:
             md = pq.ParquetFile(fh).metadata
         for rg in range(md.num_row_groups):
@@ -535,4 +570,8 @@ def inspect_cache(uri: str, s3_endpoint: str | None = None, verify: bool = False
         lines.append(f"{t['name']:<14} {t['arch']:<11} {100 * t['val_acc']:>7.2f}% {100 * acc:>15.2f}%")
     ens = (torch.stack(probs).mean(0).argmax(1).numpy() == labels).mean()
     lines.append(f"{'ensemble':<14} {'mean prob':<11} {'':>8} {100 * ens:>15.2f}%")
+    if m.get("professor"):
+        p = m["professor"]
+        lines.append(f"{'professor':<14} {'CAAE':<11} {'':>8} {100 * p['refined_acc']:>15.2f}%  "
+                     f"(refined column, checkpoint {p['checkpoint_sha256'][:12]})")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("uri", help="cache path or URL (s3://bucket/prefix)")
     i.add_argument("--s3-endpoint", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
     i.add_argument("--verify", action="store_true", help="also check every part file against its sha256")
+    _stage_parser(sub, "professor", "train the CAAE professor on the cached teacher targets; add the refined column")
     _stage_parser(sub, "distill", "distil one student on Ray Train from the cache (or with the teachers online)")
     r = _stage_parser(sub, "run", "teachers -> cache -> one student per run.compare entry, then the results table")
     r.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs at cache.uri")
@@ -65,6 +66,17 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_professor(args) -> int:
+    from pipeline.cache import cache_uri, inspect_cache
+    from pipeline.professor import run_professor
+
+    cfg = _load(args)
+    run_professor(cfg)
+    print()
+    print(inspect_cache(cache_uri(cfg), cfg.cache.s3_endpoint))
+    return 0
+
+
 def cmd_distill(args) -> int:
     from pipeline.distill import format_results, run_distill
 
@@ -77,14 +89,18 @@ def cmd_distill(args) -> int:
 def cmd_run(args) -> int:
     from pipeline.cache import build_cache
     from pipeline.config import variant
-    from pipeline.distill import format_results, run_distill
+    from pipeline.distill import format_results, run_students
     from pipeline.teachers import format_table, run_teachers
 
     cfg = _load(args)
     print(format_table(run_teachers(cfg)), flush=True)
     build_cache(cfg, overwrite=args.overwrite)
     runs = [variant(cfg, c, f"run.compare.{i}") for i, c in enumerate(cfg.run.compare)] or [cfg]
-    records = [run_distill(c) for c in runs]
+    if any(r.method.targets != "teachers" for r in runs):
+        from pipeline.professor import run_professor
+
+        run_professor(cfg)
+    records = run_students(runs, cfg.run.parallel)
     print()
     print(format_results(records))
     return 0
@@ -117,7 +133,7 @@ def cmd_zoo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"teachers": cmd_teachers, "cache": cmd_cache, "inspect": cmd_inspect, "config": cmd_config,
-               "zoo": cmd_zoo, "distill": cmd_distill, "run": cmd_run}[args.command]
+               "zoo": cmd_zoo, "professor": cmd_professor, "distill": cmd_distill, "run": cmd_run}[args.command]
     try:
         return handler(args)
     except RaykdError as e:

@@ -7,14 +7,24 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
 NAME_RE = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
+def _known_arch(v: str) -> str:
+    from pipeline.models import MODELS
+
+    MODELS.check(v)
+    return v
+
+
+Arch = Annotated[str, AfterValidator(_known_arch)]  # a model zoo name
 
 
 class Section(BaseModel):
@@ -29,6 +39,8 @@ class RunSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compare: list[dict[str, Any]] = Field(
         default_factory=list, description="`raykd run`: one student per entry, each {dotted.key: value} over this config")
+    parallel: int | None = Field(
+        None, gt=0, description="`raykd run`: students trained at once; None = as many as the CPUs fit, one left for data")
 
 
 class RaySection(Section):
@@ -81,19 +93,11 @@ class WorkersSection(Section):
 
 class TeacherSpec(Section):
     name: str = Field(pattern=NAME_RE)
-    arch: str
+    arch: Arch
     seed: int = 0
     checkpoint: str | None = Field(None, description="load and evaluate this state dict instead of training")
     epochs: int | None = Field(None, gt=0, description="overrides teachers.optim.epochs for this teacher")
     lr: float | None = Field(None, gt=0, description="overrides teachers.optim.lr for this teacher")
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, v: str) -> str:
-        from pipeline.models import MODELS
-
-        MODELS.check(v)
-        return v
 
 
 def _default_teachers() -> list[TeacherSpec]:
@@ -162,6 +166,29 @@ class DKDOptions(Section):
     warmup: int = Field(20, ge=0, description="epochs over which the KD terms ramp up linearly (0 = none)")
 
 
+class AEKTOptions(Section):
+    temperature: float = Field(4.0, gt=0)
+    w_ce: float = Field(1.0, ge=0)
+    alpha: float = Field(1.0, ge=0, description="weight of the explicit (target-class) term")
+    beta: float = Field(8.0, ge=0, description="weight of the implicit (non-target) term")
+    warmup: int = Field(20, ge=0)
+    w_max: float = Field(5.0, gt=0, description="cap of the adaptive weight p_t,target / p_s,target")
+    bias: bool = Field(True, description="the task-serialization layer has a bias (initialised to 0)")
+
+
+class SKDOptions(Section):
+    temperature: float = Field(4.0, gt=0)
+    w_ce: float = Field(0.1, ge=0)
+    w_kd: float = Field(0.9, ge=0)
+    w_sc: float = Field(0.1, ge=0, description="CE of the simplified target on the label (guards against collapse)")
+    dim: int = Field(32, gt=0, description="embedding width of the simplifier's class tokens")
+
+
+class CombineWeights(Section):
+    teachers: float = Field(0.5, ge=0)
+    professor: float = Field(0.5, ge=0)
+
+
 class MethodSection(Section):
     """The distillation method: `name` picks it, its own options live under its name (method.dkd.beta)."""
 
@@ -170,8 +197,13 @@ class MethodSection(Section):
     ensemble: Literal["mean_prob", "mean_logit", "weighted", "per_teacher"] = "mean_prob"
     teacher_weights: dict[str, float] | Literal["val_acc"] | None = Field(
         None, description="for ensemble=weighted: fixed weights per teacher, or val_acc (the default)")
+    targets: Literal["teachers", "refined", "both"] = Field(
+        "teachers", description="distil from the teachers, the professor's refined targets (replace), or both (combine)")
+    combine: CombineWeights = Field(default_factory=CombineWeights, description="weights of targets=both")
     kd: KDOptions = Field(default_factory=KDOptions)
     dkd: DKDOptions = Field(default_factory=DKDOptions)
+    aekt: AEKTOptions = Field(default_factory=AEKTOptions)
+    skd: SKDOptions = Field(default_factory=SKDOptions)
 
     @field_validator("name")
     @classmethod
@@ -187,16 +219,8 @@ def _default_distill_optim() -> OptimSection:
 
 
 class StudentSpec(Section):
-    arch: str = "cnn8"
+    arch: Arch = "cnn8"
     seed: int | None = Field(None, description="initialisation and shuffling seed; None = run.seed")
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, v: str) -> str:
-        from pipeline.models import MODELS
-
-        MODELS.check(v)
-        return v
 
 
 class DistillSection(Section):
@@ -211,12 +235,36 @@ class DistillSection(Section):
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer (0 = none)")
 
 
+class ProfessorOptim(Section):
+    epochs: int = Field(8, gt=0)
+    batch_size: int = Field(256, gt=0)
+    lr: float = Field(1e-3, gt=0, description="Adam, for the refiner and the discriminators alike")
+
+
+class ProfessorSection(Section):
+    """The CAAE professor: trained on the cached teacher targets, then adds the cache's `refined` column."""
+
+    temperature: float = Field(4.0, gt=0, description="tau of the teachers' soft targets q_t")
+    latent_dim: int = Field(16, gt=0)
+    hidden: int = Field(64, gt=0)
+    w_rec: float = Field(1.0, ge=0)
+    w_cls: float = Field(1.0, ge=0)
+    w_z: float = Field(0.01, ge=0)
+    w_q: float = Field(0.01, ge=0)
+    seed: int = 0
+    optim: ProfessorOptim = Field(default_factory=ProfessorOptim)
+    workers: WorkersSection = Field(default_factory=WorkersSection)
+    actors: int = Field(1, gt=0, description="actors of the pool that writes the refined column")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
 class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     ray: RaySection = Field(default_factory=RaySection)
     data: DataSection = Field(default_factory=DataSection)
     teachers: TeachersSection = Field(default_factory=TeachersSection)
     cache: CacheSection = Field(default_factory=CacheSection)
+    professor: ProfessorSection = Field(default_factory=ProfessorSection)
     method: MethodSection = Field(default_factory=MethodSection)
     distill: DistillSection = Field(default_factory=DistillSection)
 

@@ -12,11 +12,11 @@ samples/s per epoch), student.json (summary + fingerprint) and config.resolved.y
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -30,7 +30,8 @@ from pipeline.data import normalize
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
 from pipeline.models import build_model
 from pipeline.progress import ProgressPrinter, emit
-from pipeline.training import collect, evaluate, make_optimizer, set_worker_threads, split_to_ray
+from pipeline.training import (checkpoint_state, collect, evaluate, make_optimizer, report_epoch, restored_state,
+                               set_worker_threads, split_to_ray)
 from pipeline.views import ViewPolicy, apply_views, make_views
 
 RECORD = "student.json"
@@ -41,7 +42,13 @@ def student_seed(cfg: Config) -> int:
 
 
 def student_name(cfg: Config) -> str:
-    return cfg.distill.name or f"{cfg.method.name}-{cfg.distill.student.arch}-s{student_seed(cfg)}"
+    """`<method>[_refined|_both]-<arch>-s<seed>[-online]` unless `distill.name` says otherwise."""
+    if cfg.distill.name:
+        return cfg.distill.name
+    m = cfg.method
+    method = m.name + (f"_{m.targets}" if m.targets != "teachers" and METHODS.get(m.name).uses_teachers else "")
+    online = "-online" if cfg.distill.teachers == "online" else ""
+    return f"{method}-{cfg.distill.student.arch}-s{student_seed(cfg)}{online}"
 
 
 def student_dir(cfg: Config) -> str:
@@ -100,12 +107,29 @@ def _load_online_teachers(lc: dict, device) -> dict[str, nn.Module]:
     return models
 
 
+def _lookup(refined: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> torch.Tensor:
+    keys, values = refined
+    pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+    if not np.array_equal(keys[pos], ids):
+        raise RuntimeError("the cache's refined column lacks some of this view's sample ids: it does not match the cache")
+    return torch.from_numpy(values[pos])
+
+
+def _load_online_professor(lc: dict, device):
+    from methods.professor import Professor
+    from pipeline.checkpoints import load_into, load_state_dict
+
+    p = lc["online_professor"]
+    prof = Professor(lc["num_classes"], p["latent_dim"], p["hidden"], p["temperature"])
+    load_into(prof, load_state_dict(p["path"], p["sha256"]), p["path"], "professor")
+    return prof.to(device).eval()
+
+
 def distill_loop(lc: dict) -> list[dict]:
     """One student's distillation on a Ray Train worker. `lc` is a plain dict (it crosses processes)."""
     import ray
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -123,10 +147,8 @@ def distill_loop(lc: dict) -> list[dict]:
     steps = max(1, -(-lc["n_train"] // (world * bs)))
     opt, sched = make_optimizer([*student.parameters(), *method.parameters()], OptimSection(**lc["optim"]), steps, epochs)
     start, history, resumed = 0, [], None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # a restarted worker group, or a rerun of an interrupted run (same run name)
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
+    state = restored_state()
+    if state is not None:  # a restarted worker group, or a rerun of an interrupted run (same run name)
         student.load_state_dict(state["student"])
         method.load_state_dict(state["method"])
         opt.load_state_dict(state["optimizer"])
@@ -138,8 +160,14 @@ def distill_loop(lc: dict) -> list[dict]:
     model = ray.train.torch.prepare_model(Distiller(student, method))
     bare = model.module if hasattr(model, "module") else model
 
+    professor = _load_online_professor(lc, device) if lc["online_professor"] else None
     for epoch in range(start, epochs):
         shard = ray.train.get_dataset_shard(f"view{epoch % lc['views']}" if lc["cached"] else "train")
+        refined = None
+        if lc["refined"]:  # the professor's column of this view, looked up by sample id
+            from pipeline.cache import load_refined
+
+            refined = load_refined(lc["refined"]["fs"], lc["refined"]["files"][epoch % lc["views"]])
         t0, seen, correct, sums = time.time(), 0, 0, {}
         model.train()
         for step, batch in enumerate(shard.iter_torch_batches(
@@ -151,9 +179,13 @@ def distill_loop(lc: dict) -> list[dict]:
             if teachers:
                 with torch.no_grad():
                     targets = Targets(logits={n: t(x) for n, t in teachers.items()})
+                if professor is not None:
+                    targets.refined = professor.refine(list(targets.logits.values()), y)
             else:
                 targets = Targets(logits={n: batch[f"logits.{n}"].to(device).float() for n in lc["method_ctx"]["teachers"]
                                           if f"logits.{n}" in batch})
+            if refined is not None:
+                targets.refined = _lookup(refined, batch["sample_id"].numpy()).to(device)
             logits, terms = model(x, targets, y, epoch + 1)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -186,14 +218,9 @@ def distill_loop(lc: dict) -> list[dict]:
             emit(lc["progress"], f"[distill {lc['name']}] epoch {epoch + 1}/{epochs} view {m['view']} "
                  f"loss {m['train_loss']:.3f} ({parts}) train {m['train_acc']:.4f} val {val_acc:.4f} "
                  f"test {test_acc:.4f} ({dt:.1f}s, {m['samples_per_s']:.0f} samples/s)")
-        with tempfile.TemporaryDirectory() as d:
-            ck = None
-            if rank == 0:
-                torch.save({"student": bare.student.state_dict(), "method": bare.method.state_dict(),
-                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                            "history": json.dumps(history)}, os.path.join(d, "train_state.pt"))
-                ck = Checkpoint.from_directory(d)
-            ray.train.report(m, checkpoint=ck)
+        report_epoch(m, {"student": bare.student.state_dict(), "method": bare.method.state_dict(),
+                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                         "history": json.dumps(history)} if rank == 0 else None)
     return history
 
 
@@ -235,6 +262,22 @@ def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
     return names, acc, cfg.cache.views, upstream, None, entries
 
 
+def _professor_entry(cfg: Config) -> dict:
+    """The trained professor (for online mode with refined targets), verified against its sha256."""
+    from pipeline.professor import _read_record
+
+    out = os.path.join(os.path.abspath(cfg.run.out_dir), "professor")
+    rec = _read_record(out)
+    if rec is None:
+        raise RaykdError(f"method.targets={cfg.method.targets} needs the professor: none under {out}; run `raykd professor`")
+    path = os.path.join(out, rec["file"])
+    if not os.path.isfile(path) or sha256_file(path) != rec["sha256"]:
+        raise CheckpointError(f"professor checkpoint {path} is missing or does not match its recorded sha256")
+    p = cfg.professor
+    return {"path": path, "sha256": rec["sha256"], "latent_dim": p.latent_dim, "hidden": p.hidden,
+            "temperature": p.temperature}
+
+
 def distill_fingerprint(cfg: Config, data_fp: str, upstream: str) -> str:
     d = cfg.distill
     payload = {"data": data_fp, "upstream": upstream, "mode": d.teachers, "student": d.student.arch,
@@ -244,8 +287,19 @@ def distill_fingerprint(cfg: Config, data_fp: str, upstream: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def run_distill(cfg: Config) -> dict:
-    """Distil one student as configured; returns its record (also written as student.json)."""
+def _say(queue, line: str) -> None:
+    """A console line: printed here, or sent to the driver when this runs in a Ray task (`raykd run`)."""
+    if queue is None:
+        print(line, flush=True)
+    else:
+        emit(queue, line)
+
+
+def run_distill(cfg: Config, progress=None, concurrent: int = 1) -> dict:
+    """Distil one student as configured; returns its record (also written as student.json).
+
+    `progress`: the driver's progress queue when this runs inside a Ray task next to `concurrent - 1`
+    other students (`raykd run`), whose workers share the node's cores."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -264,23 +318,35 @@ def run_distill(cfg: Config) -> dict:
     mctx = {"num_classes": splits.num_classes, "teachers": names, "teacher_val_acc": val_acc, "epochs": d.optim.epochs,
             "student_stages": {k: list(v) for k, v in student.stage_shapes(splits.image_size).items()}}
     method = build_method(cfg.method, MethodContext(**mctx))
+    online_professor = None
+    if "refined" in method.columns():  # the professor is upstream too
+        if cache is not None:
+            cache.expect(columns=["refined"])
+            prof_fp = cache.manifest["professor"]["fingerprint"]
+        else:
+            online_professor = _professor_entry(cfg)
+            prof_fp = online_professor["sha256"]
+        upstream = hashlib.sha256(f"{upstream}:{prof_fp}".encode()).hexdigest()
     fp = distill_fingerprint(cfg, splits.fingerprint, upstream)
     prev = read_student(sdir)
     if prev is not None and prev.get("fingerprint") == fp and _outputs_intact(sdir, prev):
-        print(f"[distill] {name}: up to date ({sdir}), not retrained", flush=True)
+        _say(progress, f"[distill] {name}: up to date ({sdir}), not retrained")
         return prev
 
     init_ray(cfg.ray)
     device = resolve_device(cfg.run.device)
     datasets = {"val": split_to_ray(splits.val), "test": split_to_ray(splits.test)}
     train_images = None
+    refined = None
     if cache is not None:
         cols = ["sample_id", "label", *method.columns()]
         cols += ["pixels"] if cache.manifest["store_views"] else ["view_ox", "view_oy", "view_flip"]
         cache.expect(columns=cols)
         split_names = [f"view{k}" for k in sorted({e % views for e in range(d.optim.epochs)})]
         for s in split_names:
-            datasets[s] = cache.view_dataset(int(s[4:]), columns=cols)
+            datasets[s] = cache.view_dataset(int(s[4:]), columns=[c for c in cols if c != "refined"])
+        if "refined" in cols:  # its own files, keyed by sample id: each worker loads one view's per epoch
+            refined = {"fs": cache.fs, "files": {int(s[4:]): cache.refined_files(int(s[4:])) for s in split_names}}
         if not cache.manifest["store_views"]:
             train_images = ray.put(splits.train.images)
     else:
@@ -288,15 +354,16 @@ def run_distill(cfg: Config) -> dict:
         datasets["train"] = split_to_ray(splits.train)
     fault = json.loads(os.environ["RAYKD_FAULT"]) if os.environ.get("RAYKD_FAULT") else None
     w = d.workers
-    threads = w.torch_threads or local_thread_share(cfg.ray, w.num_workers)
+    threads = w.torch_threads or local_thread_share(cfg.ray, w.num_workers * concurrent)
     use_gpu = device == "cuda"
     os.makedirs(sdir, exist_ok=True)
     write_resolved(cfg, sdir)
-    print(f"[distill] {name}: {cfg.method.name} -> {d.student.arch} ({student.num_params():,} params), "
-          f"{'teachers online' if online else 'from the cache'}{' ' + str(names) if names else ''}, {d.optim.epochs} epochs over K={views} "
-          f"views, {w.num_workers} worker(s)", flush=True)
+    _say(progress, f"[distill] {name}: {cfg.method.name} -> {d.student.arch} ({student.num_params():,} params), "
+         f"{'teachers online' if online else 'from the cache'}{' ' + str(names) if names else ''}, "
+         f"{d.optim.epochs} epochs over K={views} views, {w.num_workers} worker(s)")
     t0 = time.time()
-    with ProgressPrinter() as progress:
+    with ProgressPrinter() if progress is None else contextlib.nullcontext() as printer:
+        queue = printer.queue if progress is None else progress
         lc = {
             "name": name, "arch": d.student.arch, "seed": seed, "num_classes": splits.num_classes,
             "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std, "policy": splits.policy.as_dict(),
@@ -304,7 +371,8 @@ def run_distill(cfg: Config) -> dict:
             "train_ids": splits.train.ids, "train_images": train_images, "online_teachers": online_teachers,
             "method": cfg.method.model_dump(mode="json"), "method_ctx": mctx, "epochs": d.optim.epochs,
             "batch_size": d.optim.batch_size, "optim": d.optim.model_dump(), "shuffle_buffer": d.shuffle_buffer,
-            "torch_threads": threads, "progress": progress.queue, "fault": fault,
+            "torch_threads": threads, "progress": queue, "fault": fault, "refined": refined,
+            "online_professor": online_professor,
         }
         trainer = TorchTrainer(
             distill_loop,
@@ -327,14 +395,13 @@ def run_distill(cfg: Config) -> dict:
         except ray.train.TrainingFailedError as e:
             raise StageFailed(f"distillation of {name} failed ({str(e).strip().splitlines()[0][:300]}); its checkpoints "
                               "are kept: rerun the same command to resume. Ray's logs: /tmp/ray/session_latest/logs") from None
-    with result.checkpoint.as_directory() as cdir:
-        state = torch.load(os.path.join(cdir, "train_state.pt"), map_location="cpu", weights_only=True)
+    state = checkpoint_state(result.checkpoint)
     history = json.loads(state["history"])
     rec = _save_outputs(sdir, state, history, cfg, student, names, online, fp, upstream)
     rec["wall_time_s"] = round(time.time() - t0, 2)
     _write_json(os.path.join(sdir, RECORD), rec)
     last = history[-1]
-    print(f"[distill] {name}: done, val {last['val_acc']:.4f} test {last['test_acc']:.4f} -> {sdir}", flush=True)
+    _say(progress, f"[distill] {name}: done, val {last['val_acc']:.4f} test {last['test_acc']:.4f} -> {sdir}")
     return rec
 
 
@@ -395,3 +462,43 @@ def format_results(records: list[dict]) -> str:
         rows.append(f"{r['name']:<22} {r['method']:<7} {r['arch']:<9} {r['params']:>8,} {r['mode']:<9} "
                     f"{100 * r['val_acc']:>7.2f}% {100 * r['test_acc']:>8.2f}% {r['epoch_time_s']:>8.2f}")
     return "\n".join(rows)
+
+
+def run_students(cfgs: list[Config], parallel: int | None = None) -> list[dict]:
+    """Several students (`raykd run`), `parallel` at a time, each `run_distill` in a Ray task pinned to this
+    node (it writes the student's files here), so their Ray Train start-up costs overlap. A failed student
+    does not stop the others; the failures are reported together at the end (exit 1)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.raysetup import init_ray
+
+    init_ray(cfgs[0].ray)
+    if parallel is None:  # as many as fit, one CPU left for Ray Data's reads
+        per = max(c.distill.workers.num_workers * c.distill.workers.cpus_per_worker for c in cfgs)
+        parallel = max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // per))
+    parallel = min(parallel, len(cfgs))
+    if parallel == 1:
+        return [run_distill(c) for c in cfgs]
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_distill)
+    records: list[dict | None] = [None] * len(cfgs)
+    failed, pending, todo = [], {}, list(enumerate(cfgs))
+    print(f"[distill] {len(cfgs)} students, {parallel} at a time", flush=True)
+    with ProgressPrinter() as progress:
+        while todo or pending:
+            while todo and len(pending) < parallel:
+                i, c = todo.pop(0)
+                pending[task.remote(c, progress.queue, parallel)] = i
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ref)
+            try:
+                records[i] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if isinstance(e.cause, RaykdError) else e
+                msg = str(cause).strip().splitlines()[-1] if not isinstance(cause, RaykdError) else str(cause)
+                failed.append(f"{student_name(cfgs[i])}: {msg}")
+                progress.queue.put(f"[distill] {student_name(cfgs[i])}: FAILED: {msg}")
+    if failed:
+        raise StageFailed("some students failed (the others are saved):\n  " + "\n  ".join(failed))
+    return records

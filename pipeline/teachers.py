@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 
 import torch
@@ -21,7 +20,8 @@ from pipeline.data import Splits, load_splits
 from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.models import build_model
 from pipeline.progress import ProgressPrinter, emit
-from pipeline.training import collect, evaluate, make_optimizer, set_worker_threads, split_to_ray, view_batch
+from pipeline.training import (checkpoint_state, collect, evaluate, make_optimizer, report_epoch, restored_state,
+                               set_worker_threads, split_to_ray, view_batch)
 from pipeline.views import ViewPolicy
 
 RECORD = "teacher.json"
@@ -50,7 +50,6 @@ def train_loop(lc: dict) -> list[dict]:
     """One teacher's training on a Ray Train worker. `lc` is a plain dict (it crosses process boundaries)."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -67,10 +66,8 @@ def train_loop(lc: dict) -> list[dict]:
 
     opt, sched = make_optimizer(model.parameters(), OptimSection(**lc["optim"]), steps, lc["epochs"], lc["lr"])
     start, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # a restarted worker group, or a rerun of an interrupted run (same name)
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
+    state = restored_state()
+    if state is not None:  # a restarted worker group, or a rerun of an interrupted run (same name)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -107,14 +104,8 @@ def train_loop(lc: dict) -> list[dict]:
         if rank == 0:
             emit(lc["progress"], f"[teacher {lc['name']}] epoch {epoch + 1}/{lc['epochs']} loss {m['train_loss']:.3f} "
                  f"val {val_acc:.4f} test {test_acc:.4f} ({dt:.1f}s, {m['samples_per_s']:.0f} samples/s)")
-        with tempfile.TemporaryDirectory() as d:
-            ck = None
-            if rank == 0:
-                torch.save({"model": bare.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch, "history": json.dumps(history)},
-                           os.path.join(d, "train_state.pt"))
-                ck = Checkpoint.from_directory(d)
-            ray.train.report(m, checkpoint=ck)
+        report_epoch(m, {"model": bare.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "epoch": epoch, "history": json.dumps(history)} if rank == 0 else None)
     return history
 
 
@@ -160,8 +151,7 @@ def _train_one(spec: TeacherSpec, cfg: Config, num_classes: int, in_chans: int, 
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_acc"], cm[1]["epoch"]))
     states = {}
     for tag, ck in (("best", best_ckpt), ("last", result.checkpoint)):
-        with ck.as_directory() as d:
-            states[tag] = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
+        states[tag] = checkpoint_state(ck)
     history = json.loads(states["last"]["history"])
     return states["best"]["model"], states["last"]["model"], best_metrics, history, time.time() - t0
 

@@ -104,3 +104,40 @@ def collect(iterator, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tenso
         xs.append(b["image"])
         ys.append(b["label"])
     return torch.cat(xs), torch.cat(ys)
+
+
+# --------------------------------------------------------------------------------------------------
+# the training loops' checkpoints: one torch file of plain tensors and numbers, loaded weights-only
+
+STATE_FILE = "train_state.pt"
+
+
+def checkpoint_state(checkpoint) -> dict:
+    """The state saved in a Ray Train checkpoint (a restarted worker's, or a finished run's)."""
+    import os
+
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def restored_state() -> dict | None:
+    """In a Train worker: the last checkpoint's state when this run restarted (or was rerun), else None."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    return None if ckpt is None else checkpoint_state(ckpt)
+
+
+def report_epoch(metrics: dict, state: dict | None) -> None:
+    """`ray.train.report` on every worker (it is a barrier); rank 0 passes `state`, saved as the checkpoint."""
+    import os
+    import tempfile
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if state is not None:
+            torch.save(state, os.path.join(d, STATE_FILE))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)

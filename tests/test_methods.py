@@ -136,9 +136,10 @@ def test_method_losses_are_their_weighted_terms():
     assert _method("kd").columns() == ["logits.a", "logits.b"]
 
 
-@pytest.mark.parametrize("name", ["ce", "kd", "dkd"])
+@pytest.mark.parametrize("name", ["ce", "kd", "dkd", "aekt", "skd"])
 def test_gradients_reach_exactly_the_student(name):
-    """A step trains the student's parameters (all of them) and nothing of the teacher's targets."""
+    """A step reaches every student parameter and the method's own modules (AEKT's serialization layer,
+    SKD's simplifier), and nothing of the teachers' targets."""
     torch.manual_seed(0)
     student = build_model("cnn4", 5, 1)
     model = Distiller(student, _method(name))
@@ -148,7 +149,9 @@ def test_gradients_reach_exactly_the_student(name):
     terms["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert za.grad is None
-    assert list(model.method.parameters()) == []
+    own = {n.split(".")[0] for n, _ in model.method.named_parameters()}
+    assert own == {"aekt": {"serialize"}, "skd": {"simplifier"}}.get(name, set())
+    assert all(p.grad is not None for p in model.method.parameters())
 
 
 def test_teacher_targets_are_not_differentiated():
@@ -165,3 +168,67 @@ def test_registry_names_the_known_methods():
     assert {"ce", "kd", "dkd"} <= set(METHODS.names())
     with pytest.raises(ValueError, match="unknown method 'fitnet'; known: .*dkd.*kd"):
         METHODS.get("fitnet")
+
+
+def test_skd_at_initialisation_is_kd():
+    """The simplifier's output projection starts at zero: its target is the teacher's softened logits."""
+    torch.manual_seed(0)
+    t = Targets(logits={"a": ZT, "b": ZS.flip(0)})
+    skd = _method("skd")(ZS, {}, t, Y, 1)
+    kd = _method("kd")(ZS, {}, t, Y, 1)
+    assert skd["kd"].item() == pytest.approx(kd["kd"].item(), rel=1e-6)
+    no_guard = _method("skd", skd={"w_sc": 0.0})(ZS, {}, t, Y, 1)
+    assert no_guard["loss"].item() == pytest.approx(kd["loss"].item(), rel=1e-6)
+
+
+def test_skd_simplifier_learns_through_the_distillation_loss():
+    torch.manual_seed(0)
+    m = _method("skd", skd={"w_sc": 0.0})
+    zs = ZS.clone().requires_grad_()
+    m(zs, {}, Targets(logits={"a": ZT, "b": ZS.flip(0)}), Y, 1)["loss"].backward()
+    assert m.simplifier.out.weight.grad.abs().sum() > 0  # the zero-initialised projection gets a gradient
+
+
+def test_aekt_adds_no_parameter_to_the_exported_student():
+    torch.manual_seed(0)
+    student = build_model("cnn4", 5, 1)
+    plain = build_model("cnn4", 5, 1)
+    model = Distiller(student, _method("aekt"))
+    assert list(model.student.state_dict()) == list(plain.state_dict())
+    assert sum(p.numel() for p in model.student.parameters()) == plain.num_params()
+    assert sum(p.numel() for p in model.method.parameters()) == 5 * 5 + 5  # the C x C layer, outside the student
+    torch.testing.assert_close(model.method.serialize.weight, torch.eye(5))
+    logits, terms = model(torch.randn(8, 1, 8, 8), Targets(logits={"a": torch.randn(8, 5), "b": torch.randn(8, 5)}),
+                          torch.randint(0, 5, (8,)), 20)
+    terms["loss"].backward()
+    assert model.method.serialize.weight.grad.abs().sum() > 0  # trained with the student
+    assert {"ce", "explicit", "implicit", "adaptive_w"} <= set(terms)
+
+
+def test_aekt_adaptive_weight_is_detached():
+    from methods.aekt import adaptive_weight, aekt_terms
+    from methods.dkd import dkd_terms
+
+    zs = ZS.clone().requires_grad_()
+    w = adaptive_weight(zs, ZT, Y, 4.0, 5.0)
+    assert not w.requires_grad and (w >= 0).all() and (w <= 5.0).all()
+    ek, _, _ = aekt_terms(zs, ZT, Y, 4.0, 5.0)
+    ek.backward()
+    grad = zs.grad.clone()
+    # the same gradient as with w held constant: no gradient flows through the weight
+    zs2 = ZS.clone().requires_grad_()
+    tckd, _ = dkd_terms(zs2, ZT, Y, 4.0, reduction="none")
+    (w * tckd).mean().backward()
+    torch.testing.assert_close(grad, zs2.grad)
+
+
+def test_refined_targets_replace_or_combine():
+    r = ZT.flip(0)
+    t = Targets(logits={"a": ZT, "b": ZS.flip(0)}, refined=r)
+    both = _method("kd", targets="both")(ZS, {}, t, Y, 1)["kd"]
+    teachers = _method("kd")(ZS, {}, t, Y, 1)["kd"]
+    refined = _method("kd", targets="refined")(ZS, {}, t, Y, 1)["kd"]
+    assert refined.item() == pytest.approx(kd_loss(ZS, r, 4.0).item(), rel=1e-6)
+    assert both.item() == pytest.approx(0.5 * teachers.item() + 0.5 * refined.item(), rel=1e-6)
+    assert _method("kd", targets="refined").columns() == ["refined"]
+    assert _method("dkd", targets="both").columns() == ["logits.a", "logits.b", "refined"]

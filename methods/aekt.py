@@ -1,0 +1,66 @@
+"""AEKT — adaptive explicit knowledge transfer (seed 002; full text unavailable, see docs/methods.md).
+
+Paper (abstract): logit-based distillation; implicit knowledge is the teacher's non-target
+distribution, explicit knowledge the teacher's confidence in the target class, transferred with an
+adaptively learned weight; classification and distillation are separated into two tasks, and that
+separation models inter-class relations.
+Our reading (each choice a `method.aekt` option, defaults from docs/methods.md):
+- a task-serialization layer W (C x C linear, identity weight, zero bias; `bias`) after the student's
+  classifier: z_cls (-> CE, and the only output at inference: the exported student has no extra
+  parameter) and z_kd = W(z_cls) (-> distillation); W lives in the method, so it is trained and
+  checkpointed with the student and saved apart (method.safetensors);
+- explicit term L_ek = w * TCKD(z_t, z_kd) with the adaptive weight
+  w = stopgrad(clamp(p_t,target / p_s,target, 0, w_max)), per sample, probabilities at tau (`w_max`);
+- implicit term L_ik = NCKD(z_t, z_kd);
+- L = w_ce * CE(z_cls, y) + min(epoch / warmup, 1) * (alpha * L_ek + beta * L_ik), DKD's defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from methods.base import METHODS, Method
+from methods.dkd import dkd_terms, warmup_factor
+
+
+def adaptive_weight(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,
+                    temperature: float, w_max: float) -> torch.Tensor:
+    """clamp(p_t,target / p_s,target, 0, w_max) per sample, detached: a weight, not a path for gradients."""
+    with torch.no_grad():
+        pt = F.softmax(logits_teacher / temperature, 1).gather(1, target[:, None]).squeeze(1)
+        ps = F.softmax(logits_student / temperature, 1).gather(1, target[:, None]).squeeze(1)
+        return (pt / ps.clamp_min(1e-12)).clamp(0, w_max)
+
+
+def aekt_terms(z_kd: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor, temperature: float,
+               w_max: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_ek, L_ik, mean adaptive weight): the explicit and implicit terms on the distillation head."""
+    tckd, nckd = dkd_terms(z_kd, logits_teacher, target, temperature, reduction="none")
+    w = adaptive_weight(z_kd, logits_teacher, target, temperature, w_max)
+    return (w * tckd).mean(), nckd.mean(), w.mean()
+
+
+@METHODS.register("aekt")
+class AEKT(Method):
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        c = ctx.num_classes
+        self.serialize = nn.Linear(c, c, bias=cfg.aekt.bias)
+        with torch.no_grad():
+            self.serialize.weight.copy_(torch.eye(c))
+            if self.serialize.bias is not None:
+                self.serialize.bias.zero_()
+
+    def forward(self, logits, stages, targets, labels, epoch):
+        o = self.cfg.aekt
+        ce = F.cross_entropy(logits, labels)
+        z_kd = self.serialize(logits)
+        ek = ik = w_mean = 0.0
+        for w, z in self.soft_targets(targets, o.temperature):
+            e, i, m = aekt_terms(z_kd, z, labels, o.temperature, o.w_max)
+            ek, ik, w_mean = ek + w * e, ik + w * i, w_mean + w * m
+        warm = warmup_factor(epoch, o.warmup)
+        return {"loss": o.w_ce * ce + warm * (o.alpha * ek + o.beta * ik), "ce": ce, "explicit": ek, "implicit": ik,
+                "adaptive_w": torch.as_tensor(w_mean)}

@@ -1,0 +1,82 @@
+"""The professor stage: training on cached targets, the refined column beside untouched teacher files,
+and students distilled from refined targets."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from pipeline.cache import Cache, CacheError, inspect_cache
+from pipeline.distill import run_distill, student_dir
+from pipeline.professor import run_professor
+
+from conftest import digits_cfg
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def _file_hashes(cache):
+    import hashlib
+
+    return {f["path"]: hashlib.sha256(open(os.path.join(cache.root, f["path"]), "rb").read()).hexdigest()
+            for f in cache.manifest["files"]}
+
+
+def _column_bytes(text):
+    return {ln.split()[0]: ln.split()[-1] for ln in text.splitlines() if ln.startswith(("logits.", "feat.", "pixels"))}
+
+
+@pytest.fixture(scope="module")
+def professed(built, tmp_path_factory):
+    """A copy of the shared cache with the professor's refined column added."""
+    cfg0, _ = built
+    uri = str(tmp_path_factory.mktemp("prof") / "cache")
+    shutil.copytree(os.path.join(cfg0.run.out_dir, "cache"), uri)
+    cfg = digits_cfg(cfg0.run.out_dir, f"cache.uri={uri}", "professor.optim.epochs=6")
+    before = Cache(uri)
+    hashes, text_before = _file_hashes(before), inspect_cache(uri)
+    with pytest.raises(CacheError, match="run `raykd professor`"):
+        run_distill(digits_cfg(cfg0.run.out_dir, f"cache.uri={uri}", "method.targets=refined"))
+    entry = run_professor(cfg)
+    return cfg, uri, entry, hashes, text_before
+
+
+def test_professor_training_lowers_its_loss(professed):
+    cfg, _, entry, _, _ = professed
+    hist = [json.loads(x) for x in open(os.path.join(cfg.run.out_dir, "professor", "metrics.jsonl"))]
+    assert len(hist) == 6 and hist[-1]["loss"] < hist[0]["loss"]
+    assert {"rec", "cls", "adv_z", "adv_q", "d_loss", "refined_acc"} <= set(hist[0])
+
+
+def test_refined_targets_beat_the_teacher_ensemble(professed):
+    _, uri, entry, _, _ = professed
+    assert entry["refined_acc"] >= entry["ensemble_acc"]
+    text = inspect_cache(uri, verify=True)  # the professor's files are verified too
+    assert "professor" in text and f"{100 * entry['refined_acc']:.2f}%" in text
+
+
+def test_teacher_files_untouched_by_the_refined_column(professed):
+    _, uri, entry, hashes, text_before = professed
+    cache = Cache(uri).expect(columns=["refined"])
+    assert _file_hashes(cache) == hashes  # every teacher part file: the same bytes
+    assert _column_bytes(inspect_cache(uri)) == _column_bytes(text_before)
+    assert all(f["path"].startswith("professor/view=") for f in entry["files"])
+    assert cache.manifest["columns"]["refined"] == "tensor<halffloat>[10]"
+
+
+def test_rerun_reuses_the_refined_column(professed, capsys):
+    cfg, uri, entry, _, _ = professed
+    assert run_professor(cfg) == entry
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_student_from_refined_targets(professed):
+    cfg0, uri, _, _, _ = professed
+    for targets in ("refined", "both"):
+        cfg = digits_cfg(cfg0.run.out_dir, f"cache.uri={uri}", "method.name=kd", f"method.targets={targets}",
+                         "distill.student.arch=cnn4", "distill.optim.epochs=2")
+        rec = run_distill(cfg)
+        assert rec["name"] == f"kd_{targets}-cnn4-s0" and rec["epochs"] == 2
+        ms = [json.loads(x) for x in open(os.path.join(student_dir(cfg), "metrics.jsonl"))]
+        assert ms[0]["train_kd"] > 0
