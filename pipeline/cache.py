@@ -249,7 +249,10 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE  # pyarrow-native tensors
     ctx.enable_progress_bars = sys.stderr.isatty()  # Ray Data's bars in a terminal; our count lines anywhere
-    threads = local_thread_share(cfg.ray, len(teachers) * c.actors_per_teacher)  # all actors busy at once
+    # By default every actor may use all the node's cores, and the OS shares them: a stage waiting for
+    # its input leaves its cores to the others. On 2 cores with 3 teachers this built views 14-19 % faster
+    # than one thread per actor (cores split evenly), whose slowest teacher held everyone back.
+    threads = c.threads_per_actor or local_thread_share(cfg.ray, 1)
     t_start = time.time()
     views_meta, todo = {}, []
     for k in range(c.views):
@@ -280,7 +283,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
             res = {"num_gpus": c.gpus_per_actor} if device == "cuda" else {}
             ds = ds.map_batches(
                 TeacherForward, batch_format="numpy", batch_size=c.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=c.actors_per_teacher), num_cpus=c.cpus_per_actor, **res,
+                compute=ray.data.ActorPoolStrategy(size=c.actors(t["name"])), num_cpus=c.cpus_per_actor, **res,
                 fn_constructor_kwargs={
                     "name": t["name"], "arch": t["arch"], "ckpt_path": t["checkpoint"],
                     "ckpt_sha256": t["checkpoint_sha256"], "num_classes": splits.num_classes,

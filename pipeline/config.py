@@ -135,13 +135,27 @@ class CacheSection(Section):
     layers: dict[str, list[str]] = Field(default_factory=dict, description="teacher -> stage names to cache as features")
     feat_dtype: Literal["fp16", "int8"] = "fp16"
     batch_size: int = Field(256, gt=0)
-    actors_per_teacher: int = Field(1, gt=0)
+    actors_per_teacher: int | dict[str, int] = Field(
+        1, description="actors in each teacher's pool: one number, or {teacher: n} (default 1 for the others)")
+    threads_per_actor: int | None = Field(None, gt=0, description="torch threads per actor; None = the node's cores")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(1.0, ge=0, description="used only when the device is cuda")
     rows_per_file: int = Field(20_000, gt=0, description="about this many rows per Parquet file (a hint to Ray Data)")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
     views_per_pass: int | None = Field(
         None, gt=0, description="views built per Ray Data pass (actor pools start once per pass); None = all missing")
+
+    @field_validator("actors_per_teacher")
+    @classmethod
+    def _positive_actors(cls, v):
+        bad = [n for n in ([v] if isinstance(v, int) else v.values()) if n < 1]
+        if bad:
+            raise ValueError("cache.actors_per_teacher must be at least 1 per teacher")
+        return v
+
+    def actors(self, teacher: str) -> int:
+        a = self.actors_per_teacher
+        return a if isinstance(a, int) else a.get(teacher, 1)
 
     @field_validator("layers")
     @classmethod
@@ -271,7 +285,9 @@ class Config(Section):
     @model_validator(mode="after")
     def _cache_names_known(self) -> "Config":
         known = {t.name for t in self.teachers.models}
+        actors = self.cache.actors_per_teacher
         for field, names in (("cache.teachers", self.cache.teachers or []), ("cache.layers", list(self.cache.layers)),
+                             ("cache.actors_per_teacher", list(actors) if isinstance(actors, dict) else []),
                              ("method.teachers", self.method.teachers or []),
                              ("method.teacher_weights", list(self.method.teacher_weights or {}) if isinstance(
                                  self.method.teacher_weights, dict) else [])):

@@ -73,10 +73,12 @@ class ProgressPrinter:
 
 
 def emit(q, item) -> None:
-    """Called on a worker: send a progress line (or a `(key, n)` count) if there is a queue; never blocks."""
+    """Called on a worker: send a progress line (or a `(key, n)` count) if there is a queue. Never blocks:
+    the put is a call on the queue's actor whose result nobody waits for (`Queue.put_nowait` would wait
+    for it, a round trip per call on the hot path of a cache actor)."""
     if q is None:
         return
     try:
-        q.put_nowait(item)
+        q.actor.put_nowait.remote(item)
     except Exception:  # a full or vanished queue must not fail a training step
         pass
