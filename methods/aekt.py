@@ -10,7 +10,10 @@ Our reading (each choice a `method.aekt` option, defaults from docs/methods.md):
   parameter) and z_kd = W(z_cls) (-> distillation); W lives in the method, so it is trained and
   checkpointed with the student and saved apart (method.safetensors);
 - explicit term L_ek = w * TCKD(z_t, z_kd) with the adaptive weight
-  w = stopgrad(clamp(p_t,target / p_s,target, 0, w_max)), per sample, probabilities at tau (`w_max`);
+  w = stopgrad(clamp(p_t,target / p_s,target, 0, w_max)), per sample, probabilities at tau (`w_max`),
+  divided by its batch mean (`normalize`, our addition to docs/methods.md: without it w sits near
+  w_max early on, the explicit term is ~5x DKD's TCKD, and students collapsed — digits demo, cnn4:
+  10 % test accuracy vs 94.7 % normalised, DKD 94.7 %);
 - implicit term L_ik = NCKD(z_t, z_kd);
 - L = w_ce * CE(z_cls, y) + min(epoch / warmup, 1) * (alpha * L_ek + beta * L_ik), DKD's defaults.
 """
@@ -35,11 +38,15 @@ def adaptive_weight(logits_student: torch.Tensor, logits_teacher: torch.Tensor, 
 
 
 def aekt_terms(z_kd: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor, temperature: float,
-               w_max: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L_ek, L_ik, mean adaptive weight): the explicit and implicit terms on the distillation head."""
+               w_max: float, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_ek, L_ik, mean adaptive weight): the explicit and implicit terms on the distillation head.
+    With `normalize`, the weights are divided by their batch mean: they reweight samples, not the term."""
     tckd, nckd = dkd_terms(z_kd, logits_teacher, target, temperature, reduction="none")
     w = adaptive_weight(z_kd, logits_teacher, target, temperature, w_max)
-    return (w * tckd).mean(), nckd.mean(), w.mean()
+    mean_w = w.mean()
+    if normalize:
+        w = w / mean_w.clamp_min(1e-12)
+    return (w * tckd).mean(), nckd.mean(), mean_w
 
 
 @METHODS.register("aekt")
@@ -59,7 +66,7 @@ class AEKT(Method):
         z_kd = self.serialize(logits)
         ek = ik = w_mean = 0.0
         for w, z in self.soft_targets(targets, o.temperature):
-            e, i, m = aekt_terms(z_kd, z, labels, o.temperature, o.w_max)
+            e, i, m = aekt_terms(z_kd, z, labels, o.temperature, o.w_max, o.normalize)
             ek, ik, w_mean = ek + w * e, ik + w * i, w_mean + w * m
         warm = warmup_factor(epoch, o.warmup)
         return {"loss": o.w_ce * ce + warm * (o.alpha * ek + o.beta * ik), "ce": ce, "explicit": ek, "implicit": ik,

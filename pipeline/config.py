@@ -187,6 +187,7 @@ class AEKTOptions(Section):
     beta: float = Field(8.0, ge=0, description="weight of the implicit (non-target) term")
     warmup: int = Field(20, ge=0)
     w_max: float = Field(5.0, gt=0, description="cap of the adaptive weight p_t,target / p_s,target")
+    normalize: bool = Field(True, description="divide the adaptive weights by their batch mean (else students collapse)")
     bias: bool = Field(True, description="the task-serialization layer has a bias (initialised to 0)")
 
 
@@ -195,6 +196,7 @@ class SKDOptions(Section):
     w_ce: float = Field(0.1, ge=0)
     w_kd: float = Field(0.9, ge=0)
     w_sc: float = Field(0.1, ge=0, description="CE of the simplified target on the label (guards against collapse)")
+    w_anchor: float = Field(1.0, ge=0, description="KL(teacher || simplified target): keeps the target near the teacher")
     dim: int = Field(32, gt=0, description="embedding width of the simplifier's class tokens")
 
 
