@@ -180,21 +180,17 @@ class DKDOptions(Section):
     warmup: int = Field(20, ge=0, description="epochs over which the KD terms ramp up linearly (0 = none)")
 
 
-class AEKTOptions(Section):
-    temperature: float = Field(4.0, gt=0)
-    w_ce: float = Field(1.0, ge=0)
-    alpha: float = Field(1.0, ge=0, description="weight of the explicit (target-class) term")
-    beta: float = Field(8.0, ge=0, description="weight of the implicit (non-target) term")
-    warmup: int = Field(20, ge=0)
+class AEKTOptions(DKDOptions):
+    """DKD's options and defaults, plus the adaptive weight's and the serialization layer's."""
+
     w_max: float = Field(5.0, gt=0, description="cap of the adaptive weight p_t,target / p_s,target")
     normalize: bool = Field(True, description="divide the adaptive weights by their batch mean (else students collapse)")
     bias: bool = Field(True, description="the task-serialization layer has a bias (initialised to 0)")
 
 
-class SKDOptions(Section):
-    temperature: float = Field(4.0, gt=0)
-    w_ce: float = Field(0.1, ge=0)
-    w_kd: float = Field(0.9, ge=0)
+class SKDOptions(KDOptions):
+    """KD's options and defaults, plus the simplifier's."""
+
     w_sc: float = Field(0.1, ge=0, description="CE of the simplified target on the label (guards against collapse)")
     w_anchor: float = Field(1.0, ge=0, description="KL(teacher || simplified target): keeps the target near the teacher")
     dim: int = Field(32, gt=0, description="embedding width of the simplifier's class tokens")

@@ -31,7 +31,7 @@ from pipeline.errors import CheckpointError, RaykdError, StageFailed
 from pipeline.models import build_model
 from pipeline.progress import ProgressPrinter, emit
 from pipeline.training import (checkpoint_state, collect, evaluate, make_optimizer, report_epoch, restored_state,
-                               set_worker_threads, split_to_ray)
+                               split_to_ray, worker_setup)
 from pipeline.views import ViewPolicy, apply_views, make_views
 
 RECORD = "student.json"
@@ -131,11 +131,7 @@ def distill_loop(lc: dict) -> list[dict]:
     import ray.train
     import ray.train.torch
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    set_worker_threads(lc["torch_threads"])
-    torch.manual_seed(lc["seed"])
+    rank, world, device = worker_setup(lc["torch_threads"], lc["seed"])
     student = build_model(lc["arch"], lc["num_classes"], lc["in_chans"])
     method = build_method(MethodSection(**lc["method"]), MethodContext(**lc["method_ctx"]))
     teachers = _load_online_teachers(lc, device) if lc["online_teachers"] else {}

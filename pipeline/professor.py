@@ -43,15 +43,10 @@ def _build(lc: dict) -> Professor:
 def professor_loop(lc: dict) -> list[dict]:
     """The professor's training on a Ray Train worker: cached teacher logits and labels only."""
     import ray.train
-    import ray.train.torch
 
-    from pipeline.training import report_epoch, restored_state, set_worker_threads
+    from pipeline.training import report_epoch, restored_state, worker_setup
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    set_worker_threads(lc["torch_threads"])
-    torch.manual_seed(lc["seed"])
+    rank, world, device = worker_setup(lc["torch_threads"], lc["seed"])
     prof = _build(lc).to(device)
     opt_g = torch.optim.Adam(prof.generator_parameters(), lr=lc["lr"])
     opt_d = torch.optim.Adam(prof.discriminator_parameters(), lr=lc["lr"])
@@ -155,8 +150,10 @@ def run_professor(cfg: Config) -> dict:
     t0 = time.time()
     fs, root = cache.fs, cache.root
     pdir = posixpath.join(root, PROF_DIR)
+    if m.get("professor"):  # uncommit the professor this one replaces before deleting its files
+        write_json(fs, posixpath.join(root, MANIFEST), _without_professor(m))
     if fs.exists(pdir):
-        fs.rm(pdir, recursive=True)  # an uncommitted leftover, or the professor this one replaces
+        fs.rm(pdir, recursive=True)
     ray.data.DataContext.get_current().arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE
     files = [f for k in range(m["views"]) for f in cache.view_files(k)]
     cols = ["sample_id", "view_id", "label", *[f"logits.{t}" for t in cache.teachers]]
@@ -181,8 +178,8 @@ def run_professor(cfg: Config) -> dict:
              "cache_fingerprint": m["fingerprint"], "files": pfiles, "bytes": sum(f["bytes"] for f in pfiles),
              "refine_seconds": round(time.time() - t0, 2), "train_seconds": rec["train_seconds"]}
     entry.update(_accuracy(cache, pfiles))
-    manifest = dict(m, professor=entry)
-    manifest["columns"] = dict(m["columns"], refined=f"tensor<halffloat>[{m['dataset']['num_classes']}]")
+    manifest = dict(_without_professor(m), professor=entry)
+    manifest["columns"]["refined"] = f"tensor<halffloat>[{m['dataset']['num_classes']}]"
     write_json(fs, posixpath.join(root, MANIFEST), manifest)  # the commit: the teachers' files are untouched
     rec.update(refined_acc=entry["refined_acc"], ensemble_acc=entry["ensemble_acc"])
     _write_record(out, rec)
@@ -227,6 +224,11 @@ def _train(cfg, cache, lc, fp, out, device, TorchTrainer, log_level, thread_shar
            "train_seconds": round(time.time() - t0, 2)}
     _write_record(out, rec)
     return rec
+
+
+def _without_professor(m: dict) -> dict:
+    return {**{k: v for k, v in m.items() if k != "professor"},
+            "columns": {k: v for k, v in m["columns"].items() if k != "refined"}}
 
 
 def _accuracy(cache: Cache, pfiles: list[dict]) -> dict:

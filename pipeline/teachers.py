@@ -21,7 +21,7 @@ from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFaile
 from pipeline.models import build_model
 from pipeline.progress import ProgressPrinter, emit
 from pipeline.training import (checkpoint_state, collect, evaluate, make_optimizer, report_epoch, restored_state,
-                               set_worker_threads, split_to_ray, view_batch)
+                               split_to_ray, view_batch, worker_setup)
 from pipeline.views import ViewPolicy
 
 RECORD = "teacher.json"
@@ -51,11 +51,7 @@ def train_loop(lc: dict) -> list[dict]:
     import ray.train
     import ray.train.torch
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    set_worker_threads(lc["torch_threads"])
-    torch.manual_seed(lc["seed"])
+    rank, world, device = worker_setup(lc["torch_threads"], lc["seed"])
     model = build_model(lc["arch"], lc["num_classes"], lc["in_chans"])
     policy = ViewPolicy(**lc["policy"])
 

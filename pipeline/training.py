@@ -11,6 +11,17 @@ from pipeline.data import Split, normalize
 from pipeline.views import ViewPolicy, make_views
 
 
+def worker_setup(torch_threads: int | None, seed: int) -> tuple[int, int, "torch.device"]:
+    """The start of every Train loop: torch threads, the seed; returns (rank, world size, device)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    set_worker_threads(torch_threads)
+    torch.manual_seed(seed)
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
 def set_worker_threads(explicit: int | None) -> int:
     """Torch threads for this Train worker. Ray sets OMP_NUM_THREADS to the worker's CPU count (often 1);
     by default the workers on a node share its cores instead."""

@@ -107,3 +107,16 @@ def test_missing_cache_and_unknown_teachers_are_named(built, tmp_path):
                      "{name: b, arch: resnet8, seed: 2}, {name: c, arch: cnn8}]", "method.teachers=[c]")
     with pytest.raises(CacheError, match="no teacher 'c' in the cache"):
         run_distill(cfg)
+
+
+def test_students_in_parallel_one_failing(built, tmp_path):
+    """`raykd run`'s students run as concurrent Ray tasks; a failing one does not stop the other."""
+    from pipeline.distill import run_students
+
+    cfg0, _ = built
+    good = digits_cfg(cfg0.run.out_dir, "method.name=ce", "distill.student.arch=cnn4", "distill.optim.epochs=1",
+                      "distill.name=par-good")
+    bad = digits_cfg(cfg0.run.out_dir, "method.name=kd", f"cache.uri={tmp_path / 'none'}", "distill.name=par-bad")
+    with pytest.raises(StageFailed, match=r"par-bad: .*not a cache"):
+        run_students([good, bad], parallel=2)
+    assert read_student(student_dir(good))["epochs"] == 1

@@ -80,3 +80,23 @@ def test_student_from_refined_targets(professed):
         assert rec["name"] == f"kd_{targets}-cnn4-s0" and rec["epochs"] == 2
         ms = [json.loads(x) for x in open(os.path.join(student_dir(cfg), "metrics.jsonl"))]
         assert ms[0]["train_kd"] > 0
+
+
+def test_online_student_runs_the_professor_in_the_worker(professed):
+    cfg0, uri, _, _, _ = professed
+    cfg = digits_cfg(cfg0.run.out_dir, f"cache.uri={uri}", "method.name=dkd", "method.targets=refined",
+                     "distill.teachers=online", "distill.student.arch=cnn4", "distill.optim.epochs=1")
+    rec = run_distill(cfg)
+    assert rec["name"] == "dkd_refined-cnn4-s0-online" and rec["mode"] == "online"
+
+
+def test_a_new_professor_replaces_the_old_one(professed, tmp_path):
+    cfg0, uri, entry, hashes, _ = professed
+    copy = str(tmp_path / "cache")
+    shutil.copytree(uri, copy)
+    cfg = digits_cfg(cfg0.run.out_dir, f"cache.uri={copy}", "professor.optim.epochs=1", "professor.seed=1")
+    new = run_professor(cfg)
+    assert new["fingerprint"] != entry["fingerprint"]
+    cache = Cache(copy)  # the old professor's files are gone, nothing stray, the teachers' untouched
+    cache.verify()
+    assert cache.manifest["professor"]["fingerprint"] == new["fingerprint"] and _file_hashes(cache) == hashes
