@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "distill", "distil one student on Ray Train from the cache (or with the teachers online)")
     r = _stage_parser(sub, "run", "teachers -> cache -> one student per run.compare entry, then the results table")
     r.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs at cache.uri")
+    _stage_parser(sub, "sweep", "Ray Tune trials of `raykd distill` over sweep.space, every trial reading one cache")
     _stage_parser(sub, "config", "print the resolved config (defaults <- YAML <- overrides) and exit")
     z = sub.add_parser("zoo", help="list the model zoo with parameters and stage shapes")
     z.add_argument("--image-size", type=int, default=32)
@@ -106,6 +107,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pipeline.sweep import format_sweep, run_sweep
+
+    summary = run_sweep(_load(args))
+    print()
+    print(format_sweep(summary))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from pipeline.cache import inspect_cache
 
@@ -133,7 +143,8 @@ def cmd_zoo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"teachers": cmd_teachers, "cache": cmd_cache, "inspect": cmd_inspect, "config": cmd_config,
-               "zoo": cmd_zoo, "professor": cmd_professor, "distill": cmd_distill, "run": cmd_run}[args.command]
+               "zoo": cmd_zoo, "professor": cmd_professor, "distill": cmd_distill, "run": cmd_run,
+               "sweep": cmd_sweep}[args.command]
     try:
         return handler(args)
     except RaykdError as e:

@@ -270,6 +270,35 @@ class ProfessorSection(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
 
 
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SweepSection(Section):
+    """`raykd sweep`: Ray Tune trials of `raykd distill`, all reading one cache, selected on validation."""
+
+    name: str | None = Field(None, description="folder under <out_dir>/sweeps; None = sweep-<hash of the sweep>")
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="{dotted.key: {grid|choice: [values]} or {uniform|loguniform|randint: [lo, hi]}}")
+    search: Literal["random", "grid"] = Field("random", description="grid: every dimension a grid or a choice, all combinations")
+    num_samples: int = Field(4, gt=0, description="random: trials (grids are crossed with each); grid: repeats of the grid")
+    metric: str = Field("val_acc", description="what selects the best trial: a validation or training metric, never test")
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["none", "asha"] = Field("none", description="asha: stop poor trials early on the metric, per epoch")
+    grace_period: int = Field(2, gt=0, description="asha: epochs every trial runs before it may be stopped")
+    reduction_factor: int = Field(2, gt=1)
+    max_concurrent: int | None = Field(None, gt=0, description="trials at once; None = as many as the CPUs fit, one left for data")
+    seed: int = Field(0, description="seeds the random search")
+
+    @field_validator("metric")
+    @classmethod
+    def _not_test(cls, v: str) -> str:
+        if v.startswith("test"):
+            raise ValueError("sweeps select on validation (or training) metrics, never on the test split")
+        if v not in ("val_acc", "val_loss", "train_acc", "train_loss"):
+            raise ValueError(f"unknown metric {v!r}; use val_acc, val_loss, train_acc or train_loss")
+        return v
+
+
 class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     ray: RaySection = Field(default_factory=RaySection)
@@ -279,6 +308,7 @@ class Config(Section):
     professor: ProfessorSection = Field(default_factory=ProfessorSection)
     method: MethodSection = Field(default_factory=MethodSection)
     distill: DistillSection = Field(default_factory=DistillSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
 
     @model_validator(mode="after")
     def _cache_names_known(self) -> "Config":

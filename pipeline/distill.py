@@ -207,6 +207,7 @@ def distill_loop(lc: dict) -> list[dict]:
              "train_acc": correct_all / max(1, seen_all), "val_loss": val_loss, "val_acc": val_acc,
              "test_acc": test_acc, "lr": sched.get_last_lr()[0], "epoch_time_s": dt,
              "samples_per_s": seen_all / max(dt, 1e-9), "samples": seen_all, "workers": world,
+             "teachers_loaded": len(teachers) + (professor is not None),  # 0 when the cache serves
              "resumed_after": resumed}  # the epoch this attempt restarted after (None: from scratch)
         history.append(m)
         if rank == 0:
@@ -283,6 +284,12 @@ def distill_fingerprint(cfg: Config, data_fp: str, upstream: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _tune_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
+
+
 def _say(queue, line: str) -> None:
     """A console line: printed here, or sent to the driver when this runs in a Ray task (`raykd run`)."""
     if queue is None:
@@ -291,11 +298,12 @@ def _say(queue, line: str) -> None:
         emit(queue, line)
 
 
-def run_distill(cfg: Config, progress=None, concurrent: int = 1) -> dict:
+def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = False) -> dict:
     """Distil one student as configured; returns its record (also written as student.json).
 
-    `progress`: the driver's progress queue when this runs inside a Ray task next to `concurrent - 1`
-    other students (`raykd run`), whose workers share the node's cores."""
+    `progress`: the driver's progress queue when this runs inside a Ray task or Tune trial next to
+    `concurrent - 1` others (`raykd run`, `raykd sweep`), whose workers share the node's cores.
+    `tune`: this is a Tune trial: rank 0's epoch metrics are forwarded to Tune."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -382,6 +390,7 @@ def run_distill(cfg: Config, progress=None, concurrent: int = 1) -> dict:
                 logging_config=ray.train.LoggingConfig(log_level=TRAIN_LOG_LEVEL),
                 failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=[_tune_callback()] if tune else None,
             ),
             datasets=datasets,
             dataset_config=ray.train.DataConfig(datasets_to_split=split_names),

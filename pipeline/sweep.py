@@ -1,0 +1,240 @@
+"""`raykd sweep`: Ray Tune trials of `raykd distill` over a search space, every trial reading one cache.
+
+Ray Train V2 is the default in Ray 2.60 and `Tuner(TorchTrainer(...))` fails under it, so each trial is
+a Tune *function* trainable that builds and fits its own TorchTrainer (`run_distill(tune=True)`), whose
+`TuneReportCallback` forwards rank 0's per-epoch metrics to Tune (the way Ray's Train V2 guide pairs
+them). The trial itself asks for no CPU (its Train workers hold them); `sweep.max_concurrent` bounds the trials.
+The Train run of a trial is named after the trial, so a restored sweep resumes every unfinished trial
+from its last epoch checkpoint. Selection uses `sweep.metric` (validation by default, never test).
+
+Outputs under <out_dir>/sweeps/<name>/: results.csv (sorted, val beside test), results.png, best.yaml
+(the best trial's resolved config, runnable as is by `raykd distill -c`), sweep.json, and Tune's own
+experiment folder (what `Tuner.restore` resumes).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+
+from pipeline.config import DISTRIBUTIONS, Config, dump_config, variant
+from pipeline.errors import ConfigError, StageFailed
+
+
+def check_space(cfg: Config) -> None:
+    """Every key and distribution of `sweep.space` is valid, and every value it can take gives a valid
+    config: found here, before any trial starts."""
+    sw = cfg.sweep
+    if not sw.space:
+        raise ConfigError("sweep.space is empty: give at least one {dotted.key: {distribution: values}}")
+    for key, dist in sw.space.items():
+        where = f"sweep.space.{key}"
+        if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: {dist!r} is not one distribution; use one of "
+                              f"{', '.join(f'{{{d}: ...}}' for d in DISTRIBUTIONS)}")
+        kind, values = next(iter(dist.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {values!r}")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+                    or values[0] >= values[1]:
+                raise ConfigError(f"{where}.{kind}: expected [low, high] numbers with low < high, got {values!r}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"{where}.loguniform: the low bound must be > 0, got {values[0]}")
+            if kind == "randint" and not all(isinstance(v, int) for v in values):
+                raise ConfigError(f"{where}.randint: expected integer bounds, got {values!r}")
+        elif sw.search == "grid" and kind not in ("grid", "choice"):
+            raise ConfigError(f"{where}: sweep.search=grid needs grid or choice dimensions, got {kind}")
+        for v in values:  # every listed value, or both bounds, must make a valid config
+            variant(cfg, {key: v}, where)
+
+
+def sweep_name(cfg: Config) -> str:
+    if cfg.sweep.name:
+        return cfg.sweep.name
+    payload = json.dumps({"sweep": cfg.sweep.model_dump(mode="json"), "base": cfg.model_dump(mode="json", exclude={"sweep"})},
+                         sort_keys=True)
+    return "sweep-" + hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+def _tune_space(cfg: Config) -> dict:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
+    space = {}
+    for key, dist in cfg.sweep.space.items():
+        kind, values = next(iter(dist.items()))
+        if cfg.sweep.search == "grid":
+            kind = "grid"
+        # Tune nests dotted names; keep each key whole by encoding its dots
+        space[key.replace(".", "__")] = make[kind](values)
+    return space
+
+
+def _trial(params: dict, base: dict, name: str, progress, concurrent: int) -> None:
+    """One Tune trial: the base config with this trial's values, distilled exactly as `raykd distill` does."""
+    from ray import tune
+
+    from pipeline.distill import run_distill
+
+    changes = {k.replace("__", "."): v for k, v in params.items()}
+    trial = tune.get_context().get_trial_id()
+    cfg = variant(Config.model_validate(base), {**changes, "distill.name": f"{name}-{trial}"}, f"sweep trial {trial}")
+    run_distill(cfg, progress=progress, concurrent=concurrent, tune=True)
+
+
+def run_sweep(cfg: Config) -> dict:
+    """Run (or resume) the sweep; returns its summary (also sweep.json)."""
+    import ray
+    from ray import tune
+
+    from pipeline.cache import Cache, cache_uri
+    from pipeline.progress import ProgressPrinter
+    from pipeline.raysetup import init_ray
+
+    check_space(cfg)
+    sw = cfg.sweep
+    if cfg.distill.teachers == "cache":  # the one cache every trial reads; never built here
+        Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
+    name = sweep_name(cfg)
+    root = os.path.join(os.path.abspath(cfg.run.out_dir), "sweeps")
+    out = os.path.join(root, name)
+    os.makedirs(out, exist_ok=True)
+    init_ray(cfg.ray)
+    per = cfg.distill.workers.num_workers * cfg.distill.workers.cpus_per_worker
+    concurrent = sw.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // per))
+    t0 = time.time()
+    with ProgressPrinter() as progress:
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), name=name, progress=progress.queue,
+                                 concurrent=concurrent),
+            # Tune refuses an empty request, and any CPU share here would leave Ray Data's read tasks (1 CPU
+            # each) less than a whole CPU beside the Train workers: they would never start (seen). So the
+            # trial reserves a little memory only; its Train workers hold the CPUs.
+            {"cpu": 0, "memory": 64 * 2**20})
+        path = os.path.join(root, name, "tune")
+        if tune.Tuner.can_restore(path):
+            print(f"[sweep] {name}: resuming the interrupted sweep in {path}", flush=True)
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            scheduler = None
+            if sw.scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
+
+                scheduler = ASHAScheduler(max_t=cfg.distill.optim.epochs, grace_period=sw.grace_period,
+                                          reduction_factor=sw.reduction_factor)
+            from ray.tune.search import BasicVariantGenerator
+
+            tuner = tune.Tuner(
+                trainable, param_space=_tune_space(cfg),
+                tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, scheduler=scheduler,
+                                            num_samples=1 if sw.search == "grid" and sw.num_samples == 1 else sw.num_samples,
+                                            max_concurrent_trials=concurrent,
+                                            # our own generator ignores TuneConfig's limit: give it the bound too
+                                            search_alg=BasicVariantGenerator(random_state=sw.seed,
+                                                                             max_concurrent=concurrent)),
+                run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0))
+        print(f"[sweep] {name}: {len(sw.space)} dimension(s), {sw.search} search, {concurrent} trial(s) at a time, "
+              f"selecting on {sw.metric} ({sw.mode})", flush=True)
+        grid = tuner.fit()
+    return _summarise(cfg, name, out, grid, time.time() - t0)
+
+
+def _summarise(cfg: Config, name: str, out: str, grid, seconds: float) -> dict:
+    sw = cfg.sweep
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        params = {k.replace("__", "."): v for k, v in (r.config or {}).items()}
+        # a trial that failed before its first report has no metrics: its folder is _trial_<id>_<n>_...
+        trial = m.get("trial_id") or "_".join(os.path.basename(r.path).split("_")[2:4])
+        rows.append({"trial": trial, "student": f"{name}-{trial}", **params, "epochs": m.get("epoch"),
+                     **{k: m.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")},
+                     "teachers_loaded": m.get("teachers_loaded"), "error": type(r.error).__name__ if r.error else ""})
+    if all(r[sw.metric] is None for r in rows):
+        raise StageFailed(f"sweep {name}: no trial reported a result; Ray's logs: /tmp/ray/session_latest/logs")
+    sign = -1 if sw.mode == "max" else 1
+    rows.sort(key=lambda r: (r[sw.metric] is None, sign * (r[sw.metric] or 0), r["trial"]))  # ties: by trial
+    best = grid.get_best_result(metric=sw.metric, mode=sw.mode, scope="last")
+    best_changes = {k.replace("__", "."): v for k, v in best.config.items()}
+    best_cfg = variant(cfg, {**best_changes, "distill.name": None}, "sweep best")
+    with open(os.path.join(out, "best.yaml"), "w") as f:
+        f.write(f"# best trial of sweep {name} on {sw.metric} ({sw.mode}): {best_changes}\n")
+        f.write(dump_config(best_cfg.model_copy(update={"sweep": type(cfg.sweep)()})))
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    students = os.path.join(os.path.abspath(cfg.run.out_dir), "students")
+    _plot(rows, {r["trial"]: _history(os.path.join(students, r["student"])) for r in rows}, sw.metric,
+          os.path.join(out, "results.png"))
+    summary = {"name": name, "metric": sw.metric, "mode": sw.mode, "trials": len(rows), "best": best_changes,
+               "best_val_acc": best.metrics.get("val_acc"), "best_test_acc": best.metrics.get("test_acc"),
+               "seconds": round(seconds, 1), "dir": out}
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump({**summary, "rows": rows}, f, indent=2, default=str)
+    return {**summary, "rows": rows}
+
+
+def _history(sdir: str) -> list[dict]:
+    """A trial's per-epoch records, from its student folder (written by every trial, whatever Tune logs)."""
+    try:
+        with open(os.path.join(sdir, "metrics.jsonl")) as f:
+            return [json.loads(x) for x in f if x.strip()]
+    except OSError:
+        return []
+
+
+def _plot(rows: list[dict], histories: dict[str, list[dict]], metric: str, path: str) -> None:
+    """Left: each trial's final val and test accuracy; right: val accuracy per epoch of every trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["trial"][-12:] for r in rows]
+    a.bar(range(len(rows)), [100 * (r["val_acc"] or math.nan) for r in rows], label="val")
+    a.plot(range(len(rows)), [100 * (r["test_acc"] or math.nan) for r in rows], "k_", markersize=14, label="test")
+    a.set_xticks(range(len(rows)), names, rotation=60, fontsize=7)
+    a.set_ylabel("accuracy (%)")
+    a.set_title(f"trials, best first (selected on {metric})")
+    a.legend()
+    for trial, hist in histories.items():
+        if hist:
+            b.plot([h["epoch"] for h in hist], [100 * h["val_acc"] for h in hist], marker=".", alpha=0.7,
+                   label=trial[-12:])
+    if len(histories) <= 12:
+        b.legend(fontsize=7)
+    b.set_xlabel("epoch")
+    b.set_ylabel("val accuracy (%)")
+    b.set_title("val accuracy per epoch, every trial")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_sweep(summary: dict) -> str:
+    rows = summary["rows"]
+    params = [k for k in rows[0] if k not in ("trial", "student", "epochs", "train_loss", "train_acc", "val_acc", "val_loss",
+                                               "test_acc", "teachers_loaded", "error")]
+    head = f"{'trial':<24} " + " ".join(f"{p[-22:]:>22}" for p in params) + f" {'epochs':>6} {'val acc':>8} {'test acc':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        vals = " ".join(f"{_fmt(r.get(p)):>22}" for p in params)
+        va = f"{100 * r['val_acc']:.2f}%" if r["val_acc"] is not None else "-"
+        te = f"{100 * r['test_acc']:.2f}%" if r["test_acc"] is not None else "-"
+        lines.append(f"{r['trial'][-24:]:<24} {vals} {r['epochs'] or '-':>6} {va:>8} {te:>9}")
+    lines.append(f"\nbest on {summary['metric']}: {summary['best']} -> {summary['dir']}/best.yaml "
+                 f"(results.csv, results.png beside it)")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
