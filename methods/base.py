@@ -28,15 +28,18 @@ class MethodContext:
     teacher_val_acc: dict[str, float] = field(default_factory=dict)
     epochs: int = 1
     student_stages: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    teacher_stages: dict[str, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
 
 
 @dataclass
 class Targets:
     """One batch's teacher outputs, float32 on the training device: `logits[teacher]` is (B, C);
-    `refined` (B, C) the professor's refined logits, when the method asks for them."""
+    `refined` (B, C) the professor's refined logits, when the method asks for them; `features[teacher]
+    [stage]` (B, C, H, W) the feature maps the method asks for (`Method.feature_layers`), dequantised."""
 
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
     refined: torch.Tensor | None = None
+    features: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def ensemble_logits(zs: list[torch.Tensor], temperature: float, weights: list[float] | None = None) -> torch.Tensor:
@@ -56,11 +59,19 @@ class Method(nn.Module, metaclass=ABCMeta):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
 
+    uses_logits = True  # False for feature-only methods (FEED): no logits column is read
+
+    def feature_layers(self) -> dict[str, list[str]]:
+        """Teacher -> stages whose feature maps this method needs (cache columns feat.<teacher>.<stage>)."""
+        return {}
+
     def columns(self) -> list[str]:
-        """Cache columns this method reads besides the view and its label."""
+        """Cache columns this method reads besides the view and its label (feature maps without their
+        int8 `.scale` companions, which the reader adds when the cache stores int8)."""
         if not self.uses_teachers:
             return []
-        cols = [f"logits.{t}" for t in self.ctx.teachers] if self.cfg.targets != "refined" else []
+        cols = [f"logits.{t}" for t in self.ctx.teachers] if self.cfg.targets != "refined" and self.uses_logits else []
+        cols += [f"feat.{t}.{s}" for t, stages in self.feature_layers().items() for s in stages]
         return cols + (["refined"] if self.cfg.targets != "teachers" else [])
 
     @abstractmethod

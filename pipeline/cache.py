@@ -463,8 +463,14 @@ class Cache:
             raise CacheError(f"{self.uri}: the cache has K={m['views']} views, expected {views}")
         missing = [c for c in columns or [] if c not in m["columns"]]
         if missing:
-            how = ("run `raykd professor` on it" if missing[0] == "refined" else
-                   "rebuild it with what adds it (e.g. cache.layers for feat.* columns)")
+            if missing[0] == "refined":
+                how = "run `raykd professor` on it"
+            elif missing[0].startswith("feat."):
+                _, t, stage = missing[0].split(".", 2)
+                how = (f"add `cache.layers: {{{t}: [{stage}]}}` and rebuild it (`raykd cache --overwrite`), "
+                       f"or distil with the teachers online (distill.teachers=online)")
+            else:
+                how = "rebuild it with what adds it"
             raise CacheError(f"{self.uri}: no column {missing[0]!r} in the cache; {how}")
         if data_fingerprint is not None and data_fingerprint != m["dataset"]["fingerprint"]:
             raise CacheError(f"{self.uri}: built from other data (dataset fingerprint differs)")

@@ -196,6 +196,35 @@ class SKDOptions(KDOptions):
     dim: int = Field(32, gt=0, description="embedding width of the simplifier's class tokens")
 
 
+class FEEDOptions(Section):
+    """FEED: one non-linear transformation (NTL) per teacher from the student's final map to the teacher's."""
+
+    beta: float = Field(500.0, ge=0, description="weight of the feature term (the Factor Transfer default)")
+    w_ce: float = Field(1.0, ge=0)
+    student_layer: str | None = Field(None, description="student stage the NTLs read; None = its last stage")
+    teacher_layers: dict[str, str] = Field(
+        default_factory=dict, description="teacher -> stage to match; a teacher not listed: its last stage")
+    negative_slope: float = Field(0.1, ge=0, description="LeakyReLU slope inside the NTLs")
+    generations: int = Field(1, ge=1, description="sequential FEED: generation g>1 distils from generation g-1's student")
+    from_student: str | None = Field(
+        None, pattern=NAME_RE, description="a finished student (<out_dir>/students/<name>) as the only teacher, run "
+                                           "in the workers on the cached views; set by sequential FEED for g>1")
+
+
+class IMFOptions(Section):
+    """IMF: IFD branches on student stages matched to teacher stages, combined by an attentive logit."""
+
+    alpha: float = Field(10.0, ge=0, description="weight of the matched-feature MSE")
+    beta: float = Field(10.0, ge=0, description="weight of tau^2 KL(teacher || attentive logit)")
+    temperature: float = Field(4.0, gt=0)
+    student_layers: list[str] | None = Field(None, description="stages that get an IFD; None = the last two but the last")
+    teacher: str | None = Field(None, description="the teacher whose stages are matched; None = the first distilled one")
+    teacher_layers: dict[str, str] = Field(
+        default_factory=dict, description="student stage -> teacher stage; default the stage of the same name")
+    width: Literal["student", "teacher"] = Field(
+        "student", description="IFD channels: the next student stage's (+ a training-only 1x1 connector) or the teacher's")
+
+
 class CombineWeights(Section):
     teachers: float = Field(0.5, ge=0)
     professor: float = Field(0.5, ge=0)
@@ -216,6 +245,8 @@ class MethodSection(Section):
     dkd: DKDOptions = Field(default_factory=DKDOptions)
     aekt: AEKTOptions = Field(default_factory=AEKTOptions)
     skd: SKDOptions = Field(default_factory=SKDOptions)
+    feed: FEEDOptions = Field(default_factory=FEEDOptions)
+    imf: IMFOptions = Field(default_factory=IMFOptions)
 
     @field_validator("name")
     @classmethod

@@ -96,6 +96,22 @@ def _batch_views(batch: dict, lc: dict, epoch: int, train_images, device):
     return normalize(pixels.to(device, non_blocking=True), lc["mean"], lc["std"])
 
 
+def _column_teacher(col: str) -> str | None:
+    """The teacher a cache column belongs to (logits.<t>, feat.<t>.<stage>), else None."""
+    parts = col.split(".")
+    return parts[1] if parts[0] in ("logits", "feat", "topk") and len(parts) > 1 else None
+
+
+def _feature(batch: dict, col: str, device) -> torch.Tensor:
+    """A cached feature map as float32: fp16 as stored, int8 dequantised with its per-row `.scale`."""
+    x = batch[col].to(device)
+    if col + ".scale" in batch:
+        from pipeline.cache import dequantize_int8
+
+        return dequantize_int8(x, batch[col + ".scale"].to(device))
+    return x.float()
+
+
 def _load_online_teachers(lc: dict, device) -> dict[str, nn.Module]:
     from pipeline.checkpoints import load_into, load_state_dict
 
@@ -157,6 +173,7 @@ def distill_loop(lc: dict) -> list[dict]:
     bare = model.module if hasattr(model, "module") else model
 
     professor = _load_online_professor(lc, device) if lc["online_professor"] else None
+    layers = method.feature_layers()
     for epoch in range(start, epochs):
         shard = ray.train.get_dataset_shard(f"view{epoch % lc['views']}" if lc["cached"] else "train")
         refined = None
@@ -173,13 +190,18 @@ def distill_loop(lc: dict) -> list[dict]:
             x = _batch_views(batch, lc, epoch, train_images, device)
             y = batch["label"].to(device, dtype=torch.long)
             if teachers:
+                targets = Targets()
                 with torch.no_grad():
-                    targets = Targets(logits={n: t(x) for n, t in teachers.items()})
+                    for n, t in teachers.items():
+                        targets.logits[n], maps = t.forward_stages(x)
+                        targets.features[n] = {s: maps[s] for s in layers.get(n, [])}
                 if professor is not None:
                     targets.refined = professor.refine(list(targets.logits.values()), y)
             else:
                 targets = Targets(logits={n: batch[f"logits.{n}"].to(device).float() for n in lc["method_ctx"]["teachers"]
-                                          if f"logits.{n}" in batch})
+                                          if f"logits.{n}" in batch},
+                                  features={n: {s: _feature(batch, f"feat.{n}.{s}", device) for s in ss}
+                                            for n, ss in layers.items()})
             if refined is not None:
                 targets.refined = _lookup(refined, batch["sample_id"].numpy()).to(device)
             logits, terms = model(x, targets, y, epoch + 1)
@@ -231,6 +253,8 @@ def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
     from pipeline.teachers import read_record, teacher_dir
 
     out = os.path.abspath(cfg.run.out_dir)
+    if cfg.method.name == "feed" and cfg.method.feed.from_student:
+        return _student_as_teacher(cfg, splits, online, out)
     if not online:
         cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
         cache.expect(data_fingerprint=splits.fingerprint)
@@ -257,6 +281,51 @@ def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
         {"teachers": [[e["name"], e["sha256"]] for e in entries], "views": cfg.cache.views,
          "policy": splits.policy.as_dict(), "data": splits.fingerprint}, sort_keys=True).encode()).hexdigest()
     return names, acc, cfg.cache.views, upstream, None, entries
+
+
+def _student_as_teacher(cfg: Config, splits, online: bool, out: str):
+    """`method.feed.from_student`: a finished student is the only teacher, run in the workers (it is
+    small) on the cached views (or on views rendered there when online)."""
+    from pipeline.cache import Cache, cache_uri
+
+    name = cfg.method.feed.from_student
+    sdir = os.path.join(out, "students", name)
+    rec = read_student(sdir)
+    if rec is None:
+        raise RaykdError(f"method.feed.from_student={name!r}: no finished student under {sdir}")
+    path = os.path.join(sdir, "student.safetensors")
+    if not os.path.isfile(path) or sha256_file(path) != rec["files"]["student.safetensors"]:
+        raise CheckpointError(f"student {name!r}: {path} is missing or does not match its recorded sha256")
+    entry = {"name": name, "arch": rec["arch"], "path": path, "sha256": rec["files"]["student.safetensors"]}
+    cache = None
+    if not online:
+        cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
+        cache.expect(data_fingerprint=splits.fingerprint)
+    views = cache.manifest["views"] if cache is not None else cfg.cache.views
+    upstream = hashlib.sha256(f"{rec['fingerprint']}:{entry['sha256']}".encode()).hexdigest()
+    return [name], {name: rec["val_acc"]}, views, upstream, cache, [entry]
+
+
+def _feed_generations(cfg: Config, progress, concurrent: int, tune: bool) -> dict:
+    """Sequential FEED: generation 1 distils from the configured teachers; generation g > 1 from the
+    frozen student of generation g - 1. Every generation is an ordinary student, `<name>-g<g>`; the
+    returned record is the last one's, with every generation's accuracy under `generations`."""
+    from pipeline.config import variant
+
+    base, gens = student_name(cfg), cfg.method.feed.generations
+    recs: list[dict] = []
+    for g in range(1, gens + 1):
+        changes = {"method.feed.generations": 1, "distill.name": f"{base}-g{g}"}
+        if recs:
+            changes.update({"method.feed.from_student": recs[-1]["name"], "method.teachers": None})
+        recs.append(run_distill(variant(cfg, changes, f"FEED generation {g}"), progress, concurrent, tune))
+    summary = [{"generation": g, "name": r["name"], "teachers": r["teachers"], "val_acc": r["val_acc"],
+                "test_acc": r["test_acc"]} for g, r in enumerate(recs, 1)]
+    _write_json(os.path.join(student_dir(variant(cfg, {"distill.name": recs[-1]["name"]}, "FEED")), "generations.json"),
+                {"generations": summary})
+    _say(progress, f"[distill] {base}: sequential FEED, " + ", ".join(
+        f"g{s['generation']} val {s['val_acc']:.4f} test {s['test_acc']:.4f}" for s in summary))
+    return {**recs[-1], "generations": summary}
 
 
 def _professor_entry(cfg: Config) -> dict:
@@ -311,6 +380,8 @@ def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = Fa
     from pipeline.data import load_splits
     from pipeline.raysetup import TRAIN_LOG_LEVEL, init_ray, local_thread_share, resolve_device
 
+    if cfg.method.name == "feed" and cfg.method.feed.generations > 1:
+        return _feed_generations(cfg, progress, concurrent, tune)
     splits = load_splits(cfg.data)
     d = cfg.distill
     online = d.teachers == "online"
@@ -319,8 +390,12 @@ def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = Fa
     name, sdir = student_name(cfg), student_dir(cfg)
     seed = student_seed(cfg)
     student = build_model(d.student.arch, splits.num_classes, splits.in_chans)
+    archs = {t["name"]: t["arch"] for t in (cache.manifest["teachers"] if cache is not None else [])}
+    archs.update({t["name"]: t["arch"] for t in online_teachers})  # online, or a student as teacher
     mctx = {"num_classes": splits.num_classes, "teachers": names, "teacher_val_acc": val_acc, "epochs": d.optim.epochs,
-            "student_stages": {k: list(v) for k, v in student.stage_shapes(splits.image_size).items()}}
+            "student_stages": {k: list(v) for k, v in student.stage_shapes(splits.image_size).items()},
+            "teacher_stages": {n: {k: list(v) for k, v in build_model(archs[n], splits.num_classes, splits.in_chans)
+                                   .stage_shapes(splits.image_size).items()} for n in names}}
     method = build_method(cfg.method, MethodContext(**mctx))
     online_professor = None
     if "refined" in method.columns():  # the professor is upstream too
@@ -343,9 +418,11 @@ def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = Fa
     train_images = None
     refined = None
     if cache is not None:
-        cols = ["sample_id", "label", *method.columns()]
+        in_worker = {t["name"] for t in online_teachers}  # their outputs are computed, not read
+        cols = ["sample_id", "label", *[c for c in method.columns() if _column_teacher(c) not in in_worker]]
         cols += ["pixels"] if cache.manifest["store_views"] else ["view_ox", "view_oy", "view_flip"]
         cache.expect(columns=cols)
+        cols += [c + ".scale" for c in cols if c.startswith("feat.") and c + ".scale" in cache.manifest["columns"]]
         split_names = [f"view{k}" for k in sorted({e % views for e in range(d.optim.epochs)})]
         for s in split_names:
             datasets[s] = cache.view_dataset(int(s[4:]), columns=[c for c in cols if c != "refined"])
@@ -402,12 +479,33 @@ def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = Fa
                               "are kept: rerun the same command to resume. Ray's logs: /tmp/ray/session_latest/logs") from None
     state = checkpoint_state(result.checkpoint)
     history = json.loads(state["history"])
-    rec = _save_outputs(sdir, state, history, cfg, student, names, online, fp, upstream)
+    rec = _save_outputs(sdir, state, history, cfg, student, names, online or bool(online_teachers), fp, upstream)
+    if cfg.method.name == "imf":
+        rec["inference"] = _export_imf(sdir, state, student, method, splits, rec["files"])
     rec["wall_time_s"] = round(time.time() - t0, 2)
     _write_json(os.path.join(sdir, RECORD), rec)
     last = history[-1]
     _say(progress, f"[distill] {name}: done, val {last['val_acc']:.4f} test {last['test_acc']:.4f} -> {sdir}")
     return rec
+
+
+def _export_imf(sdir: str, state: dict, student: nn.Module, method: nn.Module, splits, files: dict) -> dict:
+    """IMF's deployed model (student stages up to the deepest IFD + IFDs + heads + attention) saved as
+    inference.safetensors, with its parameters, FLOPs and test accuracy next to the full student's."""
+    from methods.imf import IMFInference, flops
+
+    student.load_state_dict(state["student"])
+    method.load_state_dict(state["method"])
+    inf = IMFInference(student, method).eval()
+    files["inference.safetensors"] = save_state_dict(inf.state_dict(), os.path.join(sdir, "inference.safetensors"))
+    x = torch.zeros(1, splits.in_chans, splits.image_size, splits.image_size)
+    test = (torch.from_numpy(splits.test.images), torch.from_numpy(splits.test.labels))
+    with torch.no_grad():
+        acc, _ = evaluate(inf, *test, splits.mean, splits.std, "cpu")
+        student_acc, _ = evaluate(student, *test, splits.mean, splits.std, "cpu")
+    return {"stages": list(inf.stages), "ifd_layers": inf.student_layers, "params": inf.num_params(),
+            "flops": flops(inf, x), "test_acc": acc, "student_params": student.num_params(),
+            "student_flops": flops(student, x), "student_test_acc": student_acc}
 
 
 def _save_outputs(sdir, state, history, cfg, student, teachers, online, fp, upstream) -> dict:
@@ -463,10 +561,20 @@ def format_results(records: list[dict]) -> str:
     head = (f"{'student':<22} {'method':<7} {'arch':<9} {'params':>8} {'teachers':<9} {'val acc':>8} {'test acc':>9} "
             f"{'epoch s':>8}")
     rows = [head, "-" * len(head)]
+    notes = []
     for r in records:
         rows.append(f"{r['name']:<22} {r['method']:<7} {r['arch']:<9} {r['params']:>8,} {r['mode']:<9} "
                     f"{100 * r['val_acc']:>7.2f}% {100 * r['test_acc']:>8.2f}% {r['epoch_time_s']:>8.2f}")
-    return "\n".join(rows)
+        if "inference" in r:  # IMF's deployed model beside the full student
+            i = r["inference"]
+            notes.append(f"{r['name']}: IMF inference model ({' + '.join(i['stages'])} + IFDs on "
+                         f"{', '.join(i['ifd_layers'])}) {i['params']:,} params, {i['flops']:,} FLOPs, test "
+                         f"{100 * i['test_acc']:.2f}%; full student {i['student_params']:,} params, "
+                         f"{i['student_flops']:,} FLOPs, test {100 * i['student_test_acc']:.2f}%")
+        for g in r.get("generations", []):  # sequential FEED
+            notes.append(f"{r['name']}: generation {g['generation']} ({g['name']}, from {', '.join(g['teachers'])}) "
+                         f"val {100 * g['val_acc']:.2f}% test {100 * g['test_acc']:.2f}%")
+    return "\n".join(rows + ([""] + notes if notes else []))
 
 
 def run_students(cfgs: list[Config], parallel: int | None = None) -> list[dict]:

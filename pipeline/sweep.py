@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -76,12 +77,13 @@ def _tune_space(cfg: Config) -> dict:
     return space
 
 
-def _trial(params: dict, base: dict, name: str, progress, concurrent: int) -> None:
+def _trial(params: dict, base: dict, name: str, progress, concurrent: int, cwd: str) -> None:
     """One Tune trial: the base config with this trial's values, distilled exactly as `raykd distill` does."""
     from ray import tune
 
     from pipeline.distill import run_distill
 
+    os.chdir(cwd)  # Tune starts trials in their own working folder: relative paths are the user's
     changes = {k.replace("__", "."): v for k, v in params.items()}
     trial = tune.get_context().get_trial_id()
     cfg = variant(Config.model_validate(base), {**changes, "distill.name": f"{name}-{trial}"}, f"sweep trial {trial}")
@@ -108,11 +110,14 @@ def run_sweep(cfg: Config) -> dict:
     init_ray(cfg.ray)
     per = cfg.distill.workers.num_workers * cfg.distill.workers.cpus_per_worker
     concurrent = sw.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // per))
+    # Tune's own result files are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): the summary reads the metrics
+    # Tune keeps in memory and the students' metrics.jsonl, so its "failed to fetch metrics" warning is noise
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     t0 = time.time()
     with ProgressPrinter() as progress:
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), name=name, progress=progress.queue,
-                                 concurrent=concurrent),
+                                 concurrent=concurrent, cwd=os.getcwd()),
             # Tune refuses an empty request, and any CPU share here would leave Ray Data's read tasks (1 CPU
             # each) less than a whole CPU beside the Train workers: they would never start (seen). So the
             # trial reserves a little memory only; its Train workers hold the CPUs.
@@ -134,8 +139,7 @@ def run_sweep(cfg: Config) -> dict:
                 trainable, param_space=_tune_space(cfg),
                 tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, scheduler=scheduler,
                                             num_samples=1 if sw.search == "grid" and sw.num_samples == 1 else sw.num_samples,
-                                            max_concurrent_trials=concurrent,
-                                            # our own generator ignores TuneConfig's limit: give it the bound too
+                                            # our own generator ignores TuneConfig's max_concurrent_trials
                                             search_alg=BasicVariantGenerator(random_state=sw.seed,
                                                                              max_concurrent=concurrent)),
                 run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0))

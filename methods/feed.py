@@ -1,0 +1,90 @@
+"""FEED — feature-level ensemble distillation (seed 004; docs/methods.md).
+
+Paper (equations recovered from a secondary summary): L = CE(z_s, y) + beta * sum_n
+|| x_t,n / ||x_t,n||_2 - NTL_n(x_s) / ||NTL_n(x_s)||_2 ||_1, with x_t,n teacher n's final feature map,
+x_s the student's final feature map (before pooling), each flattened per sample; one non-linear
+transformation NTL_n per teacher (three 3x3 convolutions), trained with the student and dropped at
+test time; teachers frozen. Parallel FEED: all N teachers at once.
+Our reading (each a `method.feed.*` option): NTL = [Conv3x3 -> BN -> LeakyReLU(0.1)] x 3 with channels
+C_s -> C_s -> C_t -> C_t; a spatial mismatch is resolved by adaptive average pooling of the larger map
+to the smaller size; the L1 norm is averaged over the elements (and the batch); beta = 500 (the Factor
+Transfer default), w_ce = 1; the student's last stage and each teacher's last stage by default.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from methods.base import METHODS, Method
+
+
+def ntl(c_in: int, c_out: int, negative_slope: float = 0.1) -> nn.Sequential:
+    """[Conv3x3 -> BN -> LeakyReLU] x 3, channels c_in -> c_in -> c_out -> c_out."""
+    layers: list[nn.Module] = []
+    for a, b in ((c_in, c_in), (c_in, c_out), (c_out, c_out)):
+        layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.LeakyReLU(negative_slope)]
+    return nn.Sequential(*layers)
+
+
+def match_size(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both maps at the smaller of their spatial sizes (adaptive average pooling of the larger)."""
+    h, w = min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3])
+    if a.shape[2:] != (h, w):
+        a = F.adaptive_avg_pool2d(a, (h, w))
+    if b.shape[2:] != (h, w):
+        b = F.adaptive_avg_pool2d(b, (h, w))
+    return a, b
+
+
+def feed_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """mean | t/||t||_2 - s/||s||_2 | over elements and batch, each map flattened per sample. The teacher
+    map is detached (teachers are frozen)."""
+    s, t = match_size(student_map, teacher_map.detach())
+    s = F.normalize(s.flatten(1), dim=1)
+    t = F.normalize(t.flatten(1), dim=1)
+    return (t - s).abs().mean()
+
+
+@METHODS.register("feed")
+class FEED(Method):
+    uses_logits = False
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        o = cfg.feed
+        if cfg.targets != "teachers":
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"method.targets={cfg.targets}: FEED distils feature maps, not (refined) logits")
+        stages = ctx.student_stages
+        self.student_layer = o.student_layer or (list(stages)[-1] if stages else None)
+        if self.student_layer not in stages:
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"method.feed.student_layer={self.student_layer!r} is not a student stage "
+                              f"(stages: {', '.join(stages)})")
+        c_s = stages[self.student_layer][0]
+        self.layers: dict[str, str] = {}
+        self.ntls = nn.ModuleDict()
+        for t in ctx.teachers:
+            t_stages = ctx.teacher_stages[t]
+            layer = o.teacher_layers.get(t) or list(t_stages)[-1]
+            if layer not in t_stages:
+                from pipeline.errors import ConfigError
+
+                raise ConfigError(f"method.feed.teacher_layers.{t}={layer!r} is not a stage of teacher {t} "
+                                  f"(stages: {', '.join(t_stages)})")
+            self.layers[t] = layer
+            self.ntls[t] = ntl(c_s, t_stages[layer][0], o.negative_slope)
+
+    def feature_layers(self) -> dict[str, list[str]]:
+        return {t: [layer] for t, layer in self.layers.items()}
+
+    def forward(self, logits, stages, targets, labels, epoch):
+        o = self.cfg.feed
+        ce = F.cross_entropy(logits, labels)
+        x_s = stages[self.student_layer]
+        feat = sum(feed_loss(self.ntls[t](x_s), targets.features[t][layer]) for t, layer in self.layers.items())
+        return {"loss": o.w_ce * ce + o.beta * feat, "ce": ce, "feed": feat}
