@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import logging
 import math
 import os
 import time
@@ -110,9 +109,9 @@ def run_sweep(cfg: Config) -> dict:
     init_ray(cfg.ray)
     per = cfg.distill.workers.num_workers * cfg.distill.workers.cpus_per_worker
     concurrent = sw.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // per))
-    # Tune's own result files are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): the summary reads the metrics
-    # Tune keeps in memory and the students' metrics.jsonl, so its "failed to fetch metrics" warning is noise
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # raykd turns Tune's per-trial result files off for its other stages; a sweep wants them: they hold
+    # every reported epoch of every trial, also of trials ASHA stopped (read when the callbacks are made)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
     t0 = time.time()
     with ProgressPrinter() as progress:
         trainable = tune.with_resources(
@@ -149,14 +148,18 @@ def run_sweep(cfg: Config) -> dict:
     return _summarise(cfg, name, out, grid, time.time() - t0)
 
 
+def _trial_id(result) -> str:
+    # a trial that failed before its first report has no metrics: its folder is _trial_<id>_<n>_...
+    return (result.metrics or {}).get("trial_id") or "_".join(os.path.basename(result.path).split("_")[2:4])
+
+
 def _summarise(cfg: Config, name: str, out: str, grid, seconds: float) -> dict:
     sw = cfg.sweep
     rows = []
     for r in grid:
         m = r.metrics or {}
         params = {k.replace("__", "."): v for k, v in (r.config or {}).items()}
-        # a trial that failed before its first report has no metrics: its folder is _trial_<id>_<n>_...
-        trial = m.get("trial_id") or "_".join(os.path.basename(r.path).split("_")[2:4])
+        trial = _trial_id(r)
         rows.append({"trial": trial, "student": f"{name}-{trial}", **params, "epochs": m.get("epoch"),
                      **{k: m.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")},
                      "teachers_loaded": m.get("teachers_loaded"), "error": type(r.error).__name__ if r.error else ""})
@@ -175,24 +178,21 @@ def _summarise(cfg: Config, name: str, out: str, grid, seconds: float) -> dict:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    students = os.path.join(os.path.abspath(cfg.run.out_dir), "students")
-    _plot(rows, {r["trial"]: _history(os.path.join(students, r["student"])) for r in rows}, sw.metric,
-          os.path.join(out, "results.png"))
-    summary = {"name": name, "metric": sw.metric, "mode": sw.mode, "trials": len(rows), "best": best_changes,
+    histories = {}
+    for r in grid:
+        df = r.metrics_dataframe
+        trial = _trial_id(r)
+        if df is not None and "val_acc" in df and "epoch" in df:
+            histories[trial] = [{"epoch": e, "val_acc": v} for e, v in zip(df["epoch"], df["val_acc"])]
+    _plot(rows, histories, sw.metric, os.path.join(out, "results.png"))
+    interrupted = grid.num_terminated + grid.num_errors < len(grid)
+    summary = {"name": name, "metric": sw.metric, "mode": sw.mode, "trials": len(rows), "interrupted": interrupted,
+               "best": best_changes,
                "best_val_acc": best.metrics.get("val_acc"), "best_test_acc": best.metrics.get("test_acc"),
                "seconds": round(seconds, 1), "dir": out}
     with open(os.path.join(out, "sweep.json"), "w") as f:
         json.dump({**summary, "rows": rows}, f, indent=2, default=str)
     return {**summary, "rows": rows}
-
-
-def _history(sdir: str) -> list[dict]:
-    """A trial's per-epoch records, from its student folder (written by every trial, whatever Tune logs)."""
-    try:
-        with open(os.path.join(sdir, "metrics.jsonl")) as f:
-            return [json.loads(x) for x in f if x.strip()]
-    except OSError:
-        return []
 
 
 def _plot(rows: list[dict], histories: dict[str, list[dict]], metric: str, path: str) -> None:
@@ -214,7 +214,7 @@ def _plot(rows: list[dict], histories: dict[str, list[dict]], metric: str, path:
         if hist:
             b.plot([h["epoch"] for h in hist], [100 * h["val_acc"] for h in hist], marker=".", alpha=0.7,
                    label=trial[-12:])
-    if len(histories) <= 12:
+    if histories and len(histories) <= 12:
         b.legend(fontsize=7)
     b.set_xlabel("epoch")
     b.set_ylabel("val accuracy (%)")
@@ -237,6 +237,8 @@ def format_sweep(summary: dict) -> str:
         lines.append(f"{r['trial'][-24:]:<24} {vals} {r['epochs'] or '-':>6} {va:>8} {te:>9}")
     lines.append(f"\nbest on {summary['metric']}: {summary['best']} -> {summary['dir']}/best.yaml "
                  f"(results.csv, results.png beside it)")
+    if summary["interrupted"]:
+        lines.append("the sweep was interrupted before every trial ended: the same command resumes it")
     return "\n".join(lines)
 
 
