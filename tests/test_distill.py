@@ -95,7 +95,9 @@ def test_interrupted_run_resumes_when_rerun(built, tmp_path, monkeypatch):
     monkeypatch.delenv("RAYKD_FAULT")
     run_distill(cfg)
     ms = _metrics(cfg)
-    assert [m["epoch"] for m in ms] == [1, 2, 3] and ms[2]["resumed_after"] == 2
+    # resumed from the newest checkpoint Ray Train had registered: epoch 2's, or epoch 1's when the worker
+    # died (at the start of epoch 3) before the controller polled epoch 2's report (seen once in ~10 runs)
+    assert [m["epoch"] for m in ms] == [1, 2, 3] and ms[2]["resumed_after"] in (1, 2)
 
 
 def test_missing_cache_and_unknown_teachers_are_named(built, tmp_path):
