@@ -584,12 +584,12 @@ def run_students(cfgs: list[Config], parallel: int | None = None) -> list[dict]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.raysetup import init_ray
+    from pipeline.raysetup import init_ray, jobs_that_fit
 
     init_ray(cfgs[0].ray)
     if parallel is None:  # as many as fit, one CPU left for Ray Data's reads
         per = max(c.distill.workers.num_workers * c.distill.workers.cpus_per_worker for c in cfgs)
-        parallel = max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // per))
+        parallel = jobs_that_fit(per)
     parallel = min(parallel, len(cfgs))
     if parallel == 1:
         return [run_distill(c) for c in cfgs]

@@ -48,6 +48,14 @@ def init_ray(ray_cfg) -> None:
     ray.init(num_cpus=num_cpus, object_store_memory=store, include_dashboard=False, log_to_driver=LOG_TO_DRIVER)
 
 
+def jobs_that_fit(cpus_per_job: float) -> int:
+    """Training jobs (students, sweep trials) that fit the cluster at once, one CPU left for Ray Data's
+    reads (without it they never start beside the Train workers: docs/ray-2.60.md)."""
+    import ray
+
+    return max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // cpus_per_job))
+
+
 def local_thread_share(ray_cfg, procs: int) -> int | None:
     """Torch threads for each of `procs` busy processes sharing this machine's cores under a local Ray;
     None on an existing cluster, where the driver cannot see the nodes' cores (workers decide there)."""

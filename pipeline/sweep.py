@@ -91,12 +91,11 @@ def _trial(params: dict, base: dict, name: str, progress, concurrent: int, cwd: 
 
 def run_sweep(cfg: Config) -> dict:
     """Run (or resume) the sweep; returns its summary (also sweep.json)."""
-    import ray
     from ray import tune
 
     from pipeline.cache import Cache, cache_uri
     from pipeline.progress import ProgressPrinter
-    from pipeline.raysetup import init_ray
+    from pipeline.raysetup import init_ray, jobs_that_fit
 
     check_space(cfg)
     sw = cfg.sweep
@@ -108,7 +107,7 @@ def run_sweep(cfg: Config) -> dict:
     os.makedirs(out, exist_ok=True)
     init_ray(cfg.ray)
     per = cfg.distill.workers.num_workers * cfg.distill.workers.cpus_per_worker
-    concurrent = sw.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // per))
+    concurrent = sw.max_concurrent or jobs_that_fit(per)
     # raykd turns Tune's per-trial result files off for its other stages; a sweep wants them: they hold
     # every reported epoch of every trial, also of trials ASHA stopped (read when the callbacks are made)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
@@ -137,7 +136,7 @@ def run_sweep(cfg: Config) -> dict:
             tuner = tune.Tuner(
                 trainable, param_space=_tune_space(cfg),
                 tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, scheduler=scheduler,
-                                            num_samples=1 if sw.search == "grid" and sw.num_samples == 1 else sw.num_samples,
+                                            num_samples=sw.num_samples,
                                             # our own generator ignores TuneConfig's max_concurrent_trials
                                             search_alg=BasicVariantGenerator(random_state=sw.seed,
                                                                              max_concurrent=concurrent)),
@@ -155,11 +154,14 @@ def _trial_id(result) -> str:
 
 def _summarise(cfg: Config, name: str, out: str, grid, seconds: float) -> dict:
     sw = cfg.sweep
-    rows = []
+    rows, histories = [], {}
     for r in grid:
         m = r.metrics or {}
         params = {k.replace("__", "."): v for k, v in (r.config or {}).items()}
         trial = _trial_id(r)
+        df = r.metrics_dataframe  # every reported epoch, also of trials ASHA stopped
+        if df is not None and "val_acc" in df and "epoch" in df:
+            histories[trial] = [{"epoch": e, "val_acc": v} for e, v in zip(df["epoch"], df["val_acc"])]
         rows.append({"trial": trial, "student": f"{name}-{trial}", **params, "epochs": m.get("epoch"),
                      **{k: m.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")},
                      "teachers_loaded": m.get("teachers_loaded"), "error": type(r.error).__name__ if r.error else ""})
@@ -178,12 +180,6 @@ def _summarise(cfg: Config, name: str, out: str, grid, seconds: float) -> dict:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    histories = {}
-    for r in grid:
-        df = r.metrics_dataframe
-        trial = _trial_id(r)
-        if df is not None and "val_acc" in df and "epoch" in df:
-            histories[trial] = [{"epoch": e, "val_acc": v} for e, v in zip(df["epoch"], df["val_acc"])]
     _plot(rows, histories, sw.metric, os.path.join(out, "results.png"))
     interrupted = grid.num_terminated + grid.num_errors < len(grid)
     summary = {"name": name, "metric": sw.metric, "mode": sw.mode, "trials": len(rows), "interrupted": interrupted,
