@@ -30,6 +30,7 @@ import uuid
 import numpy as np
 import torch
 
+from pipeline.checkpoints import read_verified
 from pipeline.config import Config
 from pipeline.errors import ConfigError, RaykdError
 from pipeline.progress import ProgressPrinter, emit
@@ -111,10 +112,10 @@ def render_views(batch: dict, view_ids: list[int], data_seed: int, pad: int, fli
 class TeacherForward:
     """Stage 2..N+1, one actor pool per teacher: loads the model once, adds this teacher's columns."""
 
-    def __init__(self, name: str, arch: str, ckpt_path: str, ckpt_sha256: str, num_classes: int, in_chans: int,
+    def __init__(self, name: str, arch: str, ckpt_path: str, weights: bytes, num_classes: int, in_chans: int,
                  mean, std, layers: list[str], feat_dtype: str, topk: int | None, device: str,
                  threads: int | None, progress=None):
-        from pipeline.checkpoints import load_into, load_state_dict
+        from pipeline.checkpoints import load_into, state_from_bytes
         from pipeline.models import build_model
 
         if threads:  # else Ray's default: as many as the actor's CPUs
@@ -123,7 +124,7 @@ class TeacherForward:
         self.mean, self.std = mean, std
         self.device = torch.device(device)
         self.model = build_model(arch, num_classes, in_chans)
-        load_into(self.model, load_state_dict(ckpt_path, ckpt_sha256), ckpt_path, arch)
+        load_into(self.model, state_from_bytes(weights, ckpt_path), ckpt_path, arch)
         self.model.to(self.device).eval()
 
     @torch.no_grad()
@@ -286,7 +287,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
                 compute=ray.data.ActorPoolStrategy(size=c.actors(t["name"])), num_cpus=c.cpus_per_actor, **res,
                 fn_constructor_kwargs={
                     "name": t["name"], "arch": t["arch"], "ckpt_path": t["checkpoint"],
-                    "ckpt_sha256": t["checkpoint_sha256"], "num_classes": splits.num_classes,
+                    "weights": read_verified(t["checkpoint"], t["checkpoint_sha256"]), "num_classes": splits.num_classes,
                     "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std,
                     "layers": list(t["layers"]), "feat_dtype": c.feat_dtype, "topk": c.topk, "device": device,
                     "threads": threads, "progress": progress.queue,
@@ -408,6 +409,21 @@ class Cache:
     def all_files(self) -> list[dict]:
         """Every file the manifest lists: the view partitions', then the professor's (if any)."""
         return [*self.manifest["files"], *(self.manifest.get("professor") or {}).get("files", [])]
+
+    def column_bytes(self) -> dict[str, int]:
+        """Compressed bytes per column over every listed file, from the Parquet footers."""
+        import pyarrow.parquet as pq
+
+        per_col: dict[str, int] = {}
+        for f in self.all_files:
+            with self.fs.open(posixpath.join(self.root, f["path"]), "rb") as fh:
+                md = pq.ParquetFile(fh).metadata
+            for rg in range(md.num_row_groups):
+                for c in range(md.num_columns):
+                    col = md.row_group(rg).column(c)
+                    name = col.path_in_schema.split(".list")[0].split(".element")[0]
+                    per_col[name] = per_col.get(name, 0) + col.total_compressed_size
+        return per_col
 
     def _check_files(self) -> None:
         """The cheap check on open: every listed file exists with its recorded size; nothing unlisted."""
@@ -538,21 +554,11 @@ def column_array(table, name: str) -> np.ndarray:
 
 def inspect_cache(uri: str, s3_endpoint: str | None = None, verify: bool = False) -> str:
     """The summary `raykd inspect` prints; `verify` also checks every file's sha256."""
-    import pyarrow.parquet as pq
-
     cache = Cache(uri, s3_endpoint)
     if verify:
         cache.verify()
     m = cache.manifest
-    per_col: dict[str, int] = {}
-    for f in cache.all_files:
-        with cache.fs.open(posixpath.join(cache.root, f["path"]), "rb") as fh:
-            md = pq.ParquetFile(fh).metadata
-        for rg in range(md.num_row_groups):
-            for c in range(md.num_columns):
-                col = md.row_group(rg).column(c)
-                name = col.path_in_schema.split(".list")[0].split(".element")[0]
-                per_col[name] = per_col.get(name, 0) + col.total_compressed_size
+    per_col = cache.column_bytes()
     logit_cols = [f"logits.{t}" for t in cache.teachers]
     table = cache.read_table(["label", *logit_cols])
     labels = column_array(table, "label")

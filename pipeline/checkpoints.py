@@ -33,31 +33,47 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str) -> str:
     return sha256_file(path)
 
 
-def load_state_dict(path: str, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Load a state dict from .safetensors or a torch.save file (weights only), checking its sha256."""
+def read_verified(path: str, expected_sha256: str | None = None) -> bytes:
+    """A checkpoint file's bytes, checked against its recorded sha256. Stages ship these bytes to their
+    actors and workers through Ray (so no node needs the driver's disk) and parse them there."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
+    with open(path, "rb") as f:
+        data = f.read()
     if expected_sha256 is not None:
-        actual = sha256_file(path)
+        actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
             raise CheckpointError(
                 f"checkpoint {path} does not match its recorded sha256 (expected {expected_sha256[:12]}…, "
                 f"found {actual[:12]}…): it was changed or corrupted"
             )
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    return data
 
-            state = load_file(path, device="cpu")
+
+def state_from_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """Parse a state dict from safetensors bytes or a torch.save file's bytes (weights only); `name` is
+    the checkpoint's path, for messages (and to tell the two formats apart)."""
+    import io
+
+    try:
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load
+
+            state = load(data)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # any parse failure means the file is not a usable checkpoint
-        raise CheckpointError(f"checkpoint {path} is not readable: {e.__class__.__name__}: {e}") from None
+        raise CheckpointError(f"checkpoint {name} is not readable: {e.__class__.__name__}: {e}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint: take its model part
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
+        raise CheckpointError(f"checkpoint {name} is not a state dict of tensors")
     return state
+
+
+def load_state_dict(path: str, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a state dict from .safetensors or a torch.save file (weights only), checking its sha256."""
+    return state_from_bytes(read_verified(path, expected_sha256), path)
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str, arch: str) -> None:

@@ -10,7 +10,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -35,6 +35,9 @@ class Section(BaseModel):
 
 class RunSection(Section):
     out_dir: str = Field("runs/default", description="where every stage writes (a local path)")
+    storage_path: str | None = Field(
+        None, description="Ray Train's checkpoints and run state: a local path or a URI every node reaches "
+        "(s3://bucket/prefix; S3 endpoint from cache.s3_endpoint / AWS_ENDPOINT_URL); None = <out_dir>/ray_train")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compare: list[dict[str, Any]] = Field(
@@ -58,6 +61,7 @@ class DataSection(Section):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="only for datasets without a test split (digits)")
     train_subset: int | None = Field(None, gt=0, description="keep this many training samples (seeded)")
+    test_subset: int | None = Field(None, gt=0, description="keep this many test samples (seeded): quick benchmarks only")
     image_size: int | None = Field(None, gt=0, description="imagefolder only: resize + centre-crop to this")
     pad: int | None = Field(None, ge=0, description="view policy: pad then crop back; None = dataset default")
     flip: bool | None = Field(None, description="view policy: random horizontal flip; None = dataset default")
@@ -78,7 +82,25 @@ class OptimSection(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = True
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "constant", "multistep"] = "onecycle"
+    milestones: list[int] = Field(default_factory=lambda: [150, 180, 210], description="multistep: epochs where lr *= gamma")
+    gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
+
+    @model_validator(mode="after")
+    def _multistep_only(self):
+        extra = sorted({"milestones", "gamma"} & self.model_fields_set)
+        if extra and self.schedule != "multistep":
+            raise ValueError(f"{' and '.join(extra)} appl{'y' if len(extra) > 1 else 'ies'} only to schedule: multistep (schedule is {self.schedule})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unused(self, handler):
+        """milestones/gamma only exist for multistep: other schedules keep the fingerprints they had."""
+        d = handler(self)
+        if self.schedule != "multistep":
+            d.pop("milestones", None)
+            d.pop("gamma", None)
+        return d
 
 
 class WorkersSection(Section):
@@ -88,6 +110,8 @@ class WorkersSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0, description="used only when the device is cuda")
     max_failures: int = Field(1, ge=0, description="worker failures a job survives by restarting from its checkpoint")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy of the workers (SPREAD: one per node where possible)")
     torch_threads: int | None = Field(None, gt=0, description="torch threads per worker; None = node cores / workers on it")
 
 
@@ -141,7 +165,8 @@ class CacheSection(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(1.0, ge=0, description="used only when the device is cuda")
     rows_per_file: int = Field(20_000, gt=0, description="about this many rows per Parquet file (a hint to Ray Data)")
-    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
+    s3_endpoint: str | None = Field(
+        None, description="S3-compatible endpoint for cache.uri and run.storage_path (else AWS_ENDPOINT_URL / AWS default)")
     views_per_pass: int | None = Field(
         None, gt=0, description="views built per Ray Data pass (actor pools start once per pass); None = all missing")
 

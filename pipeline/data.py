@@ -211,6 +211,9 @@ def load_splits(data_cfg) -> Splits:
         perm = perm[n_test:]
     else:
         test = Split(raw.test_x, raw.test_y, np.arange(len(raw.test_y), dtype=np.int64))
+    if data_cfg.test_subset is not None and data_cfg.test_subset < len(test):
+        keep = np.sort(np.random.default_rng(data_cfg.seed + 1).permutation(len(test))[: data_cfg.test_subset])
+        test = Split(test.images[keep], test.labels[keep], test.ids[keep])
     n_val = max(1, int(round(len(perm) * data_cfg.val_fraction)))
     val_ids, train_ids = np.sort(perm[:n_val]), perm[n_val:]
     if data_cfg.train_subset is not None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from methods import METHODS, MethodContext, Targets, build_method
-from pipeline.checkpoints import save_state_dict, sha256_file
+from pipeline.checkpoints import read_verified, save_state_dict, sha256_file
 from pipeline.config import Config, MethodSection, OptimSection, write_resolved
 from pipeline.data import normalize
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
@@ -113,12 +113,12 @@ def _feature(batch: dict, col: str, device) -> torch.Tensor:
 
 
 def _load_online_teachers(lc: dict, device) -> dict[str, nn.Module]:
-    from pipeline.checkpoints import load_into, load_state_dict
+    from pipeline.checkpoints import load_into, state_from_bytes
 
     models = {}
     for t in lc["online_teachers"]:
         m = build_model(t["arch"], lc["num_classes"], lc["in_chans"])
-        load_into(m, load_state_dict(t["path"], t["sha256"]), t["path"], t["arch"])
+        load_into(m, state_from_bytes(t["weights"], t["path"]), t["path"], t["arch"])
         models[t["name"]] = m.to(device).eval()
     return models
 
@@ -133,11 +133,11 @@ def _lookup(refined: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> torch.Te
 
 def _load_online_professor(lc: dict, device):
     from methods.professor import Professor
-    from pipeline.checkpoints import load_into, load_state_dict
+    from pipeline.checkpoints import load_into, state_from_bytes
 
     p = lc["online_professor"]
     prof = Professor(lc["num_classes"], p["latent_dim"], p["hidden"], p["temperature"])
-    load_into(prof, load_state_dict(p["path"], p["sha256"]), p["path"], "professor")
+    load_into(prof, state_from_bytes(p["weights"], p["path"]), p["path"], "professor")
     return prof.to(device).eval()
 
 
@@ -378,7 +378,7 @@ def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = Fa
     from ray.train.torch import TorchTrainer
 
     from pipeline.data import load_splits
-    from pipeline.raysetup import TRAIN_LOG_LEVEL, init_ray, local_thread_share, resolve_device
+    from pipeline.raysetup import TRAIN_LOG_LEVEL, init_ray, local_thread_share, resolve_device, scaling, train_storage
 
     if cfg.method.name == "feed" and cfg.method.feed.generations > 1:
         return _feed_generations(cfg, progress, concurrent, tune)
@@ -449,21 +449,22 @@ def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = Fa
             "name": name, "arch": d.student.arch, "seed": seed, "num_classes": splits.num_classes,
             "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std, "policy": splits.policy.as_dict(),
             "data_seed": cfg.data.seed, "views": views, "cached": cache is not None, "n_train": len(splits.train),
-            "train_ids": splits.train.ids, "train_images": train_images, "online_teachers": online_teachers,
+            "train_ids": splits.train.ids, "train_images": train_images,
+            # weights travel with the job (Ray's object store), not as paths: no node needs this one's disk
+            "online_teachers": [{**t, "weights": read_verified(t["path"], t["sha256"])} for t in online_teachers],
             "method": cfg.method.model_dump(mode="json"), "method_ctx": mctx, "epochs": d.optim.epochs,
             "batch_size": d.optim.batch_size, "optim": d.optim.model_dump(), "shuffle_buffer": d.shuffle_buffer,
             "torch_threads": threads, "progress": queue, "fault": fault, "refined": refined,
-            "online_professor": online_professor,
+            "online_professor": online_professor and {
+                **online_professor, "weights": read_verified(online_professor["path"], online_professor["sha256"])},
         }
         trainer = TorchTrainer(
             distill_loop,
             train_loop_config=lc,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=w.num_workers, use_gpu=use_gpu,
-                resources_per_worker={"CPU": w.cpus_per_worker, **({"GPU": w.gpus_per_worker} if use_gpu else {})}),
+            scaling_config=scaling(w, use_gpu),
             run_config=ray.train.RunConfig(
                 name=f"student-{name}-{fp[:12]}",  # same name on a rerun = resume from the last checkpoint
-                storage_path=os.path.join(os.path.abspath(cfg.run.out_dir), "ray_train"),
+                **train_storage(cfg),
                 logging_config=ray.train.LoggingConfig(log_level=TRAIN_LOG_LEVEL),
                 failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

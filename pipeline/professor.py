@@ -23,7 +23,7 @@ import torch
 from methods.professor import Professor, professor_losses
 from pipeline.cache import (MANIFEST, Cache, CacheError, describe_files, write_json, cache_uri, column_array,
                             load_refined)
-from pipeline.checkpoints import load_into, load_state_dict, save_state_dict, sha256_file
+from pipeline.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
 from pipeline.config import Config, write_resolved
 from pipeline.progress import ProgressPrinter, emit
 from pipeline.training import checkpoint_state
@@ -101,12 +101,12 @@ def professor_loop(lc: dict) -> list[dict]:
 class RefineForward:
     """The actor pool's callable: loads the professor once, adds the refined column (tau * r, fp16)."""
 
-    def __init__(self, lc: dict, path: str, sha256: str, threads: int | None):
+    def __init__(self, lc: dict, path: str, weights: bytes, threads: int | None):
         if threads:
             torch.set_num_threads(threads)
         self.teachers = lc["teachers"]
         self.prof = _build(lc)
-        load_into(self.prof, load_state_dict(path, sha256), path, "professor")
+        load_into(self.prof, state_from_bytes(weights, path), path, "professor")
         self.prof.eval()
 
     def __call__(self, batch: dict) -> dict:
@@ -162,7 +162,8 @@ def run_professor(cfg: Config) -> dict:
     ds = ds.map_batches(RefineForward, batch_format="numpy", batch_size=1024,
                         compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.cpus_per_actor, **res,
                         fn_constructor_kwargs={"lc": lc, "path": os.path.join(out, rec["file"]),
-                                               "sha256": rec["sha256"], "threads": local_thread_share(cfg.ray, p.actors)})
+                                               "weights": read_verified(os.path.join(out, rec["file"]), rec["sha256"]),
+                                               "threads": local_thread_share(cfg.ray, p.actors)})
     print(f"[professor] writing the refined column of {m['rows']} rows into {pdir}", flush=True)
     ds.write_parquet(pdir, filesystem=fs, partition_cols=["view"], min_rows_per_file=cfg.cache.rows_per_file,
                      compression="zstd")
@@ -191,6 +192,8 @@ def run_professor(cfg: Config) -> dict:
 def _train(cfg, cache, lc, fp, out, device, TorchTrainer, log_level, thread_share) -> dict:
     import ray.train
 
+    from pipeline.raysetup import scaling, train_storage
+
     p, m = cfg.professor, cache.manifest
     w = p.workers
     views = sorted({e % m["views"] for e in range(p.optim.epochs)})
@@ -204,11 +207,9 @@ def _train(cfg, cache, lc, fp, out, device, TorchTrainer, log_level, thread_shar
             professor_loop,
             train_loop_config={**lc, "progress": progress.queue,
                                "torch_threads": w.torch_threads or thread_share(cfg.ray, w.num_workers)},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=w.num_workers, use_gpu=use_gpu,
-                resources_per_worker={"CPU": w.cpus_per_worker, **({"GPU": w.gpus_per_worker} if use_gpu else {})}),
+            scaling_config=scaling(w, use_gpu),
             run_config=ray.train.RunConfig(
-                name=f"professor-{fp[:12]}", storage_path=os.path.join(os.path.abspath(cfg.run.out_dir), "ray_train"),
+                name=f"professor-{fp[:12]}", **train_storage(cfg),
                 logging_config=ray.train.LoggingConfig(log_level=log_level),
                 failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),

@@ -64,6 +64,32 @@ def local_thread_share(ray_cfg, procs: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // max(1, procs))
 
 
+def scaling(workers, use_gpu: bool):
+    """Ray Train's ScalingConfig from a `*.workers` config section."""
+    import ray.train
+
+    res = {"CPU": workers.cpus_per_worker, **({"GPU": workers.gpus_per_worker} if use_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu, resources_per_worker=res,
+                                   placement_strategy=workers.placement)
+
+
+def train_storage(cfg) -> dict:
+    """Ray Train's RunConfig storage arguments: `run.storage_path` (a URI such as s3://bucket/prefix, or a
+    local path) or <out_dir>/ray_train. An S3 URI with an endpoint (cache.s3_endpoint, AWS_ENDPOINT_URL)
+    gets a pyarrow S3 filesystem pointed at it; credentials stay in the environment."""
+    path = cfg.run.storage_path or os.path.join(os.path.abspath(cfg.run.out_dir), "ray_train")
+    if "://" not in path:
+        return {"storage_path": os.path.abspath(path)}
+    scheme, rest = path.split("://", 1)
+    endpoint = cfg.cache.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    if scheme in ("s3", "s3a") and endpoint:
+        from pyarrow import fs
+
+        s3 = fs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=False)
+        return {"storage_path": rest.rstrip("/"), "storage_filesystem": s3}
+    return {"storage_path": path}
+
+
 def resolve_device(preference: str) -> str:
     """'cpu', 'cuda' or 'auto' -> the device Train workers use, judged from the cluster's GPUs."""
     import ray

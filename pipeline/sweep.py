@@ -91,6 +91,7 @@ def _trial(params: dict, base: dict, name: str, progress, concurrent: int, cwd: 
 
 def run_sweep(cfg: Config) -> dict:
     """Run (or resume) the sweep; returns its summary (also sweep.json)."""
+    import ray
     from ray import tune
 
     from pipeline.cache import Cache, cache_uri
@@ -118,8 +119,9 @@ def run_sweep(cfg: Config) -> dict:
                                  concurrent=concurrent, cwd=os.getcwd()),
             # Tune refuses an empty request, and any CPU share here would leave Ray Data's read tasks (1 CPU
             # each) less than a whole CPU beside the Train workers: they would never start (seen). So the
-            # trial reserves a little memory only; its Train workers hold the CPUs.
-            {"cpu": 0, "memory": 64 * 2**20})
+            # trial reserves a little memory only; its Train workers hold the CPUs. On a cluster the trial
+            # stays on this node (it writes the student's files here); its Train workers go anywhere.
+            {"cpu": 0, "memory": 64 * 2**20, f"node:{ray.util.get_node_ip_address()}": 0.001})
         path = os.path.join(root, name, "tune")
         if tune.Tuner.can_restore(path):
             print(f"[sweep] {name}: resuming the interrupted sweep in {path}", flush=True)

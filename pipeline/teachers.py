@@ -115,7 +115,7 @@ def _train_one(spec: TeacherSpec, cfg: Config, num_classes: int, in_chans: int, 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.raysetup import TRAIN_LOG_LEVEL
+    from pipeline.raysetup import TRAIN_LOG_LEVEL, scaling
 
     t0 = time.time()
     w = cfg.teachers.workers
@@ -127,14 +127,13 @@ def _train_one(spec: TeacherSpec, cfg: Config, num_classes: int, in_chans: int, 
         "progress": progress_queue, "torch_threads": threads,
     }
     use_gpu = device == "cuda"
-    res = {"CPU": w.cpus_per_worker, **({"GPU": w.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=lc,
-        scaling_config=ray.train.ScalingConfig(num_workers=w.num_workers, use_gpu=use_gpu, resources_per_worker=res),
+        scaling_config=scaling(w, use_gpu),
         run_config=ray.train.RunConfig(
             name=f"teacher-{spec.name}-{fp[:12]}",  # same name on a rerun = resume from the last checkpoint
-            storage_path=storage,
+            **storage,
             logging_config=ray.train.LoggingConfig(log_level=TRAIN_LOG_LEVEL),
             failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -190,7 +189,7 @@ def run_teachers(cfg: Config) -> list[dict]:
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
     import ray
 
-    from pipeline.raysetup import init_ray, local_thread_share, resolve_device
+    from pipeline.raysetup import init_ray, local_thread_share, resolve_device, train_storage
 
     init_ray(cfg.ray)
     device = resolve_device(cfg.run.device)
@@ -200,7 +199,7 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
         cfg.ray, parallel * cfg.teachers.workers.num_workers)
     datasets = {"train": split_to_ray(splits.train), "val": split_to_ray(splits.val), "test": split_to_ray(splits.test)}
     fit = ray.remote(num_cpus=0, max_retries=0)(_train_one)  # Ray Train's FailureConfig handles worker faults
-    storage = os.path.join(out, "ray_train")
+    storage = train_storage(cfg)
     records, failed, pending, queue = {}, [], {}, list(to_train)
     with ProgressPrinter() as progress:
         while queue or pending:

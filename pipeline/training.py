@@ -59,14 +59,17 @@ def view_batch(batch: dict, epoch_view: int, data_seed: int, policy: ViewPolicy,
     return x, batch["label"].to(device, dtype=torch.long)
 
 
-def lr_lambda(schedule: str, total_steps: int):
-    """Multiplier of the base lr at step t. Progress is clamped, so an uneven last shard never overruns."""
+def lr_lambda(schedule: str, total_steps: int, steps_per_epoch: int = 1, milestones=(), gamma: float = 0.1):
+    """Multiplier of the base lr at step t. Progress is clamped, so an uneven last shard never overruns.
+    `multistep`: times gamma at each milestone epoch (the RepDistiller/mdistiller recipe)."""
     total = max(1, total_steps)
 
     def f(step: int) -> float:
         p = min(step / total, 1.0)
         if schedule == "constant":
             return 1.0
+        if schedule == "multistep":
+            return gamma ** sum(step >= m * steps_per_epoch for m in milestones)
         if schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * p))
         # one-cycle: linear warm-up over the first 30 % from lr/25, then cosine to ~0 (as torch's OneCycleLR)
@@ -85,7 +88,8 @@ def make_optimizer(params, optim_cfg, steps_per_epoch: int, epochs: int, lr: flo
         weight_decay=optim_cfg.weight_decay,
         nesterov=optim_cfg.nesterov and optim_cfg.momentum > 0,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim_cfg.schedule, steps_per_epoch * epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim_cfg.schedule, steps_per_epoch * epochs, steps_per_epoch,
+                                                             optim_cfg.milestones, optim_cfg.gamma))
     return opt, sched
 
 

@@ -109,5 +109,42 @@ def test_cli_config_prints_resolved():
 
 
 def test_shipped_configs_load():
-    for name in ("demo.yaml", "fashion_mnist.yaml"):
+    names = sorted(os.listdir(os.path.join(ROOT, "configs")))
+    assert {"demo.yaml", "fashion_mnist.yaml", "bench.yaml", "cifar100_resnet32x4_resnet8x4.yaml",
+            "cifar100_wrn40_2_wrn16_2.yaml"} <= set(names)
+    for name in names:
         load_config(os.path.join(ROOT, "configs", name))
+
+
+def test_cifar100_recipe_configs():
+    """The RepDistiller/mdistiller recipe: 240 epochs, lr 0.05 x0.1 at 150/180/210, the published pairs."""
+    from pipeline.models import build_model
+    from pipeline.training import make_optimizer
+
+    pairs = {"cifar100_resnet32x4_resnet8x4.yaml": ("resnet32x4", "resnet8x4", 8.0),
+             "cifar100_wrn40_2_wrn16_2.yaml": ("wrn_40_2", "wrn_16_2", 6.0)}
+    for name, (teacher, student, beta) in pairs.items():
+        cfg = load_config(os.path.join(ROOT, "configs", name))
+        assert [t.arch for t in cfg.teachers.models] == [teacher] and cfg.distill.student.arch == student
+        assert cfg.method.dkd.beta == beta and cfg.method.dkd.warmup == 20 and cfg.method.kd.w_kd == 0.9
+        for optim in (cfg.teachers.optim, cfg.distill.optim):
+            assert (optim.epochs, optim.batch_size, optim.lr, optim.schedule) == (240, 64, 0.05, "multistep")
+            opt, sched = make_optimizer(build_model(student, 100, 3).parameters(), optim, steps_per_epoch=2, epochs=240)
+            lrs = []
+            for _ in range(240 * 2):
+                lrs.append(opt.param_groups[0]["lr"])
+                opt.step()
+                sched.step()
+            # epochs 0-149 at 0.05, then 0.005 / 0.0005 / 0.00005 from epochs 150, 180 and 210
+            assert [lrs[2 * e] for e in (0, 149, 150, 179, 180, 209, 210, 239)] == pytest.approx(
+                [0.05, 0.05, 5e-3, 5e-3, 5e-4, 5e-4, 5e-5, 5e-5])
+
+
+def test_multistep_options_do_not_change_other_schedules_fingerprints():
+    """milestones/gamma are serialised only under `schedule: multistep`, so configs without it keep their
+    fingerprints (teachers, caches and students trained before these options existed are reused)."""
+    assert "gamma" not in load_config(None).model_dump()["distill"]["optim"]
+    with pytest.raises(ConfigError, match="distill.optim.*applies only to schedule: multistep"):
+        load_config(None, ["distill.optim.gamma=0.5"])
+    cfg = load_config(None, ["distill.optim.schedule=multistep", "distill.optim.milestones=[3]"])
+    assert cfg.model_dump()["distill"]["optim"]["milestones"] == [3]

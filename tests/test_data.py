@@ -40,6 +40,16 @@ def _idx(path, arr, labels=False):
             f.write(struct.pack(">IIII", 2051, *arr.shape) + arr.astype(np.uint8).tobytes())
 
 
+def test_test_subset_is_a_seeded_subset_of_the_test_split(digits):
+    s = load_splits(DataSection(test_subset=50))
+    assert len(s.test) == 50 and set(s.test.ids) <= set(digits.test.ids)
+    label_of = dict(zip(digits.test.ids.tolist(), digits.test.labels.tolist()))
+    assert s.test.labels.tolist() == [label_of[i] for i in s.test.ids.tolist()]
+    np.testing.assert_array_equal(s.test.ids, load_splits(DataSection(test_subset=50)).test.ids)
+    assert s.fingerprint != digits.fingerprint
+    np.testing.assert_array_equal(s.train.ids, digits.train.ids)  # train and val untouched
+
+
 def test_fashion_mnist_reads_debian_layout(tmp_path, monkeypatch):
     # the Debian package's layout: four gzipped IDX files in one folder; read with torchvision's loader
     monkeypatch.setenv("RAYKD_CACHE_DIR", str(tmp_path / "cache"))
