@@ -39,7 +39,9 @@ def init_ray(ray_cfg) -> None:
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
-            ray.init(address=address, log_to_driver=LOG_TO_DRIVER)
+            # a remote cluster's workers do not inherit this process's environment: ship the settings
+            env = {k: os.environ[k] for k in _ENV_DEFAULTS if k != "RAY_DATA_LOGGING_CONFIG"}
+            ray.init(address=address, log_to_driver=LOG_TO_DRIVER, runtime_env={"env_vars": env})
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"cannot connect to the Ray cluster at {address} (ray.address / RAY_ADDRESS): {e}") from None
         return
