@@ -47,10 +47,13 @@ def _stat(xs: list[float]) -> tuple[float, float]:
 
 
 def _row(recs: list[dict], seeds: list[int], key=lambda r: r) -> dict:
-    test, val = _stat([key(r)["test_acc"] for r in recs]), _stat([key(r)["val_acc"] for r in recs])
-    return {"test_acc_mean": round(test[0], 5), "test_acc_std": round(test[1], 5),
-            "val_acc_mean": round(val[0], 5), "val_acc_std": round(val[1], 5),
-            "per_seed": {s: key(r)["test_acc"] for s, r in zip(seeds, recs)}}
+    """Mean and std over seeds of test (and, when recorded, val) accuracy."""
+    row = {"per_seed": {s: key(r)["test_acc"] for s, r in zip(seeds, recs)}}
+    for split in ("test", "val"):
+        if all(f"{split}_acc" in key(r) for r in recs):
+            mean, std = _stat([key(r)[f"{split}_acc"] for r in recs])
+            row.update({f"{split}_acc_mean": round(mean, 5), f"{split}_acc_std": round(std, 5)})
+    return row
 
 
 def _curve(cfg, rec: dict) -> list[float]:

@@ -29,8 +29,8 @@ def _load(folder: str, name: str) -> dict | None:
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
-def _pm(m: float, s: float) -> str:
-    return f"{100 * m:.2f} ± {100 * s:.2f}"
+def _pm(m: float, s: float | None) -> str:
+    return f"{100 * m:.2f}" if s is None else f"{100 * m:.2f} ± {100 * s:.2f}"
 
 
 def accuracy_rows(acc: dict) -> list[tuple[str, dict]]:
@@ -44,7 +44,8 @@ def accuracy_rows(acc: dict) -> list[tuple[str, dict]]:
             label = f"{NAMES.get(m, m)}, generation {len(r['generations'])}"
         rows.append((label, r))
         if "inference" in r:
-            rows.append(("IMF, exported inference model", {**r, **r["inference"], "train_time_s": None}))
+            inf = {k: v for k, v in r.items() if not k.startswith("val_acc")}
+            rows.append(("IMF, exported inference model", {**inf, **r["inference"], "train_time_s": None}))
     return rows
 
 
@@ -83,6 +84,7 @@ def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
     if acc:
         t = acc["teachers"]
         c = acc["cache"]
+        spread = "one seed" if len(acc["seeds"]) == 1 else f"mean ± std, {len(acc['seeds'])} seeds"
         lines += [
             f"**Accuracy per method** — {acc['dataset']}, {acc['train_samples']:,} training images (seeded subset), "
             f"teachers " + ", ".join(f"{n} {100 * v['test_acc']:.1f} %" for n, v in t.items())
@@ -90,14 +92,16 @@ def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
             f"{acc['batch_size']}; seeds {', '.join(map(str, acc['seeds']))} (initialisation and shuffling; one cache);"
             f" students {acc.get('parallel') or 'as many as fit'} at a time, so train time is per student on shared cores.",
             "",
-            f"| method | test acc (mean ± std, {len(acc['seeds'])} seed{'s' if len(acc['seeds']) > 1 else ''}) "
+            f"| method | test acc ({spread}) "
             "| val acc | deployed params | train time |",
             "|---|---|---|---|---|",
         ]
+        one = len(acc["seeds"]) == 1  # no spread to show
         for label, r in accuracy_rows(acc):
             tt = f"{r['train_time_s']:.0f} s" if r.get("train_time_s") else "—"
-            lines.append(f"| {label} | {_pm(r['test_acc_mean'], r['test_acc_std'])} | "
-                         f"{_pm(r['val_acc_mean'], r['val_acc_std'])} | {r['params']:,} | {tt} |")
+            val = _pm(r["val_acc_mean"], None if one else r["val_acc_std"]) if "val_acc_mean" in r else "—"
+            test = _pm(r["test_acc_mean"], None if one else r["test_acc_std"])
+            lines.append(f"| {label} | {test} | {val} | {r['params']:,} | {tt} |")
         imf = acc["methods"].get("imf", {}).get("inference")
         if imf:
             lines.append(f"\nIMF's exported model: {imf['params']:,} parameters and {imf['flops']:,} FLOPs per image "

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(HERE)
 NO_FEATURES = {"cache_build": ["cache.layers={}"], "sweep_speed": ["cache.layers={}"]}
 
 PROFILES = {
-    # configs/bench.yaml: 10,000 training images, teachers 5 epochs, K=4 with int8 feature maps, cnn8 10 epochs
+    # configs/bench.yaml: 8,000 training images, teachers 5 epochs, K=4 with int8 feature maps, cnn8 8 epochs
     "full": {
         "overrides": [],
         "accuracy": ["--seeds", "0", "1", "2"],
@@ -32,12 +32,12 @@ PROFILES = {
         "distill_speed": ["--epochs", "3", "--rounds", "2", "--online-epochs", "1"],
         "sweep_speed": ["--views", "2", "--epochs", "2"],
     },
-    # 4,000 training images, 3,000 val, 2,000 test, teachers 3 epochs, K=2, students 6 epochs at batch 64,
+    # 3,000 training images, 3,000 val, 2,000 test, teachers 3 epochs, K=2, students 5 epochs at batch 64,
     # one seed, every method but the (slow) online KD; no speed benchmark
     "quick": {
-        "overrides": ["run.out_dir=runs/bench-quick", "data.train_subset=4000", "data.val_fraction=0.05",
+        "overrides": ["run.out_dir=runs/bench-quick", "data.train_subset=3000",
                       "data.test_subset=2000", "teachers.optim.epochs=3", "teachers.optim.batch_size=64",
-                      "cache.views=2", "distill.optim.epochs=6", "distill.optim.batch_size=64"],
+                      "cache.views=2", "distill.optim.epochs=5", "distill.optim.batch_size=64"],
         "accuracy": ["--seeds", "0", "--methods", "ce", "kd_best", "kd", "dkd", "aekt", "skd", "professor_kd",
                      "pfeed", "sfeed", "imf"],
     },

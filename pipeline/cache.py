@@ -5,7 +5,7 @@ Layout under the cache URI (a local path or any fsspec URL, e.g. s3://bucket/pre
     view=0/part-*.parquet ... view=K-1/part-*.parquet   one Hive partition per view
     _views/view=k.json                                  per-view commit record (files, rows, bytes, sha256)
     config.resolved.yaml                                the resolved config of the run that built it
-    _build.json                                         fingerprint of the build in progress
+    _build.json                                         the build in progress: fingerprint, owner, heartbeat
     manifest.json                                       written last: the commit marker of the cache
 
 The missing views are built by one Ray Data pipeline per pass (`cache.views_per_pass`; default all,
@@ -228,12 +228,84 @@ def build_cache(cfg: Config, overwrite: bool = False) -> dict:
             raise CacheError(
                 f"{uri} holds {what} of other inputs (fingerprint {other.get('fingerprint', '?')[:12]}, "
                 f"this config {fp[:12]}): use another cache.uri, or --overwrite to replace it")
+    _refuse_if_running(uri, building)
     if overwrite and fs.exists(root):
         print(f"[cache] --overwrite: removing {uri}", flush=True)
         fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)
-    write_json(fs, posixpath.join(root, "_build.json"), {"fingerprint": fp, "started": time.time()})
-    return _build_views(cfg, splits, teachers, fp, uri, fs, root)
+    with BuildLock(fs, root, uri, fp):
+        return _build_views(cfg, splits, teachers, fp, uri, fs, root)
+
+
+HEARTBEAT_S, STALE_S = 10.0, 60.0
+
+
+def _refuse_if_running(uri: str, building: dict | None) -> None:
+    """Refuse to touch a cache another live build is writing. A build is live while its `_build.json`
+    heartbeat is younger than STALE_S, unless its owner is a process of this machine that no longer exists
+    (a killed build on this machine is resumed at once; one on another machine after STALE_S)."""
+    import socket
+
+    if not building or "owner" not in building:
+        return
+    o = building["owner"]
+    if o["host"] == socket.gethostname():
+        try:
+            os.kill(o["pid"], 0)
+        except ProcessLookupError:
+            return  # died: resume its build
+        except PermissionError:
+            pass  # alive, another user's
+    age = time.time() - building.get("heartbeat", 0)
+    if age < STALE_S:
+        raise CacheError(f"{uri}: another build of this cache is running (pid {o['pid']} on {o['host']}, "
+                         f"last heartbeat {age:.0f}s ago); wait for it to finish, it is reused then")
+
+
+class BuildLock:
+    """`_build.json` as an owner record with a heartbeat while this process builds the cache. Taken by
+    writing it, then reading it back after a pause: of two builds starting together, the last writer
+    wins and the other refuses (storage with read-after-write consistency: local disk, S3)."""
+
+    def __init__(self, fs, root: str, uri: str, fp: str, settle_s: float = 1.0):
+        import socket
+        import threading
+
+        self.fs, self.path, self.uri, self.settle_s = fs, posixpath.join(root, "_build.json"), uri, settle_s
+        self.rec = {"fingerprint": fp, "started": time.time(), "token": uuid.uuid4().hex,
+                    "owner": {"host": socket.gethostname(), "pid": os.getpid()}}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _write(self) -> None:
+        write_json(self.fs, self.path, {**self.rec, "heartbeat": time.time()})
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._write()
+            except Exception:  # storage hiccup: the next beat tries again
+                pass
+
+    def __enter__(self):
+        self._write()
+        time.sleep(self.settle_s)
+        self.fs.invalidate_cache()
+        now = _read_json(self.fs, self.path) or {}
+        if now.get("token") != self.rec["token"]:
+            raise CacheError(f"{self.uri}: another build of this cache started at the same time "
+                             f"(pid {now.get('owner', {}).get('pid')}); it goes on, this one stops")
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if exc_type is None:
+            self.fs.rm(self.path)
+        else:  # failed: an unfinished build of this fingerprint, owned by nobody (a rerun resumes it)
+            write_json(self.fs, self.path, {k: v for k, v in self.rec.items() if k != "owner"})
 
 
 def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
@@ -316,8 +388,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
     with fs.open(posixpath.join(root, "config.resolved.yaml"), "wb") as f:  # the config that built it
         f.write(dump_config(cfg).encode())
     manifest = _manifest(cfg, splits, teachers, fp, fs, root, views_meta, time.time() - t_start)
-    write_json(fs, posixpath.join(root, MANIFEST), manifest)  # last: the commit marker
-    fs.rm(posixpath.join(root, "_build.json"))
+    write_json(fs, posixpath.join(root, MANIFEST), manifest)  # last: the commit marker (BuildLock drops _build.json)
     print(f"[cache] {uri}: {manifest['rows']} rows, {manifest['bytes'] / 2**20:.1f} MiB, manifest written", flush=True)
     return _read_json(fs, posixpath.join(root, MANIFEST))  # as every later reader will see it
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -251,3 +252,75 @@ def test_killed_driver_then_rerun_completes_each_row_once(built, ray_session, tm
     assert len(pairs) == t.num_rows == 3 * n
     assert [f for f in m["files"] if f["path"].startswith("view=0/")] == kept["files"]  # view 0 was not rebuilt
     assert not os.path.exists(os.path.join(uri, "_staging")) and not os.path.exists(os.path.join(uri, "_build.json"))
+
+
+def test_build_lock_one_of_two_simultaneous_builds_wins(tmp_path):
+    """Two builds taking the lock together: the last writer goes on, the other refuses; no Ray needed."""
+    import threading
+
+    import fsspec
+
+    from pipeline.cache import BuildLock
+
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "c")
+    fs.makedirs(root, exist_ok=True)
+    barrier, results = threading.Barrier(2), {}
+
+    def take(name):
+        barrier.wait()
+        try:
+            with BuildLock(fs, root, root, "fp", settle_s=0.5):
+                results[name] = "built"
+                time.sleep(0.5)
+        except CacheError as e:
+            results[name] = str(e)
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in "ab"]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(v == "built" for v in results.values()) == [False, True], results
+    assert "another build of this cache started at the same time" in next(v for v in results.values() if v != "built")
+    assert not os.path.exists(os.path.join(root, "_build.json"))  # the winner finished: no lock left
+
+
+def test_a_live_build_is_refused_a_dead_one_resumed(tmp_path):
+    import socket
+
+    from pipeline.cache import _refuse_if_running
+
+    here = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fresh, stale = time.time(), time.time() - 3600
+    with pytest.raises(CacheError, match=r"another build of this cache is running \(pid \d+ on"):
+        _refuse_if_running("u", {"owner": {"host": here, "pid": os.getpid()}, "heartbeat": fresh})
+    with pytest.raises(CacheError, match="another build"):
+        _refuse_if_running("u", {"owner": {"host": "elsewhere", "pid": 1}, "heartbeat": fresh})
+    _refuse_if_running("u", {"owner": {"host": here, "pid": dead.pid}, "heartbeat": fresh})  # died here: resume
+    _refuse_if_running("u", {"owner": {"host": "elsewhere", "pid": 1}, "heartbeat": stale})  # silent too long
+    _refuse_if_running("u", {"fingerprint": "x"})  # a failed build leaves no owner
+
+
+def test_two_builds_of_one_uri_at_once(built, ray_session, tmp_path, digits):
+    """Two `raykd cache` processes on one URI: one builds it, the other refuses (exit 2) naming the other
+    build; the cache is whole, each (sample, view) row once."""
+    cfg, _ = built
+    uri = str(tmp_path / "twice")
+    address = ray_session.get_runtime_context().gcs_address
+    argv = [sys.executable, "-m", "pipeline.cli", "cache", "--address", address, f"run.out_dir={cfg.run.out_dir}",
+            "run.device=cpu", TEACHERS, "teachers.optim.epochs=2", "cache.views=2", f"cache.uri={uri}"]
+    logs = [open(tmp_path / f"driver{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT) for log in logs]
+    codes = [p.wait(timeout=300) for p in procs]
+    out = []
+    for log in logs:
+        log.seek(0)
+        out.append(log.read())
+    assert sorted(codes) == [0, 2], (codes, [o[-2000:] for o in out])
+    loser = out[codes.index(2)]
+    assert "another build of this cache" in loser and "Traceback" not in loser
+    Cache(uri).verify()
+    t = Cache(uri).read_table(["sample_id", "view_id"])
+    pairs = set(zip(column_array(t, "sample_id").tolist(), column_array(t, "view_id").tolist()))
+    assert len(pairs) == t.num_rows == 2 * len(digits.train)
+    assert not os.path.exists(os.path.join(uri, "_build.json"))
