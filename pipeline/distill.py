@@ -30,8 +30,8 @@ from pipeline.data import normalize
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
 from pipeline.models import build_model
 from pipeline.progress import ProgressPrinter, emit
-from pipeline.training import (checkpoint_state, collect, evaluate, make_optimizer, report_epoch, restored_state,
-                               split_to_ray, worker_setup)
+from pipeline.training import (checkpoint_state, collect, evaluate, failure_reason, make_optimizer, report_epoch,
+                               restored_state, split_to_ray, worker_setup)
 from pipeline.views import ViewPolicy, apply_views, make_views
 
 RECORD = "student.json"
@@ -476,7 +476,7 @@ def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = Fa
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
-            raise StageFailed(f"distillation of {name} failed ({str(e).strip().splitlines()[0][:300]}); its checkpoints "
+            raise StageFailed(f"distillation of {name} failed ({failure_reason(e)}); its checkpoints "
                               "are kept: rerun the same command to resume. Ray's logs: /tmp/ray/session_latest/logs") from None
     state = checkpoint_state(result.checkpoint)
     history = json.loads(state["history"])

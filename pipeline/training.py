@@ -136,11 +136,34 @@ def checkpoint_state(checkpoint) -> dict:
 
 
 def restored_state() -> dict | None:
-    """In a Train worker: the last checkpoint's state when this run restarted (or was rerun), else None."""
+    """In a Train worker: the last checkpoint's state when this run restarted (or was rerun), else None.
+    An unreadable checkpoint is an error naming it; nothing is deleted (the ones before it stay too)."""
+    import os
+
     import ray.train
 
+    from pipeline.errors import CheckpointError
+
     ckpt = ray.train.get_checkpoint()
-    return None if ckpt is None else checkpoint_state(ckpt)
+    if ckpt is None:
+        return None
+    try:
+        return checkpoint_state(ckpt)
+    except Exception as e:
+        run_dir = os.path.dirname(ckpt.path.rstrip("/"))
+        raise CheckpointError(
+            f"Ray Train checkpoint {ckpt.path} is unreadable ({e.__class__.__name__}: {str(e)[:200]}); it is kept, "
+            f"with the ones before it (Ray Train resumes from the newest only). To start this student over, remove "
+            f"{run_dir} or give it another distill.name") from None
+
+
+def failure_reason(e: Exception) -> str:
+    """One line saying why a Ray Train run failed: a worker's own error when Ray Train gives one."""
+    for exc in (getattr(e, "worker_failures", None) or {}).values():
+        lines = [ln.strip() for ln in str(getattr(exc, "cause", None) or exc).splitlines() if ln.strip()]
+        if lines:
+            return lines[-1][:500]
+    return str(e).strip().splitlines()[0][:300]
 
 
 def report_epoch(metrics: dict, state: dict | None) -> None:

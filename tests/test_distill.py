@@ -100,6 +100,38 @@ def test_interrupted_run_resumes_when_rerun(built, tmp_path, monkeypatch):
     assert [m["epoch"] for m in ms] == [1, 2, 3] and ms[2]["resumed_after"] in (1, 2)
 
 
+def test_corrupt_checkpoint_is_named_and_kept(built, tmp_path, monkeypatch):
+    """The newest Ray Train checkpoint of an interrupted run is damaged: the rerun stops with an error naming
+    it and deletes nothing; with the run's folder removed, as the message says, the next rerun starts over."""
+    import glob
+
+    cfg0, _ = built
+    monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 3, "step": 0, "marker": str(tmp_path / "f"), "kind": "exit"}))
+    cfg = digits_cfg(cfg0.run.out_dir, "method.name=ce", "distill.student.arch=cnn4", "distill.optim.epochs=3",
+                     "distill.workers.max_failures=0", "distill.name=corrupt-ckpt")
+    with pytest.raises(StageFailed):
+        run_distill(cfg)
+    monkeypatch.delenv("RAYKD_FAULT")
+    ckpts = sorted(p for p in glob.glob(os.path.join(cfg.run.out_dir, "ray_train", "student-corrupt-ckpt-*", "checkpoint_*"))
+                   if os.path.isdir(p))
+    assert ckpts, "no checkpoint written"
+    newest = ckpts[-1]
+    state = os.path.join(newest, "train_state.pt")
+    with open(state, "r+b") as f:
+        f.truncate(os.path.getsize(state) // 2)
+    before = sorted(glob.glob(os.path.join(os.path.dirname(newest), "**"), recursive=True))
+    run_dir = os.path.dirname(newest)
+    with pytest.raises(StageFailed, match=rf"Ray Train checkpoint .*checkpoint_.* is unreadable .*it is kept.*remove {run_dir}"):
+        run_distill(cfg)
+    assert os.path.getsize(state) > 0 and all(os.path.exists(p) for p in before)  # nothing deleted
+    assert read_student(student_dir(cfg)) is None
+    import shutil
+
+    shutil.rmtree(run_dir)
+    rec = run_distill(cfg)
+    assert rec["epochs"] == 3 and [m["resumed_after"] for m in _metrics(cfg)] == [None, None, None]
+
+
 def test_missing_cache_and_unknown_teachers_are_named(built, tmp_path):
     cfg0, _ = built
     with pytest.raises(CacheError, match="not a cache"):
