@@ -69,6 +69,23 @@ def open_fs(uri: str, s3_endpoint: str | None = None):
     return fs, root.rstrip("/")
 
 
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What reaching a store can raise: OSError (local, and most of s3fs), botocore's own (no credentials,
+    endpoint down) which s3fs lets through."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+def storage_message(uri: str, e: BaseException) -> str:
+    if e.__class__.__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return (f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                "or use an instance role)")
+    return f"{uri}: storage not reachable ({e.__class__.__name__}: {str(e)[:300]})"
+
+
 def _read_json(fs, path: str) -> dict | None:
     try:
         with fs.open(path, "rb") as f:
@@ -216,8 +233,8 @@ def build_cache(cfg: Config, overwrite: bool = False) -> dict:
     try:
         manifest = _read_json(fs, posixpath.join(root, MANIFEST))
         building = _read_json(fs, posixpath.join(root, "_build.json"))
-    except OSError as e:
-        raise CacheError(f"cache.uri={uri}: storage not reachable ({e.__class__.__name__}: {e})") from None
+    except storage_errors() as e:
+        raise CacheError(storage_message(f"cache.uri={uri}", e)) from None
     if manifest is not None and manifest.get("fingerprint") == fp and not overwrite:
         print(f"[cache] {uri}: up to date (fingerprint {fp[:12]}), reused", flush=True)
         return manifest
@@ -466,8 +483,8 @@ class Cache:
         self.fs, self.root = open_fs(uri, s3_endpoint)
         try:
             manifest = _read_json(self.fs, posixpath.join(self.root, MANIFEST))
-        except OSError as e:
-            raise CacheError(f"{uri}: storage not reachable ({e.__class__.__name__}: {e})") from None
+        except storage_errors() as e:
+            raise CacheError(storage_message(uri, e)) from None
         if manifest is None:
             raise CacheError(f"{uri} is not a cache: no {MANIFEST} (an unfinished build? rerun `raykd cache`)")
         if manifest.get("schema_version") != SCHEMA_VERSION:

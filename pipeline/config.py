@@ -442,7 +442,10 @@ def _format_errors(err: ValidationError, source: str, overrides=()) -> str:
             lines.append(f"{source}: unknown key '{key}'")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: '{key}': {msg} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            got = f" (got {got})" if len(got) <= 120 else ""  # a whole section's input says nothing more
+            where = f"'{key}': " if e["loc"] else ""
+            lines.append(f"{source}: {where}{msg}{got}")
     return "\n".join(lines)
 
 

@@ -261,9 +261,14 @@ def _finish_trained(spec, splits, tdir, best, last, best_m, history) -> dict:
 
 
 def _evaluate_given(spec, splits, device, tdir) -> dict:
-    state = load_state_dict(spec.checkpoint)
     model = build_model(spec.arch, splits.num_classes, splits.in_chans)
-    load_into(model, state, spec.checkpoint, spec.arch)
+    try:
+        load_into(model, load_state_dict(spec.checkpoint), spec.checkpoint, spec.arch)
+    except CheckpointError as e:
+        hint = ""
+        if "size mismatch for" in str(e):
+            hint = f" (the data set {splits.name} has {splits.num_classes} classes, {splits.in_chans} channel(s))"
+        raise CheckpointError(f"teacher {spec.name!r} (teachers.models[].checkpoint): {e}{hint}") from None
     model.to(device)
     val_acc, _ = evaluate(model, torch.from_numpy(splits.val.images), torch.from_numpy(splits.val.labels),
                           splits.mean, splits.std, device)
