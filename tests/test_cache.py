@@ -125,6 +125,7 @@ def test_reader_refuses_what_the_caller_does_not_expect(built):
     ("manifest_schema", "schema_version"),
     ("manifest_edit", "has .* bytes, manifest.json says"),
     ("no_manifest", "not a cache"),
+    ("foreign_manifest", "is missing"),  # another build's manifest: its part files are not these
 ])
 def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle):
     cfg, m = built
@@ -140,12 +141,16 @@ def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle)
         open(os.path.join(root, "view=1", "extra.parquet"), "wb").write(b"x")
     elif damage == "manifest_json":
         open(man, "a").write("}")
-    elif damage in ("manifest_schema", "manifest_edit"):
+    elif damage in ("manifest_schema", "manifest_edit", "foreign_manifest"):
         d = json.load(open(man))
         if damage == "manifest_schema":
             d["schema_version"] = 99
-        else:
+        elif damage == "manifest_edit":
             d["files"][1]["bytes"] += 1
+        else:  # the same layout written by another build: other part-file names, another fingerprint
+            d["fingerprint"] = "f" * 64
+            for f in d["files"]:
+                f["path"] = f["path"].replace(".parquet", "-other.parquet")
         json.dump(d, open(man, "w"))
     else:
         os.remove(man)

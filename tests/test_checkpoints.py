@@ -69,3 +69,22 @@ def test_wrong_arch_names_both(tmp_path):
     save_state_dict(build_model("cnn4", 10, 1).state_dict(), path)
     with pytest.raises(CheckpointError, match="does not fit arch 'cnn8'"):
         load_into(build_model("cnn8", 10, 1), load_state_dict(path), path, "cnn8")
+
+
+def test_only_safe_loaders_in_the_code():
+    """Every YAML read is safe_load, every torch.load is weights_only=True (checkpoints otherwise safetensors)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    offenders = []
+    for folder in ("pipeline", "methods", "bench"):
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, name)
+                for i, line in enumerate(open(path), 1):
+                    if re.search(r"yaml\.(unsafe_)?load\(|yaml\.full_load|yaml\.Loader|pickle\.loads?\(", line) or (
+                            "torch.load(" in line and "weights_only=True" not in line):
+                        offenders.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
+    assert not offenders, offenders
