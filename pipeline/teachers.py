@@ -263,7 +263,8 @@ def _finish_trained(spec, splits, tdir, best, last, best_m, history) -> dict:
 def _evaluate_given(spec, splits, device, tdir) -> dict:
     model = build_model(spec.arch, splits.num_classes, splits.in_chans)
     try:
-        load_into(model, load_state_dict(spec.checkpoint), spec.checkpoint, spec.arch)
+        state = load_state_dict(spec.checkpoint)
+        load_into(model, state, spec.checkpoint, spec.arch)
     except CheckpointError as e:
         hint = ""
         if "size mismatch for" in str(e):
