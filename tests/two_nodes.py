@@ -25,13 +25,26 @@ def main() -> None:
     cluster.add_node(num_cpus=3, object_store_memory=150 * MiB)
     cluster.wait_for_nodes()
 
+    try:
+        run(cluster.address, out, prefix)
+    finally:  # `ray start --head` (which the Cluster does) leaves its address for later ray.init() calls: drop it
+        ray.shutdown()
+        cluster.shutdown()
+        current = "/tmp/ray/ray_current_cluster"
+        if os.path.exists(current) and open(current).read().strip() == cluster.address:
+            os.remove(current)
+
+
+def run(address: str, out: str, prefix: str) -> None:
+    import ray
+
     from pipeline.cache import build_cache
     from pipeline.config import load_config
     from pipeline.distill import run_distill
     from pipeline.teachers import run_teachers
 
     cfg = load_config(None, [
-        f"ray.address={cluster.address}", f"run.out_dir={out}", "run.device=cpu",
+        f"ray.address={address}", f"run.out_dir={out}", "run.device=cpu",
         f"cache.uri={prefix}/cache", f"run.storage_path={prefix}/ray_train",
         "teachers.models=[{name: a, arch: cnn4, seed: 1}, {name: b, arch: cnn8, seed: 2}]",
         "teachers.optim.epochs=4", "cache.views=2",
@@ -49,8 +62,6 @@ def main() -> None:
         "nodes": nodes, "actors": {k: sorted(v) for k, v in actors.items()},
         "rows": manifest["rows"], "train_samples": manifest["dataset"]["train_samples"], "test_acc": rec["test_acc"], "epochs": rec["epochs"],
     }), flush=True)
-    ray.shutdown()
-    cluster.shutdown()
 
 
 if __name__ == "__main__":
