@@ -61,7 +61,8 @@ def main() -> None:
                            "wall_time_s": rec["wall_time_s"]})
     rows = {}
     for mode, rs in runs.items():
-        times = [t for r in rs for t in r["epoch_times_s"][1:]]  # every run's first epoch is its warm-up
+        # every run's first epoch is its warm-up (kept only when a mode has nothing else)
+        times = [t for r in rs for t in r["epoch_times_s"][1:]] or [t for r in rs for t in r["epoch_times_s"]]
         rows[mode] = {"runs": rs, "median_epoch_s": round(statistics.median(times), 2),
                       "samples_per_s": round(n_train / statistics.median(times), 1)}
     ce = rows["ce"]["median_epoch_s"]

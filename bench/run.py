@@ -29,7 +29,7 @@ PROFILES = {
         "overrides": [],
         "accuracy": ["--seeds", "0", "1", "2"],
         "cache_build": ["--views", "2"],
-        "distill_speed": ["--epochs", "3", "--rounds", "2", "--online-epochs", "1"],
+        "distill_speed": ["--epochs", "3", "--rounds", "2", "--online-epochs", "2"],
         "sweep_speed": ["--views", "2", "--epochs", "2"],
     },
     # 3,000 training images, 3,000 val, 2,000 test, teachers 3 epochs, K=2, students 5 epochs at batch 64,
