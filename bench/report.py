@@ -80,7 +80,8 @@ def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
     lines = []
     if suite:
         lines.append(f"`{suite['command']}` ({suite['date']}, {suite['minutes']:.0f} min on this 2-core machine); "
-                     f"every JSON, the plots and this text are in `{folder}/`.\n")
+                     f"every JSON, the plots and this text are in `{folder}/`"
+                     + (f" ({suite['note']})" if suite.get("note") else "") + ".\n")
     if acc:
         t = acc["teachers"]
         c = acc["cache"]
