@@ -217,7 +217,7 @@ class SKDOptions(KDOptions):
     """KD's options and defaults, plus the simplifier's."""
 
     w_sc: float = Field(0.1, ge=0, description="CE of the simplified target on the label (guards against collapse)")
-    w_anchor: float = Field(1.0, ge=0, description="KL(teacher || simplified target): keeps the target near the teacher")
+    w_anchor: float = Field(1.0, ge=0, description="tau^2 KL(teacher || simplified target): keeps the target near the teacher")
     dim: int = Field(32, gt=0, description="embedding width of the simplifier's class tokens")
 
 

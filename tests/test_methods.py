@@ -4,6 +4,7 @@ and which parameters a step trains. No Ray, no data."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from methods import METHODS, MethodContext, Targets, build_method
 from methods.dkd import dkd_loss, dkd_terms, warmup_factor
@@ -187,6 +188,19 @@ def test_skd_simplifier_learns_through_the_distillation_loss():
     zs = ZS.clone().requires_grad_()
     m(zs, {}, Targets(logits={"a": ZT, "b": ZS.flip(0)}), Y, 1)["loss"].backward()
     assert m.simplifier.out.weight.grad.abs().sum() > 0  # the zero-initialised projection gets a gradient
+
+
+def test_skd_anchor_is_on_the_kd_terms_scale():
+    """Once the simplifier moves the target, the anchor is tau^2 KL(p_t^tau || target), like the KD term."""
+    torch.manual_seed(0)
+    m = _method("skd", teachers=("a",), skd={"temperature": 2.0})
+    torch.nn.init.normal_(m.simplifier.out.weight)
+    torch.nn.init.normal_(m.simplifier.out.bias)
+    terms = m(ZS, {}, Targets(logits={"a": ZT}), Y, 1)
+    target = m.simplifier(ZT / 2.0)
+    expected = 4.0 * F.kl_div(F.log_softmax(target, 1), F.log_softmax(ZT / 2.0, 1), log_target=True, reduction="batchmean")
+    assert terms["anchor"].item() > 0.01
+    assert terms["anchor"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_aekt_adds_no_parameter_to_the_exported_student():
