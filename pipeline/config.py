@@ -85,6 +85,7 @@ class OptimSection(Section):
     schedule: Literal["onecycle", "cosine", "constant", "multistep"] = "onecycle"
     milestones: list[int] = Field(default_factory=lambda: [150, 180, 210], description="multistep: epochs where lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this (none: no clipping)")
 
     @model_validator(mode="after")
     def _multistep_only(self):
@@ -100,6 +101,8 @@ class OptimSection(Section):
         if self.schedule != "multistep":
             d.pop("milestones", None)
             d.pop("gamma", None)
+        if self.grad_clip is None:  # added later: runs without clipping keep their fingerprints
+            d.pop("grad_clip", None)
         return d
 
 

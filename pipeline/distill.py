@@ -205,8 +205,15 @@ def distill_loop(lc: dict) -> list[dict]:
             if refined is not None:
                 targets.refined = _lookup(refined, batch["sample_id"].numpy()).to(device)
             logits, terms = model(x, targets, y, epoch + 1)
+            if not torch.isfinite(terms["loss"]):  # stop: every later step would train on nan
+                raise FloatingPointError(
+                    f"distill {lc['name']}: the loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items() if k != 'loss')}); the checkpoints "
+                    "of the epochs before are kept; lower distill.optim.lr or set distill.optim.grad_clip")
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
+            if lc["optim"].get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), lc["optim"]["grad_clip"])
             opt.step()
             sched.step()
             n = len(y)

@@ -84,6 +84,8 @@ def train_loop(lc: dict) -> list[dict]:
             loss = torch.nn.functional.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if lc["optim"].get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), lc["optim"]["grad_clip"])
             opt.step()
             sched.step()
             seen += len(y)

@@ -144,3 +144,11 @@ def test_multistep_options_do_not_change_other_schedules_fingerprints():
         load_config(None, ["distill.optim.gamma=0.5"])
     cfg = load_config(None, ["distill.optim.schedule=multistep", "distill.optim.milestones=[3]"])
     assert cfg.model_dump()["distill"]["optim"]["milestones"] == [3]
+
+
+def test_grad_clip_is_serialised_only_when_set():
+    """No clipping keeps the fingerprints of runs made before the option; a clip is part of the config."""
+    assert "grad_clip" not in load_config(None).model_dump()["distill"]["optim"]
+    assert load_config(None, ["distill.optim.grad_clip=10"]).model_dump()["distill"]["optim"]["grad_clip"] == 10
+    with pytest.raises(ConfigError, match="distill.optim.grad_clip"):
+        load_config(None, ["distill.optim.grad_clip=-1"])

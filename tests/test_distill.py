@@ -132,6 +132,17 @@ def test_corrupt_checkpoint_is_named_and_kept(built, tmp_path, monkeypatch):
     assert rec["epochs"] == 3 and [m["resumed_after"] for m in _metrics(cfg)] == [None, None, None]
 
 
+def test_a_diverging_run_stops_with_a_message(built):
+    """A loss that is no longer finite stops the run at that step, naming it (not epochs of nan weights)."""
+    cfg0, _ = built
+    cfg = digits_cfg(cfg0.run.out_dir, "method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=2",
+                     "distill.optim.lr=1e12", "distill.optim.schedule=constant", "distill.workers.max_failures=0",
+                     "distill.name=diverges")
+    with pytest.raises(StageFailed, match=r"the loss became (nan|inf) at epoch 1, step \d+ \(ce .*set distill.optim.grad_clip"):
+        run_distill(cfg)
+    assert read_student(student_dir(cfg)) is None
+
+
 def test_missing_cache_and_unknown_teachers_are_named(built, tmp_path):
     cfg0, _ = built
     with pytest.raises(CacheError, match="not a cache"):
