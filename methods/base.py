@@ -54,6 +54,9 @@ class Method(nn.Module, metaclass=ABCMeta):
     """Base class. `uses_teachers = False` for methods that need no teacher output (the CE baseline)."""
 
     uses_teachers = True
+    # bump when a change to the method's maths makes its earlier students stale: it enters the students'
+    # fingerprints (from 2 on, so version-1 students keep theirs), and a rerun trains them again
+    version = 1
 
     def __init__(self, cfg, ctx: MethodContext):
         super().__init__()

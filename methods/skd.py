@@ -59,6 +59,8 @@ def skd_kd_term(logits_student: torch.Tensor, simplified: torch.Tensor, temperat
 
 @METHODS.register("skd")
 class SKD(Method):
+    version = 2  # 2: the anchor carries tau^2
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.simplifier = Simplifier(ctx.num_classes, cfg.skd.dim)

@@ -357,6 +357,9 @@ def distill_fingerprint(cfg: Config, data_fp: str, upstream: str) -> str:
                "seed": student_seed(cfg), "optim": d.optim.model_dump(mode="json"),
                "shuffle": d.shuffle_buffer, "workers": d.workers.num_workers,
                "method": cfg.method.model_dump(mode="json")}
+    version = METHODS.get(cfg.method.name).version
+    if version > 1:
+        payload["method_version"] = version
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -246,3 +246,19 @@ def test_refined_targets_replace_or_combine():
     assert both.item() == pytest.approx(0.5 * teachers.item() + 0.5 * refined.item(), rel=1e-6)
     assert _method("kd", targets="refined").columns() == ["refined"]
     assert _method("dkd", targets="both").columns() == ["logits.a", "logits.b", "refined"]
+
+
+def test_a_methods_version_enters_its_students_fingerprints(monkeypatch):
+    """A method whose maths changed (its version bumped) gets new student fingerprints: a rerun trains
+    again instead of reusing students of the old maths."""
+    from methods.skd import SKD
+    from pipeline.config import load_config
+    from pipeline.distill import distill_fingerprint
+
+    skd, kd = (load_config(None, [f"method.name={m}"]) for m in ("skd", "kd"))
+    now = distill_fingerprint(skd, "data", "up")
+    monkeypatch.setattr(SKD, "version", 1)
+    assert distill_fingerprint(skd, "data", "up") != now
+    kd_fp = distill_fingerprint(kd, "data", "up")
+    monkeypatch.setattr(METHODS.get("kd"), "version", 2)
+    assert distill_fingerprint(kd, "data", "up") != kd_fp
