@@ -6,6 +6,8 @@ Teachers, cache and (when a method needs it) the professor are built first or re
 student per (method, seed) with `raykd distill` (students `run.parallel` at a time), the seed being the
 student's initialisation and shuffling seed (the cache, hence the views, stays the same). Prints a
 Markdown table (mean +- sample std over seeds) and writes bench/results/accuracy_<dataset>.json.
+With `--into FILE`, the rows of the methods run replace theirs in an earlier result FILE (the rest of it
+is kept), and FILE's `reruns` list records this command: how one method is rerun after a change to it.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default=None, help="default bench/results/accuracy_<dataset>.json")
+    ap.add_argument("--into", default=None, help="replace these methods' rows in this earlier result file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cmd = "python bench/accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -131,7 +134,14 @@ def main() -> None:
         "time_s": {"teachers": round(t_teachers, 1), "cache": round(t_cache, 1), "students": round(t_students, 1),
                    "total": round(time.time() - t0, 1)},
     }
-    out = args.out or f"bench/results/accuracy_{cfg.data.name.replace('-', '_')}.json"
+    out = args.into or args.out or f"bench/results/accuracy_{cfg.data.name.replace('-', '_')}.json"
+    if args.into:
+        with open(args.into) as f:
+            earlier = json.load(f)
+        earlier["methods"].update(rows)
+        earlier.setdefault("reruns", []).append({"command": cmd, "date": res["date"], "methods": list(rows),
+                                                 "time_s": res["time_s"]})
+        res = earlier
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=2)
@@ -140,7 +150,7 @@ def main() -> None:
     for m, r in rows.items():
         print(f"| {m} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | "
               f"{100 * r['val_acc_mean']:.2f} ± {100 * r['val_acc_std']:.2f} | {r['params']:,} |")
-    print(f"\nwritten {out} ({res['time_s']['total'] / 60:.1f} min)")
+    print(f"\nwritten {out} ({(time.time() - t0) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from pipeline.data import normalize
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
 from pipeline.models import build_model
 from pipeline.progress import ProgressPrinter, emit
-from pipeline.training import (checkpoint_state, collect, evaluate, failure_reason, make_optimizer, report_epoch,
-                               restored_state, split_to_ray, worker_setup)
+from pipeline.training import (checkpoint_state, collect, evaluate, failure_reason, make_optimizer, optimizer_step,
+                               report_epoch, restored_state, split_to_ray, worker_setup)
 from pipeline.views import ViewPolicy, apply_views, make_views
 
 RECORD = "student.json"
@@ -210,12 +210,7 @@ def distill_loop(lc: dict) -> list[dict]:
                     f"distill {lc['name']}: the loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1} "
                     f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items() if k != 'loss')}); the checkpoints "
                     "of the epochs before are kept; lower distill.optim.lr or set distill.optim.grad_clip")
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if lc["optim"].get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), lc["optim"]["grad_clip"])
-            opt.step()
-            sched.step()
+            optimizer_step(opt, sched, terms["loss"], model.parameters(), lc["optim"].get("grad_clip"))
             n = len(y)
             seen += n
             correct += (logits.argmax(1) == y).sum().item()

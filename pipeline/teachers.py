@@ -20,8 +20,8 @@ from pipeline.data import Splits, load_splits
 from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.models import build_model
 from pipeline.progress import ProgressPrinter, emit
-from pipeline.training import (checkpoint_state, collect, evaluate, make_optimizer, report_epoch, restored_state,
-                               split_to_ray, view_batch, worker_setup)
+from pipeline.training import (checkpoint_state, collect, evaluate, make_optimizer, optimizer_step, report_epoch,
+                               restored_state, split_to_ray, view_batch, worker_setup)
 from pipeline.views import ViewPolicy
 
 RECORD = "teacher.json"
@@ -82,12 +82,7 @@ def train_loop(lc: dict) -> list[dict]:
             x, y = view_batch(batch, epoch, lc["data_seed"], policy, lc["mean"], lc["std"], device)
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if lc["optim"].get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), lc["optim"]["grad_clip"])
-            opt.step()
-            sched.step()
+            optimizer_step(opt, sched, loss, model.parameters(), lc["optim"].get("grad_clip"))
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()

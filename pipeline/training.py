@@ -93,6 +93,17 @@ def make_optimizer(params, optim_cfg, steps_per_epoch: int, epochs: int, lr: flo
     return opt, sched
 
 
+def optimizer_step(opt, sched, loss: torch.Tensor, params, grad_clip: float | None) -> None:
+    """One SGD step of a training loop: backward, the optional global gradient-norm clip (`optim.grad_clip`),
+    the optimizer's and the schedule's step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, mean, std, device,
              batch_size: int = 1024) -> tuple[float, float]:
@@ -153,8 +164,8 @@ def restored_state() -> dict | None:
         run_dir = os.path.dirname(ckpt.path.rstrip("/"))
         raise CheckpointError(
             f"Ray Train checkpoint {ckpt.path} is unreadable ({e.__class__.__name__}: {str(e)[:200]}); it is kept, "
-            f"with the ones before it (Ray Train resumes from the newest only). To start this student over, remove "
-            f"{run_dir} or give it another distill.name") from None
+            f"with the ones before it (Ray Train resumes from the newest only). To start this run over, remove "
+            f"{run_dir} (a student can also take another distill.name)") from None
 
 
 def failure_reason(e: Exception) -> str:
