@@ -101,7 +101,7 @@ def test_interrupted_run_resumes_when_rerun(built, tmp_path, monkeypatch):
 
 
 def test_corrupt_checkpoint_is_named_and_kept(built, tmp_path, monkeypatch):
-    """The newest Ray Train checkpoint of an interrupted run is damaged: the rerun stops with an error naming
+    """The checkpoint an interrupted run resumes from is damaged: the rerun stops with an error naming
     it and deletes nothing; with the run's folder removed, as the message says, the next rerun starts over."""
     import glob
 
@@ -112,10 +112,13 @@ def test_corrupt_checkpoint_is_named_and_kept(built, tmp_path, monkeypatch):
     with pytest.raises(StageFailed):
         run_distill(cfg)
     monkeypatch.delenv("RAYKD_FAULT")
-    ckpts = sorted(p for p in glob.glob(os.path.join(cfg.run.out_dir, "ray_train", "student-corrupt-ckpt-*", "checkpoint_*"))
-                   if os.path.isdir(p))
-    assert ckpts, "no checkpoint written"
-    newest = ckpts[-1]
+    runs = glob.glob(os.path.join(cfg.run.out_dir, "ray_train", "student-corrupt-ckpt-*"))
+    assert len(runs) == 1, runs
+    # the checkpoint the rerun resumes from: the newest *registered* one (Ray Train V2's snapshot), which is
+    # epoch 1's when the worker died before the controller polled epoch 2's report (the newest on disk)
+    with open(os.path.join(runs[0], "checkpoint_manager_snapshot.json")) as f:
+        newest = os.path.join(runs[0], json.load(f)["latest_checkpoint_result"]["checkpoint_dir_name"])
+    assert os.path.isdir(newest), "no checkpoint written"
     state = os.path.join(newest, "train_state.pt")
     with open(state, "r+b") as f:
         f.truncate(os.path.getsize(state) // 2)
