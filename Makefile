@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # pip on this machine warns once per missing mirror folder: drop those lines, keep pip's exit status
 QUIET_PIP := { grep -v '^WARNING: Location' || [ $$? = 1 ]; }
 
-.PHONY: install demo test bench bench-quick fashion-mnist clean
+.PHONY: install demo test test-fast bench bench-quick fashion-mnist clean
 
 # pip 23's resolver gives up on ray[train,tune] + moto[server]: upgrade pip first.
 $(STAMP): pyproject.toml
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# everyday work: every test that starts no Ray (losses, views, config, errors, ...), about a minute
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray"
 
 # The benchmark suite on Fashion-MNIST (bench/run.py): full profile ~90 min, quick ~10 min on 2 cores.
 bench: $(STAMP) fashion-mnist

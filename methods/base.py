@@ -77,6 +77,35 @@ class Method(nn.Module, metaclass=ABCMeta):
         cols += [f"feat.{t}.{s}" for t, stages in self.feature_layers().items() for s in stages]
         return cols + (["refined"] if self.cfg.targets != "teachers" else [])
 
+    # ---- hooks of the driver (`raykd distill`): the driver names no method
+
+    @classmethod
+    def chain(cls, cfg, name: str) -> list[dict]:
+        """The students this method trains for one config, in turn, each as config changes (`{}`: the config
+        as it is); a student of the chain starts when the one before it has finished. `name` is the
+        student's name. Sequential FEED's generations are such a chain."""
+        return [{}]
+
+    @classmethod
+    def student_teacher(cls, cfg) -> str | None:
+        """A finished student to distil from instead of the cached teachers (run in the workers), if any."""
+        return None
+
+    @classmethod
+    def summarise(cls, records: list[dict], out_dir: str) -> dict:
+        """The record of a whole chain, from its students' records (`out_dir`: the last one's folder)."""
+        return records[-1]
+
+    @classmethod
+    def notes(cls, record: dict) -> list[str]:
+        """Lines the results table prints under its rows for this student."""
+        return []
+
+    def export(self, student: nn.Module, out_dir: str, splits, files: dict) -> dict:
+        """After training (the student and this method hold the trained weights): write what the method
+        deploys besides the student into `out_dir`, add the files' sha256 to `files`, return record entries."""
+        return {}
+
     @abstractmethod
     def forward(self, logits: torch.Tensor, stages: dict[str, torch.Tensor], targets: Targets, labels: torch.Tensor,
                 epoch: int) -> dict[str, torch.Tensor]:

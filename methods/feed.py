@@ -82,6 +82,46 @@ class FEED(Method):
     def feature_layers(self) -> dict[str, list[str]]:
         return {t: [layer] for t, layer in self.layers.items()}
 
+    @classmethod
+    def chain(cls, cfg, name):
+        """Sequential FEED: generation 1 distils from the configured teachers, generation g > 1 from the
+        frozen student of generation g - 1; every generation is an ordinary student, `<name>-g<g>`."""
+        gens = cfg.method.feed.generations
+        if gens == 1:
+            return [{}]
+        out = []
+        for g in range(1, gens + 1):
+            changes = {"method.feed.generations": 1, "distill.name": f"{name}-g{g}"}
+            if g > 1:
+                changes.update({"method.feed.from_student": f"{name}-g{g - 1}", "method.teachers": None})
+            out.append(changes)
+        return out
+
+    @classmethod
+    def student_teacher(cls, cfg):
+        return cfg.method.feed.from_student
+
+    @classmethod
+    def summarise(cls, records, out_dir):
+        """The last generation's record, with every generation's accuracy (also generations.json beside it)."""
+        if len(records) == 1:
+            return records[0]
+        import json
+        import os
+
+        summary = [{"generation": g, "name": r["name"], "teachers": r["teachers"], "val_acc": r["val_acc"],
+                    "test_acc": r["test_acc"]} for g, r in enumerate(records, 1)]
+        tmp = os.path.join(out_dir, "generations.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"generations": summary}, f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, "generations.json"))
+        return {**records[-1], "generations": summary}
+
+    @classmethod
+    def notes(cls, record):
+        return [f"{record['name']}: generation {g['generation']} ({g['name']}, from {', '.join(g['teachers'])}) "
+                f"val {100 * g['val_acc']:.2f}% test {100 * g['test_acc']:.2f}%" for g in record.get("generations", [])]
+
     def forward(self, logits, stages, targets, labels, epoch):
         o = self.cfg.feed
         ce = F.cross_entropy(logits, labels)

@@ -122,6 +122,36 @@ class IMF(Method):
         kd = sum(w * kd_loss(z_att, z, o.temperature) for w, z in self.soft_targets(targets, o.temperature))
         return {"loss": ce_att + ce + o.alpha * feat + o.beta * kd, "ce_att": ce_att, "ce": ce, "feat": feat, "kd": kd}
 
+    def export(self, student, out_dir, splits, files):
+        """The deployed model (student stages up to the deepest IFD + IFDs + heads + attention) saved as
+        inference.safetensors, with its parameters, FLOPs and test accuracy next to the full student's."""
+        import os
+
+        from pipeline.checkpoints import save_state_dict
+        from pipeline.training import evaluate
+
+        inf = IMFInference(student, self).eval()
+        files["inference.safetensors"] = save_state_dict(inf.state_dict(), os.path.join(out_dir, "inference.safetensors"))
+        x = torch.zeros(1, splits.in_chans, splits.image_size, splits.image_size)
+        test = (torch.from_numpy(splits.test.images), torch.from_numpy(splits.test.labels))
+        with torch.no_grad():
+            acc, _ = evaluate(inf, *test, splits.mean, splits.std, "cpu")
+            student_acc, _ = evaluate(student, *test, splits.mean, splits.std, "cpu")
+        return {"inference": {
+            "stages": list(inf.stages), "ifd_layers": inf.student_layers, "params": inf.num_params(),
+            "flops": flops(inf, x), "test_acc": acc, "student_params": student.num_params(),
+            "student_flops": flops(student, x), "student_test_acc": student_acc}}
+
+    @classmethod
+    def notes(cls, record):
+        if "inference" not in record:
+            return []
+        i = record["inference"]
+        return [f"{record['name']}: IMF inference model ({' + '.join(i['stages'])} + IFDs on "
+                f"{', '.join(i['ifd_layers'])}) {i['params']:,} params, {i['flops']:,} FLOPs, test "
+                f"{100 * i['test_acc']:.2f}%; full student {i['student_params']:,} params, "
+                f"{i['student_flops']:,} FLOPs, test {100 * i['student_test_acc']:.2f}%"]
+
 
 class IMFInference(nn.Module):
     """The deployed IMF model: the student's stages up to the deepest IFD, the IFDs, heads and attention.

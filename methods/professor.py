@@ -85,8 +85,11 @@ def professor_losses(prof: Professor, teacher_logits: list[torch.Tensor], labels
     correct = q.argmax(1) == labels
     d_loss = _bce(prof.d_z(torch.randn_like(z)), True) + _bce(prof.d_z(z.detach()), False)
     d_loss = d_loss + _bce(prof.d_q(torch.cat([p_r.detach(), onehot], 1)), False)
-    if correct.any():
-        d_loss = d_loss + _bce(prof.d_q(torch.cat([q[correct], onehot[correct]], 1)), True)
+    # real pairs: the teacher targets the teachers got right (a masked mean: no host sync on the count)
+    real = F.binary_cross_entropy_with_logits(prof.d_q(torch.cat([q, onehot], 1)), torch.ones_like(q[:, :1]),
+                                              reduction="none").squeeze(1)
+    w = correct.to(real.dtype)
+    d_loss = d_loss + (real * w).sum() / w.sum().clamp_min(1.0)
     terms = {"loss": loss, "rec": rec, "cls": cls, "adv_z": adv_z, "adv_q": adv_q,
              "refined_acc": (r.argmax(1) == labels).float().mean()}
     return terms, d_loss

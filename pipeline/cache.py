@@ -109,6 +109,23 @@ def write_json(fs, path: str, obj: dict) -> None:
 # the Ray Data stages
 
 
+def split_to_ray(split, rows_per_block: int = 4096):
+    """A split as a Ray Dataset of rows {sample_id, label, image (H, W, C) uint8 tensor}."""
+    import pyarrow as pa
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    tables = []
+    for s in range(0, len(split), rows_per_block):
+        e = s + rows_per_block
+        tables.append(pa.table({
+            "sample_id": pa.array(split.ids[s:e]),
+            "label": pa.array(split.labels[s:e]),
+            "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.images[s:e])),
+        }))
+    return ray.data.from_arrow(tables)
+
+
 def render_views(batch: dict, view_ids: list[int], data_seed: int, pad: int, flip: bool) -> dict:
     """Stage 1: source rows -> one row per (sample, view): the view record and its pixels.
     A pure function of (seed, sample id, view id); `view` is the Hive partition key (= view_id)."""
@@ -148,7 +165,9 @@ class TeacherForward:
     def __call__(self, batch: dict) -> dict:
         from pipeline.data import normalize
 
-        x = normalize(torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device), self.mean, self.std)
+        from pipeline.batches import as_tensor
+
+        x = normalize(as_tensor(batch["pixels"]).to(self.device), self.mean, self.std)
         logits, stages = self.model.forward_stages(x)
         out = dict(batch)
         out[f"logits.{self.name}"] = logits.half().cpu().numpy()
@@ -331,7 +350,6 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root) -> dict:
     from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
 
     from pipeline.raysetup import init_ray, local_thread_share, resolve_device
-    from pipeline.training import split_to_ray
 
     c = cfg.cache
     init_ray(cfg.ray)

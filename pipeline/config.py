@@ -303,7 +303,13 @@ class DistillSection(Section):
         "cache", description="read teacher outputs from the cache, or run the teachers inside the workers")
     optim: OptimSection = Field(default_factory=_default_distill_optim)
     workers: WorkersSection = Field(default_factory=WorkersSection)
-    shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer (0 = none)")
+    shuffle_buffer: int = Field(
+        2048, ge=0, description="streamed views: rows in each worker's local shuffle buffer; in memory every epoch is "
+                                "a full seeded permutation; 0 = no shuffling either way")
+    in_memory: bool | Literal["auto"] = Field(
+        "auto", description="hold each worker's share of the views it trains on in memory (read once, batched by "
+                            "indexing), or stream them through Ray Data; auto: in memory when they fit a quarter "
+                            "of the available memory")
 
 
 class ProfessorOptim(Section):

@@ -1,9 +1,11 @@
-"""`raykd distill`: train one student on Ray Train, from the teacher cache or with the teachers online.
+"""`raykd distill`: train one student, from the teacher cache or with the teachers online.
 
-Cached mode: each view partition of the cache is a Ray Dataset; epoch e reads partition e mod K
-(`get_dataset_shard` -> `iter_torch_batches`, local shuffle), so the student sees exactly the views
-the teachers saw. Online mode runs the same loop on the same views, rendered from the source images,
-with the teachers inside each worker: the speed baseline and the check that the cache changes nothing.
+Cached mode: epoch e reads view partition e mod K of the cache, so the student sees exactly the views
+the teachers saw; each worker holds its share of the views in memory (read once) or streams them
+through Ray Data (`distill.in_memory`). Online mode runs the same loop on the same views, rendered from
+the source images, with the teachers inside each worker: the speed baseline and the check that the
+cache changes nothing. The job runs on the shared harness (pipeline.harness): one worker in one Ray
+task (or in the Tune trial itself), several on Ray Train.
 
 Output under <out_dir>/students/<name>/: student.safetensors and student.pt (state dict), method.safetensors
 (the method's own trained modules, if any), metrics.jsonl / metrics.csv (every loss term, accuracies,
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,14 +30,12 @@ import torch.nn as nn
 
 from methods import METHODS, MethodContext, Targets, build_method
 from pipeline.checkpoints import read_verified, save_state_dict, sha256_file
-from pipeline.config import Config, MethodSection, OptimSection, write_resolved
-from pipeline.data import normalize
+from pipeline.config import Config, MethodSection, OptimSection, variant, write_resolved
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
+from pipeline.harness import Job, JobFailed, JobRunner, Task, failure_message
 from pipeline.models import build_model
-from pipeline.progress import ProgressPrinter, emit
-from pipeline.training import (checkpoint_state, collect, evaluate, failure_reason, make_optimizer, optimizer_step,
-                               report_epoch, restored_state, split_to_ray, worker_setup)
-from pipeline.views import ViewPolicy, apply_views, make_views
+from pipeline.progress import ProgressPrinter
+from pipeline.training import Evaluator, make_optimizer, optimizer_step
 
 RECORD = "student.json"
 
@@ -68,32 +71,175 @@ class Distiller(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# the Ray Train worker loop
+# the job: what a worker trains
 
 
-def _maybe_fail(fault: dict | None, rank: int, epoch: int, step: int) -> None:
-    """Fault injection for the tests (RAYKD_FAULT): fail once, at (epoch, step), on rank 0."""
-    if not fault or rank != 0 or (epoch, step) != (fault["epoch"], fault["step"]) or os.path.exists(fault["marker"]):
-        return
-    open(fault["marker"], "w").close()
-    if fault.get("kind") == "exit":
-        os._exit(1)
-    raise RuntimeError(f"injected fault at epoch {epoch} step {step}")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudentJob(Job):
+    arch: str
+    num_classes: int
+    in_chans: int
+    method: dict  # the method section
+    method_ctx: dict
+    optim: OptimSection
+    batch_size: int
+    views: int  # K: epoch e reads view e mod K
+    data_seed: int
+    policy: dict
+    mean: tuple
+    std: tuple
+    n_train: int
+    val: Any  # object refs of the splits (pipeline.data.Split)
+    test: Any
+    train: Any = None  # only to render views: online, or a cache without pixels
+    cache_fs: Any = None  # cached mode: the cache's filesystem, files per view, columns read
+    files: dict | None = None
+    columns: tuple = ()
+    refined_files: dict | None = None
+    in_memory: bool = True
+    shuffle_buffer: int = 0
+    online_teachers: tuple = ()  # ({name, arch, path, weights}, ...): run inside the worker
+    online_professor: dict | None = None
+
+    def build(self, ctx):
+        return StudentTask(self, ctx)
+
+    def datasets(self) -> dict:
+        if self.files is None or self.in_memory:
+            return {}
+        import ray
+
+        return {f"view{k}": ray.data.read_parquet(fs_files, filesystem=self.cache_fs).select_columns(list(self.columns))
+                for k, fs_files in self.files.items()}
 
 
-def _batch_views(batch: dict, lc: dict, epoch: int, train_images, device):
-    """The batch's views as normalised float tensors: the cached pixels, else rendered here by the same
-    pure function of (seed, sample id, view id) the cache used."""
-    if "pixels" in batch:
-        pixels = batch["pixels"]
-    elif "image" in batch:  # online: source rows, view e mod K
-        pixels = torch.from_numpy(make_views(batch["image"].numpy(), batch["sample_id"].numpy(), epoch % lc["views"],
-                                             lc["data_seed"], ViewPolicy(**lc["policy"]))[0])
-    else:  # a cache without pixels: replay its view records on the source images
-        images = train_images[np.searchsorted(lc["train_ids"], batch["sample_id"].numpy())]
-        pixels = torch.from_numpy(apply_views(images, batch["view_ox"].numpy(), batch["view_oy"].numpy(),
-                                              batch["view_flip"].numpy(), lc["policy"]["pad"]))
-    return normalize(pixels.to(device, non_blocking=True), lc["mean"], lc["std"])
+def _load_online(entries, num_classes, in_chans, device) -> dict[str, nn.Module]:
+    from pipeline.checkpoints import load_into, state_from_bytes
+
+    models = {}
+    for t in entries:
+        m = build_model(t["arch"], num_classes, in_chans)
+        load_into(m, state_from_bytes(t["weights"], t["path"]), t["path"], t["arch"])
+        models[t["name"]] = m.to(device).eval()
+    return models
+
+
+def _load_professor(p: dict, num_classes: int, device):
+    from methods.professor import Professor
+    from pipeline.checkpoints import load_into, state_from_bytes
+
+    prof = Professor(num_classes, p["latent_dim"], p["hidden"], p["temperature"])
+    load_into(prof, state_from_bytes(p["weights"], p["path"]), p["path"], "professor")
+    return prof.to(device).eval()
+
+
+class StudentTask(Task):
+    def __init__(self, job: StudentJob, ctx):
+        from pipeline.batches import (MemoryEpochs, Refined, RowFormat, StreamEpochs, cache_view_loader, render_view,
+                                      worker_share)
+        from pipeline.batches import resolve
+
+        self.job, self.device = job, ctx.device
+        self.student = build_model(job.arch, job.num_classes, job.in_chans)
+        self.method = build_method(MethodSection(**job.method), MethodContext(**job.method_ctx))
+        self.teachers = _load_online(job.online_teachers, job.num_classes, job.in_chans, ctx.device)
+        self.professor = _load_professor(job.online_professor, job.num_classes, ctx.device) if job.online_professor else None
+        self.layers = self.method.feature_layers()
+        self.cached_teachers = [n for n in job.method_ctx["teachers"] if n not in self.teachers]
+        view_of = lambda e: e % job.views  # noqa: E731
+        shuffle = job.shuffle_buffer > 0
+        rows = job.n_train // ctx.world
+        if job.files is None:  # online: views rendered here from the source images
+            train = resolve(job.train)
+            share = worker_share(len(train), ctx.rank, ctx.world, job.seed)
+            policy = _policy(job.policy)
+            self.data = MemoryEpochs(lambda k: render_view(train, share, k, job.data_seed, policy, job.mean, job.std),
+                                     view_of, job.batch_size, shuffle, job.seed)
+        else:
+            fmt = RowFormat(job.mean, job.std, job.policy["pad"], job.train)
+            refined = Refined(job.cache_fs, job.refined_files) if job.refined_files else None
+            if job.in_memory:
+                load = cache_view_loader(job.cache_fs, job.files, list(job.columns), fmt, ctx.rank, ctx.world, job.seed,
+                                         refined)
+                self.data = MemoryEpochs(load, view_of, job.batch_size, shuffle, job.seed)
+            else:
+                if ctx.world > 1:
+                    source = lambda k: ctx.shard(f"view{k}")  # noqa: E731
+                else:
+                    import ray
+
+                    source = lambda k: ray.data.read_parquet(job.files[k], filesystem=job.cache_fs).select_columns(  # noqa: E731
+                        list(job.columns))
+                self.data = StreamEpochs(source, view_of, job.batch_size, job.shuffle_buffer, job.seed, fmt.prepare, refined)
+        steps = max(1, math.ceil(rows / job.batch_size))
+        self.opt, self.sched = make_optimizer([*self.student.parameters(), *self.method.parameters()], job.optim, steps,
+                                              job.epochs)
+        self.evaluator = Evaluator({"val": resolve(job.val), "test": resolve(job.test)}, job.mean, job.std, ctx.device)
+
+    def prepare(self, ctx):
+        self.model = ctx.prepare_model(Distiller(self.student, self.method))
+        self.bare = self.model.module if hasattr(self.model, "module") else self.model
+
+    def prepare_epoch(self, epoch):
+        self.data.prepare(epoch)
+
+    def batches(self, epoch):
+        return self.data(epoch)
+
+    def step(self, batch, epoch):
+        from pipeline.batches import to_device
+
+        b = to_device(batch, self.device)
+        x, y = b["x"], b["y"]
+        if self.teachers:
+            targets = Targets()
+            with torch.no_grad():
+                for n, t in self.teachers.items():
+                    targets.logits[n], maps = t.forward_stages(x)
+                    targets.features[n] = {s: maps[s] for s in self.layers.get(n, [])}
+                if self.professor is not None:
+                    targets.refined = self.professor.refine(list(targets.logits.values()), y)
+        else:
+            targets = Targets(logits={n: b[f"logits.{n}"] for n in self.cached_teachers if f"logits.{n}" in b},
+                              features={n: {s: b[f"feat.{n}.{s}"] for s in ss} for n, ss in self.layers.items()})
+        if "refined" in b:
+            targets.refined = b["refined"]
+        logits, terms = self.model(x, targets, y, epoch + 1)
+        optimizer_step(self.opt, self.sched, terms["loss"], self.model.parameters(), self.job.optim.grad_clip)
+        return terms, len(y), (logits.argmax(1) == y).sum()
+
+    def evaluate(self):
+        return self.evaluator(self.bare.student)
+
+    def epoch_info(self, epoch):
+        return {"view": epoch % self.job.views, "lr": self.sched.get_last_lr()[0],
+                "teachers_loaded": len(self.teachers) + (self.professor is not None)}  # 0 when the cache serves
+
+    def state(self):
+        return {"student": self.bare.student.state_dict(), "method": self.bare.method.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load(self, state):
+        self.student.load_state_dict(state["student"])
+        self.method.load_state_dict(state["method"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+    def line(self, m):
+        parts = " ".join(f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("train_") and k not in
+                         ("train_loss", "train_acc"))
+        return (f"view {m['view']} loss {m['train_loss']:.3f} ({parts}) train {m['train_acc']:.4f} "
+                f"val {m['val_acc']:.4f} test {m['test_acc']:.4f}")
+
+
+def _policy(d: dict):
+    from pipeline.views import ViewPolicy
+
+    return ViewPolicy(**d)
+
+
+# --------------------------------------------------------------------------------------------------
+# driver: plan a student (no Ray), run its job, write its outputs
 
 
 def _column_teacher(col: str) -> str | None:
@@ -102,161 +248,15 @@ def _column_teacher(col: str) -> str | None:
     return parts[1] if parts[0] in ("logits", "feat", "topk") and len(parts) > 1 else None
 
 
-def _feature(batch: dict, col: str, device) -> torch.Tensor:
-    """A cached feature map as float32: fp16 as stored, int8 dequantised with its per-row `.scale`."""
-    x = batch[col].to(device)
-    if col + ".scale" in batch:
-        from pipeline.cache import dequantize_int8
-
-        return dequantize_int8(x, batch[col + ".scale"].to(device))
-    return x.float()
-
-
-def _load_online_teachers(lc: dict, device) -> dict[str, nn.Module]:
-    from pipeline.checkpoints import load_into, state_from_bytes
-
-    models = {}
-    for t in lc["online_teachers"]:
-        m = build_model(t["arch"], lc["num_classes"], lc["in_chans"])
-        load_into(m, state_from_bytes(t["weights"], t["path"]), t["path"], t["arch"])
-        models[t["name"]] = m.to(device).eval()
-    return models
-
-
-def _lookup(refined: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> torch.Tensor:
-    keys, values = refined
-    pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
-    if not np.array_equal(keys[pos], ids):
-        raise RuntimeError("the cache's refined column lacks some of this view's sample ids: it does not match the cache")
-    return torch.from_numpy(values[pos])
-
-
-def _load_online_professor(lc: dict, device):
-    from methods.professor import Professor
-    from pipeline.checkpoints import load_into, state_from_bytes
-
-    p = lc["online_professor"]
-    prof = Professor(lc["num_classes"], p["latent_dim"], p["hidden"], p["temperature"])
-    load_into(prof, state_from_bytes(p["weights"], p["path"]), p["path"], "professor")
-    return prof.to(device).eval()
-
-
-def distill_loop(lc: dict) -> list[dict]:
-    """One student's distillation on a Ray Train worker. `lc` is a plain dict (it crosses processes)."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    rank, world, device = worker_setup(lc["torch_threads"], lc["seed"])
-    student = build_model(lc["arch"], lc["num_classes"], lc["in_chans"])
-    method = build_method(MethodSection(**lc["method"]), MethodContext(**lc["method_ctx"]))
-    teachers = _load_online_teachers(lc, device) if lc["online_teachers"] else {}
-    train_images = ray.get(lc["train_images"]) if lc["train_images"] is not None else None
-    val_x, val_y = collect(ray.train.get_dataset_shard("val"))
-    test_x, test_y = collect(ray.train.get_dataset_shard("test"))
-
-    epochs, bs = lc["epochs"], lc["batch_size"]
-    steps = max(1, -(-lc["n_train"] // (world * bs)))
-    opt, sched = make_optimizer([*student.parameters(), *method.parameters()], OptimSection(**lc["optim"]), steps, epochs)
-    start, history, resumed = 0, [], None
-    state = restored_state()
-    if state is not None:  # a restarted worker group, or a rerun of an interrupted run (same run name)
-        student.load_state_dict(state["student"])
-        method.load_state_dict(state["method"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, history = int(state["epoch"]) + 1, json.loads(state["history"])
-        resumed = start
-        if rank == 0:
-            emit(lc["progress"], f"[distill {lc['name']}] resuming after epoch {start} from its checkpoint")
-    model = ray.train.torch.prepare_model(Distiller(student, method))
-    bare = model.module if hasattr(model, "module") else model
-
-    professor = _load_online_professor(lc, device) if lc["online_professor"] else None
-    layers = method.feature_layers()
-    for epoch in range(start, epochs):
-        shard = ray.train.get_dataset_shard(f"view{epoch % lc['views']}" if lc["cached"] else "train")
-        refined = None
-        if lc["refined"]:  # the professor's column of this view, looked up by sample id
-            from pipeline.cache import load_refined
-
-            refined = load_refined(lc["refined"]["fs"], lc["refined"]["files"][epoch % lc["views"]])
-        t0, seen, correct, sums = time.time(), 0, 0, {}
-        model.train()
-        for step, batch in enumerate(shard.iter_torch_batches(
-                batch_size=bs, device="cpu", local_shuffle_buffer_size=lc["shuffle_buffer"] or None,
-                local_shuffle_seed=lc["seed"] * 1000 + epoch)):
-            _maybe_fail(lc["fault"], rank, epoch + 1, step)
-            x = _batch_views(batch, lc, epoch, train_images, device)
-            y = batch["label"].to(device, dtype=torch.long)
-            if teachers:
-                targets = Targets()
-                with torch.no_grad():
-                    for n, t in teachers.items():
-                        targets.logits[n], maps = t.forward_stages(x)
-                        targets.features[n] = {s: maps[s] for s in layers.get(n, [])}
-                if professor is not None:
-                    targets.refined = professor.refine(list(targets.logits.values()), y)
-            else:
-                targets = Targets(logits={n: batch[f"logits.{n}"].to(device).float() for n in lc["method_ctx"]["teachers"]
-                                          if f"logits.{n}" in batch},
-                                  features={n: {s: _feature(batch, f"feat.{n}.{s}", device) for s in ss}
-                                            for n, ss in layers.items()})
-            if refined is not None:
-                targets.refined = _lookup(refined, batch["sample_id"].numpy()).to(device)
-            logits, terms = model(x, targets, y, epoch + 1)
-            if not torch.isfinite(terms["loss"]):  # stop: every later step would train on nan
-                raise FloatingPointError(
-                    f"distill {lc['name']}: the loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1} "
-                    f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items() if k != 'loss')}); the checkpoints "
-                    "of the epochs before are kept; lower distill.optim.lr or set distill.optim.grad_clip")
-            optimizer_step(opt, sched, terms["loss"], model.parameters(), lc["optim"].get("grad_clip"))
-            n = len(y)
-            seen += n
-            correct += (logits.argmax(1) == y).sum().item()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * n
-        dt = time.time() - t0
-        names = sorted(sums)
-        totals = torch.tensor([seen, correct, *[sums[k] for k in names]], dtype=torch.float64)
-        if world > 1:  # every worker's share: metrics of the whole epoch, not of rank 0's shard
-            import torch.distributed as dist
-
-            dist.all_reduce(totals)
-        seen_all, correct_all = int(totals[0]), float(totals[1])
-        val_acc, val_loss = evaluate(bare.student, val_x, val_y, lc["mean"], lc["std"], device)
-        test_acc, _ = evaluate(bare.student, test_x, test_y, lc["mean"], lc["std"], device)
-        m = {"epoch": epoch + 1, "view": epoch % lc["views"],
-             **{f"train_{k}": float(totals[2 + i]) / max(1, seen_all) for i, k in enumerate(names)},
-             "train_acc": correct_all / max(1, seen_all), "val_loss": val_loss, "val_acc": val_acc,
-             "test_acc": test_acc, "lr": sched.get_last_lr()[0], "epoch_time_s": dt,
-             "samples_per_s": seen_all / max(dt, 1e-9), "samples": seen_all, "workers": world,
-             "teachers_loaded": len(teachers) + (professor is not None),  # 0 when the cache serves
-             "resumed_after": resumed}  # the epoch this attempt restarted after (None: from scratch)
-        history.append(m)
-        if rank == 0:
-            parts = " ".join(f"{k} {m['train_' + k]:.3f}" for k in names if k != "loss")
-            emit(lc["progress"], f"[distill {lc['name']}] epoch {epoch + 1}/{epochs} view {m['view']} "
-                 f"loss {m['train_loss']:.3f} ({parts}) train {m['train_acc']:.4f} val {val_acc:.4f} "
-                 f"test {test_acc:.4f} ({dt:.1f}s, {m['samples_per_s']:.0f} samples/s)")
-        report_epoch(m, {"student": bare.student.state_dict(), "method": bare.method.state_dict(),
-                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                         "history": json.dumps(history)} if rank == 0 else None)
-    return history
-
-
-# --------------------------------------------------------------------------------------------------
-# driver
-
-
 def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
-    """(teacher names, their val accuracy, K, upstream fingerprint, cache or None, online teacher entries)."""
+    """(teacher names, their val accuracy, K, upstream fingerprint, cache or None, in-worker teacher entries)."""
     from pipeline.cache import Cache, cache_uri
     from pipeline.teachers import read_record, teacher_dir
 
     out = os.path.abspath(cfg.run.out_dir)
-    if cfg.method.name == "feed" and cfg.method.feed.from_student:
-        return _student_as_teacher(cfg, splits, online, out)
+    from_student = method_cls.student_teacher(cfg)
+    if from_student:
+        return _student_as_teacher(cfg, from_student, splits, online, out)
     if not online:
         cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
         cache.expect(data_fingerprint=splits.fingerprint)
@@ -285,12 +285,11 @@ def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
     return names, acc, cfg.cache.views, upstream, None, entries
 
 
-def _student_as_teacher(cfg: Config, splits, online: bool, out: str):
-    """`method.feed.from_student`: a finished student is the only teacher, run in the workers (it is
+def _student_as_teacher(cfg: Config, name: str, splits, online: bool, out: str):
+    """A finished student as the only teacher (e.g. `method.feed.from_student`), run in the workers (it is
     small) on the cached views (or on views rendered there when online)."""
     from pipeline.cache import Cache, cache_uri
 
-    name = cfg.method.feed.from_student
     sdir = os.path.join(out, "students", name)
     rec = read_student(sdir)
     if rec is None:
@@ -308,34 +307,12 @@ def _student_as_teacher(cfg: Config, splits, online: bool, out: str):
     return [name], {name: rec["val_acc"]}, views, upstream, cache, [entry]
 
 
-def _feed_generations(cfg: Config, progress, concurrent: int, tune: bool) -> dict:
-    """Sequential FEED: generation 1 distils from the configured teachers; generation g > 1 from the
-    frozen student of generation g - 1. Every generation is an ordinary student, `<name>-g<g>`; the
-    returned record is the last one's, with every generation's accuracy under `generations`."""
-    from pipeline.config import variant
-
-    base, gens = student_name(cfg), cfg.method.feed.generations
-    recs: list[dict] = []
-    for g in range(1, gens + 1):
-        changes = {"method.feed.generations": 1, "distill.name": f"{base}-g{g}"}
-        if recs:
-            changes.update({"method.feed.from_student": recs[-1]["name"], "method.teachers": None})
-        recs.append(run_distill(variant(cfg, changes, f"FEED generation {g}"), progress, concurrent, tune))
-    summary = [{"generation": g, "name": r["name"], "teachers": r["teachers"], "val_acc": r["val_acc"],
-                "test_acc": r["test_acc"]} for g, r in enumerate(recs, 1)]
-    _write_json(os.path.join(student_dir(variant(cfg, {"distill.name": recs[-1]["name"]}, "FEED")), "generations.json"),
-                {"generations": summary})
-    _say(progress, f"[distill] {base}: sequential FEED, " + ", ".join(
-        f"g{s['generation']} val {s['val_acc']:.4f} test {s['test_acc']:.4f}" for s in summary))
-    return {**recs[-1], "generations": summary}
-
-
 def _professor_entry(cfg: Config) -> dict:
     """The trained professor (for online mode with refined targets), verified against its sha256."""
-    from pipeline.professor import _read_record
+    from pipeline.professor import read_record
 
     out = os.path.join(os.path.abspath(cfg.run.out_dir), "professor")
-    rec = _read_record(out)
+    rec = read_record(out)
     if rec is None:
         raise RaykdError(f"method.targets={cfg.method.targets} needs the professor: none under {out}; run `raykd professor`")
     path = os.path.join(out, rec["file"])
@@ -358,42 +335,35 @@ def distill_fingerprint(cfg: Config, data_fp: str, upstream: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _tune_callback():
-    from ray.tune.integration.ray_train import TuneReportCallback
+@dataclasses.dataclass
+class Plan:
+    """A student to train: everything the driver worked out before its job starts."""
 
-    return TuneReportCallback()
+    cfg: Config
+    name: str
+    sdir: str
+    fp: str
+    upstream: str
+    splits: Any
+    teachers: list[str]
+    online: bool
+    student: nn.Module
+    method: nn.Module
+    mctx: dict
+    views: int
+    cache: Any
+    online_teachers: list[dict]
+    online_professor: dict | None
+    t0: float = 0.0
 
 
-def _say(queue, line: str) -> None:
-    """A console line: printed here, or sent to the driver when this runs in a Ray task (`raykd run`)."""
-    if queue is None:
-        print(line, flush=True)
-    else:
-        emit(queue, line)
-
-
-def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = False) -> dict:
-    """Distil one student as configured; returns its record (also written as student.json).
-
-    `progress`: the driver's progress queue when this runs inside a Ray task or Tune trial next to
-    `concurrent - 1` others (`raykd run`, `raykd sweep`), whose workers share the node's cores.
-    `tune`: this is a Tune trial: rank 0's epoch metrics are forwarded to Tune."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.data import load_splits
-    from pipeline.raysetup import TRAIN_LOG_LEVEL, init_ray, local_thread_share, resolve_device, scaling, train_storage
-
-    if cfg.method.name == "feed" and cfg.method.feed.generations > 1:
-        return _feed_generations(cfg, progress, concurrent, tune)
-    splits = load_splits(cfg.data)
+def plan_student(cfg: Config, splits) -> Plan | dict:
+    """Work out one student (no Ray): its teachers and their source, method, fingerprint. Returns its
+    record when a finished student of the same fingerprint is there (nothing to train)."""
     d = cfg.distill
     online = d.teachers == "online"
     method_cls = METHODS.get(cfg.method.name)
     names, val_acc, views, upstream, cache, online_teachers = _teacher_sources(cfg, splits, method_cls, online)
-    name, sdir = student_name(cfg), student_dir(cfg)
-    seed = student_seed(cfg)
     student = build_model(d.student.arch, splits.num_classes, splits.in_chans)
     archs = {t["name"]: t["arch"] for t in (cache.manifest["teachers"] if cache is not None else [])}
     archs.update({t["name"]: t["arch"] for t in online_teachers})  # online, or a student as teacher
@@ -412,133 +382,90 @@ def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = Fa
             prof_fp = online_professor["sha256"]
         upstream = hashlib.sha256(f"{upstream}:{prof_fp}".encode()).hexdigest()
     fp = distill_fingerprint(cfg, splits.fingerprint, upstream)
+    sdir = student_dir(cfg)
     prev = read_student(sdir)
     if prev is not None and prev.get("fingerprint") == fp and _outputs_intact(sdir, prev):
-        _say(progress, f"[distill] {name}: up to date ({sdir}), not retrained")
         return prev
+    return Plan(cfg, student_name(cfg), sdir, fp, upstream, splits, names, online or bool(online_teachers), student,
+                method, mctx, views, cache, online_teachers, online_professor)
 
-    init_ray(cfg.ray)
-    device = resolve_device(cfg.run.device)
-    datasets = {"val": split_to_ray(splits.val), "test": split_to_ray(splits.test)}
-    train_images = None
-    refined = None
-    if cache is not None:
-        in_worker = {t["name"] for t in online_teachers}  # their outputs are computed, not read
-        cols = ["sample_id", "label", *[c for c in method.columns() if _column_teacher(c) not in in_worker]]
+
+def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurrent: int = 1) -> StudentJob:
+    """The plan as a job: the splits as object refs, the cache's files and columns, in memory or streamed."""
+    from pipeline.batches import in_memory_choice, memory_budget, row_bytes
+    from pipeline.raysetup import train_storage
+
+    cfg, d = p.cfg, p.cfg.distill
+    cache_kw: dict = {}
+    if p.cache is not None:
+        cache = p.cache
+        in_worker = {t["name"] for t in p.online_teachers}  # their outputs are computed, not read
+        cols = ["sample_id", "label", *[c for c in p.method.columns() if _column_teacher(c) not in in_worker]]
         cols += ["pixels"] if cache.manifest["store_views"] else ["view_ox", "view_oy", "view_flip"]
         cache.expect(columns=cols)
         cols += [c + ".scale" for c in cols if c.startswith("feat.") and c + ".scale" in cache.manifest["columns"]]
-        split_names = [f"view{k}" for k in sorted({e % views for e in range(d.optim.epochs)})]
-        for s in split_names:
-            datasets[s] = cache.view_dataset(int(s[4:]), columns=[c for c in cols if c != "refined"])
-        if "refined" in cols:  # its own files, keyed by sample id: each worker loads one view's per epoch
-            refined = {"fs": cache.fs, "files": {int(s[4:]): cache.refined_files(int(s[4:])) for s in split_names}}
-        if not cache.manifest["store_views"]:
-            train_images = ray.put(splits.train.images)
-    else:
-        split_names = ["train"]
-        datasets["train"] = split_to_ray(splits.train)
-    fault = json.loads(os.environ["RAYKD_FAULT"]) if os.environ.get("RAYKD_FAULT") else None
-    w = d.workers
-    threads = w.torch_threads or local_thread_share(cfg.ray, w.num_workers * concurrent)
-    use_gpu = device == "cuda"
-    os.makedirs(sdir, exist_ok=True)
-    write_resolved(cfg, sdir)
-    _say(progress, f"[distill] {name}: {cfg.method.name} -> {d.student.arch} ({student.num_params():,} params), "
-         f"{'teachers online' if online else 'from the cache'}{' ' + str(names) if names else ''}, "
-         f"{d.optim.epochs} epochs over K={views} views, {w.num_workers} worker(s)")
-    t0 = time.time()
-    with ProgressPrinter() if progress is None else contextlib.nullcontext() as printer:
-        queue = printer.queue if progress is None else progress
-        lc = {
-            "name": name, "arch": d.student.arch, "seed": seed, "num_classes": splits.num_classes,
-            "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std, "policy": splits.policy.as_dict(),
-            "data_seed": cfg.data.seed, "views": views, "cached": cache is not None, "n_train": len(splits.train),
-            "train_ids": splits.train.ids, "train_images": train_images,
-            # weights travel with the job (Ray's object store), not as paths: no node needs this one's disk
-            "online_teachers": [{**t, "weights": read_verified(t["path"], t["sha256"])} for t in online_teachers],
-            "method": cfg.method.model_dump(mode="json"), "method_ctx": mctx, "epochs": d.optim.epochs,
-            "batch_size": d.optim.batch_size, "optim": d.optim.model_dump(), "shuffle_buffer": d.shuffle_buffer,
-            "torch_threads": threads, "progress": queue, "fault": fault, "refined": refined,
-            "online_professor": online_professor and {
-                **online_professor, "weights": read_verified(online_professor["path"], online_professor["sha256"])},
+        used = sorted({e % p.views for e in range(d.optim.epochs)})
+        nbytes = row_bytes(cache.manifest["columns"], cols) * len(p.splits.train) * len(used) // d.workers.num_workers
+        cache_kw = {
+            "cache_fs": cache.fs, "files": {k: cache.view_files(k) for k in used},
+            "columns": tuple(c for c in cols if c != "refined"),
+            "refined_files": {k: cache.refined_files(k) for k in used} if "refined" in cols else None,
+            "in_memory": in_memory_choice(d.in_memory, nbytes, memory_budget() // max(1, concurrent)),
+            "train": None if cache.manifest["store_views"] else refs["train"],
         }
-        trainer = TorchTrainer(
-            distill_loop,
-            train_loop_config=lc,
-            scaling_config=scaling(w, use_gpu),
-            run_config=ray.train.RunConfig(
-                name=f"student-{name}-{fp[:12]}",  # same name on a rerun = resume from the last checkpoint
-                **train_storage(cfg),
-                logging_config=ray.train.LoggingConfig(log_level=TRAIN_LOG_LEVEL),
-                failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                callbacks=[_tune_callback()] if tune else None,
-            ),
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=split_names),
-        )
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError as e:
-            raise StageFailed(f"distillation of {name} failed ({failure_reason(e)}); its checkpoints "
-                              "are kept: rerun the same command to resume. Ray's logs: /tmp/ray/session_latest/logs") from None
-    state = checkpoint_state(result.checkpoint)
-    history = json.loads(state["history"])
-    rec = _save_outputs(sdir, state, history, cfg, student, names, online or bool(online_teachers), fp, upstream)
-    if cfg.method.name == "imf":
-        rec["inference"] = _export_imf(sdir, state, student, method, splits, rec["files"])
-    rec["wall_time_s"] = round(time.time() - t0, 2)
-    _write_json(os.path.join(sdir, RECORD), rec)
-    last = history[-1]
-    _say(progress, f"[distill] {name}: done, val {last['val_acc']:.4f} test {last['test_acc']:.4f} -> {sdir}")
-    return rec
+    else:
+        cache_kw = {"train": refs["train"]}
+    fault = json.loads(os.environ["RAYKD_FAULT"]) if os.environ.get("RAYKD_FAULT") else None
+    splits = p.splits
+    return StudentJob(
+        kind="distill", name=p.name, run_name=f"student-{p.name}-{p.fp[:12]}", seed=student_seed(cfg),
+        epochs=d.optim.epochs, workers=d.workers, storage=train_storage(cfg), device=device, torch_threads=threads,
+        progress=progress, fault=fault,
+        arch=d.student.arch, num_classes=splits.num_classes, in_chans=splits.in_chans,
+        method=cfg.method.model_dump(mode="json"), method_ctx=p.mctx, optim=d.optim, batch_size=d.optim.batch_size,
+        views=p.views, data_seed=cfg.data.seed, policy=splits.policy.as_dict(), mean=splits.mean, std=splits.std,
+        n_train=len(splits.train), val=refs["val"], test=refs["test"], shuffle_buffer=d.shuffle_buffer,
+        # weights travel with the job (Ray's object store), not as paths: no node needs this one's disk
+        online_teachers=tuple({**t, "weights": read_verified(t["path"], t["sha256"])} for t in p.online_teachers),
+        online_professor=p.online_professor and {
+            **p.online_professor, "weights": read_verified(p.online_professor["path"], p.online_professor["sha256"])},
+        **cache_kw)
 
 
-def _export_imf(sdir: str, state: dict, student: nn.Module, method: nn.Module, splits, files: dict) -> dict:
-    """IMF's deployed model (student stages up to the deepest IFD + IFDs + heads + attention) saved as
-    inference.safetensors, with its parameters, FLOPs and test accuracy next to the full student's."""
-    from methods.imf import IMFInference, flops
-
-    student.load_state_dict(state["student"])
-    method.load_state_dict(state["method"])
-    inf = IMFInference(student, method).eval()
-    files["inference.safetensors"] = save_state_dict(inf.state_dict(), os.path.join(sdir, "inference.safetensors"))
-    x = torch.zeros(1, splits.in_chans, splits.image_size, splits.image_size)
-    test = (torch.from_numpy(splits.test.images), torch.from_numpy(splits.test.labels))
-    with torch.no_grad():
-        acc, _ = evaluate(inf, *test, splits.mean, splits.std, "cpu")
-        student_acc, _ = evaluate(student, *test, splits.mean, splits.std, "cpu")
-    return {"stages": list(inf.stages), "ifd_layers": inf.student_layers, "params": inf.num_params(),
-            "flops": flops(inf, x), "test_acc": acc, "student_params": student.num_params(),
-            "student_flops": flops(student, x), "student_test_acc": student_acc}
-
-
-def _save_outputs(sdir, state, history, cfg, student, teachers, online, fp, upstream) -> dict:
-    files = {"student.safetensors": save_state_dict(state["student"], os.path.join(sdir, "student.safetensors"))}
-    pt = os.path.join(sdir, "student.pt")
-    torch.save(state["student"], pt + ".tmp")
+def finish_student(p: Plan, state: dict, history: list[dict]) -> dict:
+    """Write the student's outputs from its job's last state and metrics; returns its record."""
+    st = state["task"]
+    files = {"student.safetensors": save_state_dict(st["student"], os.path.join(p.sdir, "student.safetensors"))}
+    pt = os.path.join(p.sdir, "student.pt")
+    torch.save(st["student"], pt + ".tmp")
     os.replace(pt + ".tmp", pt)
     files["student.pt"] = sha256_file(pt)
-    if state["method"]:
-        files["method.safetensors"] = save_state_dict(state["method"], os.path.join(sdir, "method.safetensors"))
-    with open(os.path.join(sdir, "metrics.jsonl"), "w") as f:
+    if st["method"]:
+        files["method.safetensors"] = save_state_dict(st["method"], os.path.join(p.sdir, "method.safetensors"))
+    with open(os.path.join(p.sdir, "metrics.jsonl"), "w") as f:
         for m in history:
             f.write(json.dumps(m) + "\n")
     keys = list(dict.fromkeys(k for m in history for k in m))
-    with open(os.path.join(sdir, "metrics.csv"), "w", newline="") as f:
+    with open(os.path.join(p.sdir, "metrics.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
     last = history[-1]
     times = [m["epoch_time_s"] for m in history]
-    return {
-        "name": student_name(cfg), "method": cfg.method.name, "arch": cfg.distill.student.arch,
-        "params": student.num_params(), "seed": student_seed(cfg), "teachers": teachers,
-        "mode": "online" if online else "cache", "epochs": len(history), "val_acc": last["val_acc"],
+    p.student.load_state_dict(st["student"])
+    p.method.load_state_dict(st["method"])
+    cfg = p.cfg
+    rec = {
+        "name": p.name, "method": cfg.method.name, "arch": cfg.distill.student.arch,
+        "params": p.student.num_params(), "seed": student_seed(cfg), "teachers": p.teachers,
+        "mode": "online" if p.online else "cache", "epochs": len(history), "val_acc": last["val_acc"],
         "test_acc": last["test_acc"], "best_val_acc": max(m["val_acc"] for m in history),
-        "epoch_time_s": round(float(np.median(times)), 3), "files": files, "fingerprint": fp, "upstream": upstream,
+        "epoch_time_s": round(float(np.median(times)), 3), "files": files, "fingerprint": p.fp, "upstream": p.upstream,
     }
+    rec.update(p.method.export(p.student, p.sdir, p.splits, files))
+    rec["wall_time_s"] = round(time.time() - p.t0, 2)
+    _write_json(os.path.join(p.sdir, RECORD), rec)
+    return rec
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -571,53 +498,165 @@ def format_results(records: list[dict]) -> str:
     for r in records:
         rows.append(f"{r['name']:<22} {r['method']:<7} {r['arch']:<9} {r['params']:>8,} {r['mode']:<9} "
                     f"{100 * r['val_acc']:>7.2f}% {100 * r['test_acc']:>8.2f}% {r['epoch_time_s']:>8.2f}")
-        if "inference" in r:  # IMF's deployed model beside the full student
-            i = r["inference"]
-            notes.append(f"{r['name']}: IMF inference model ({' + '.join(i['stages'])} + IFDs on "
-                         f"{', '.join(i['ifd_layers'])}) {i['params']:,} params, {i['flops']:,} FLOPs, test "
-                         f"{100 * i['test_acc']:.2f}%; full student {i['student_params']:,} params, "
-                         f"{i['student_flops']:,} FLOPs, test {100 * i['student_test_acc']:.2f}%")
-        for g in r.get("generations", []):  # sequential FEED
-            notes.append(f"{r['name']}: generation {g['generation']} ({g['name']}, from {', '.join(g['teachers'])}) "
-                         f"val {100 * g['val_acc']:.2f}% test {100 * g['test_acc']:.2f}%")
+        notes += METHODS.get(r["method"]).notes(r)
     return "\n".join(rows + ([""] + notes if notes else []))
 
 
-def run_students(cfgs: list[Config], parallel: int | None = None) -> list[dict]:
-    """Several students (`raykd run`), `parallel` at a time, each `run_distill` in a Ray task pinned to this
-    node (it writes the student's files here), so their Ray Train start-up costs overlap. A failed student
-    does not stop the others; the failures are reported together at the end (exit 1)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def _say(queue, line: str) -> None:
+    """A console line: printed here, or sent to the driver when this runs in a Tune trial (`raykd sweep`)."""
+    if queue is None:
+        print(line, flush=True)
+    else:
+        from pipeline.progress import emit
 
-    from pipeline.raysetup import init_ray, jobs_that_fit
+        emit(queue, line)
 
-    init_ray(cfgs[0].ray)
-    if parallel is None:  # as many as fit, one CPU left for Ray Data's reads
-        per = max(c.distill.workers.num_workers * c.distill.workers.cpus_per_worker for c in cfgs)
-        parallel = jobs_that_fit(per)
-    parallel = min(parallel, len(cfgs))
-    if parallel == 1:
-        return [run_distill(c) for c in cfgs]
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_distill)
-    records: list[dict | None] = [None] * len(cfgs)
-    failed, pending, todo = [], {}, list(enumerate(cfgs))
-    print(f"[distill] {len(cfgs)} students, {parallel} at a time", flush=True)
-    with ProgressPrinter() as progress:
-        while todo or pending:
-            while todo and len(pending) < parallel:
-                i, c = todo.pop(0)
-                pending[task.remote(c, progress.queue, parallel)] = i
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ref)
+
+class _Students:
+    """Plans, runs and finishes a list of students: each config's chain (Method.chain) in turn, the chains
+    side by side, `parallel` jobs at a time; a student that fails does not stop the others."""
+
+    def __init__(self, cfgs: list[Config], parallel: int, say, inline: bool, tune: bool, threads_share: int,
+                 stack: contextlib.ExitStack):
+        # say: the progress queue of the driver when this is a Tune trial, where every line goes; else None:
+        # the driver's lines are printed here, the jobs' sent to a ProgressPrinter made with the first job
+        self.cfgs, self.progress, self.inline, self.tune, self.stack = cfgs, say, inline, tune, stack
+        self._queue = say
+        self.runner = JobRunner(parallel, inline=inline, tune=tune)
+        self.threads_share = threads_share
+        self.splits: dict[str, Any] = {}
+        self.refs: dict[str, dict] = {}
+        self.records: list[dict | None] = [None] * len(cfgs)
+        self.errors: dict[int, BaseException] = {}
+        self.device: str | None = None
+
+    @property
+    def queue(self):
+        if self._queue is None:
+            self._queue = self.stack.enter_context(ProgressPrinter()).queue
+        return self._queue
+
+    def _splits(self, cfg: Config):
+        from pipeline.data import load_splits
+
+        key = cfg.data.model_dump_json()
+        if key not in self.splits:
+            self.splits[key] = load_splits(cfg.data)
+        return self.splits[key]
+
+    def _refs(self, cfg: Config, splits) -> dict:
+        import ray
+
+        key = cfg.data.model_dump_json()
+        if key not in self.refs:
+            self.refs[key] = {k: ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
+        return self.refs[key]
+
+    def start(self, i: int, chain: list[Config], done: list[dict]) -> None:
+        """Plan the next student of config i's chain and submit its job (or take its finished record)."""
+        from pipeline.raysetup import init_ray, resolve_device
+
+        while True:
+            cfg = chain[len(done)]
             try:
-                records[i] = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                cause = e.cause if isinstance(e.cause, RaykdError) else e
-                msg = str(cause).strip().splitlines()[-1] if not isinstance(cause, RaykdError) else str(cause)
-                failed.append(f"{student_name(cfgs[i])}: {msg}")
-                progress.queue.put(f"[distill] {student_name(cfgs[i])}: FAILED: {msg}")
-    if failed:
-        raise StageFailed("some students failed (the others are saved):\n  " + "\n  ".join(failed))
-    return records
+                splits = self._splits(cfg)
+                plan = plan_student(cfg, splits)
+            except Exception as e:  # noqa: BLE001  (bad input for this student only; reported at the end)
+                self.errors[i] = e
+                return
+            if isinstance(plan, dict):
+                _say(self.progress, f"[distill] {plan['name']}: up to date ({student_dir(cfg)}), not retrained")
+                done.append(plan)
+                if len(done) == len(chain):
+                    return self._chain_done(i, chain, done)
+                continue
+            break
+        init_ray(cfg.ray)
+        if self.device is None:
+            self.device = resolve_device(cfg.run.device)
+        d = cfg.distill
+        threads = d.workers.torch_threads or self.threads_share
+        job = make_job(plan, self._refs(cfg, plan.splits), self.queue, threads, self.device,
+                       self.runner.parallel)
+        os.makedirs(plan.sdir, exist_ok=True)
+        write_resolved(cfg, plan.sdir)
+
+        def on_start():
+            plan.t0 = time.time()
+            _say(self.progress, f"[distill] {plan.name}: {cfg.method.name} -> {d.student.arch} "
+                 f"({plan.student.num_params():,} params), {'teachers online' if plan.online else 'from the cache'}"
+                 f"{' ' + str(plan.teachers) if plan.teachers else ''}, {d.optim.epochs} epochs over K={plan.views} "
+                 f"views, {d.workers.num_workers} worker(s), {'in memory' if job.in_memory else 'streamed'}")
+
+        def on_done(out):
+            if isinstance(out, JobFailed):
+                self.errors[i] = StageFailed(failure_message(out))
+                return
+            try:
+                rec = finish_student(plan, *out)
+            except Exception as e:  # noqa: BLE001
+                self.errors[i] = e
+                return
+            _say(self.progress, f"[distill] {plan.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f} "
+                 f"-> {plan.sdir}")
+            done.append(rec)
+            if len(done) == len(chain):
+                self._chain_done(i, chain, done)
+            else:
+                self.start(i, chain, done)
+
+        self.runner.submit(job, on_done, on_start)
+
+    def _chain_done(self, i: int, chain: list[Config], done: list[dict]) -> None:
+        rec = METHODS.get(chain[-1].method.name).summarise(done, student_dir(chain[-1]))
+        if len(done) > 1:
+            for line in METHODS.get(rec["method"]).notes(rec):
+                _say(self.progress, f"[distill] {line}")
+        self.records[i] = rec
+
+    def run(self) -> None:
+        for i, cfg in enumerate(self.cfgs):
+            chain = [variant(cfg, changes, "method chain") for changes in
+                     METHODS.get(cfg.method.name).chain(cfg, student_name(cfg))]
+            self.start(i, chain, [])
+        self.runner.run()
+
+
+def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=None, tune: bool = False,
+                 concurrent: int = 1) -> list[dict]:
+    """Distil several students (`raykd run`), `parallel` jobs at a time (default: as many as the cores fit);
+    returns their records. A failed student does not stop the others; the failures are reported together
+    at the end (exit 1). `tune`: this is a Ray Tune trial (`raykd sweep`): its jobs run in this process,
+    reporting every epoch to Tune; `concurrent` trials share the node's cores."""
+    from pipeline.raysetup import concurrent_jobs, init_ray, local_thread_share
+
+    w = cfgs[0].distill.workers
+    if tune:
+        parallel = 1
+    elif parallel is None:
+        init_ray(cfgs[0].ray)
+        parallel = concurrent_jobs(cfgs[0].ray, w.cpus_per_worker * w.num_workers, w.num_workers)
+    parallel = max(1, min(parallel, len(cfgs)))
+    share = local_thread_share(cfgs[0].ray, parallel * concurrent * w.num_workers)
+    if len(cfgs) > 1:
+        print(f"[distill] {len(cfgs)} students, {parallel} at a time", flush=True)
+    with contextlib.ExitStack() as stack:
+        s = _Students(cfgs, parallel, progress, tune, tune, share, stack)
+        s.run()
+    if len(cfgs) == 1 and s.errors:
+        raise s.errors[0]
+    if s.errors:
+        lines = []
+        for i, e in sorted(s.errors.items()):
+            msg = str(e) if isinstance(e, RaykdError) else (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            lines.append(f"{student_name(cfgs[i])}: {msg}")
+        raise StageFailed("some students failed (the others are saved):\n  " + "\n  ".join(lines))
+    return s.records
+
+
+def run_distill(cfg: Config, progress=None, concurrent: int = 1, tune: bool = False) -> dict:
+    """Distil one student as configured; returns its record (also written as student.json).
+
+    `progress`: the driver's progress queue when this runs in a Tune trial next to `concurrent - 1`
+    others (`raykd sweep`), whose jobs share the node's cores; `tune`: report each epoch to Tune."""
+    return run_students([cfg], 1, progress=progress, tune=tune, concurrent=concurrent)[0]

@@ -11,11 +11,13 @@ professor.json, metrics.jsonl, config.resolved.yaml.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import posixpath
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +27,8 @@ from pipeline.cache import (MANIFEST, Cache, CacheError, describe_files, write_j
                             load_refined)
 from pipeline.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
 from pipeline.config import Config, write_resolved
-from pipeline.progress import ProgressPrinter, emit
-from pipeline.training import checkpoint_state
+from pipeline.harness import Job, Task
+from pipeline.progress import ProgressPrinter
 
 PROF_DIR = "professor"
 
@@ -40,62 +42,106 @@ def _build(lc: dict) -> Professor:
     return Professor(lc["num_classes"], lc["latent_dim"], lc["hidden"], lc["temperature"])
 
 
-def professor_loop(lc: dict) -> list[dict]:
-    """The professor's training on a Ray Train worker: cached teacher logits and labels only."""
-    import ray.train
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProfessorJob(Job):
+    lc: dict  # the professor's sizes, teachers, loss weights and optimiser
+    cache_fs: Any
+    files: dict  # view -> its part files
+    in_memory: bool = True
 
-    from pipeline.training import report_epoch, restored_state, worker_setup
+    def build(self, ctx):
+        return ProfessorTask(self, ctx)
 
-    rank, world, device = worker_setup(lc["torch_threads"], lc["seed"])
-    prof = _build(lc).to(device)
-    opt_g = torch.optim.Adam(prof.generator_parameters(), lr=lc["lr"])
-    opt_d = torch.optim.Adam(prof.discriminator_parameters(), lr=lc["lr"])
-    start, history = 0, []
-    state = restored_state()
-    if state is not None:
-        prof.load_state_dict(state["professor"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        start, history = int(state["epoch"]) + 1, json.loads(state["history"])
+    def datasets(self) -> dict:
+        if self.in_memory:
+            return {}
+        import ray
 
-    def sync(params):  # several workers: average their gradients (the professor is not wrapped in DDP)
-        if world > 1:
-            import torch.distributed as dist
+        return {f"view{k}": ray.data.read_parquet(f, filesystem=self.cache_fs).select_columns(self.columns)
+                for k, f in self.files.items()}
 
+    @property
+    def columns(self) -> list[str]:
+        return ["sample_id", "label", *[f"logits.{t}" for t in self.lc["teachers"]]]
+
+
+class ProfessorTask(Task):
+    """The professor's training: cached teacher logits and labels only, one view partition per epoch."""
+
+    prefix = ""  # its metrics are loss, rec, cls, adv_z, adv_q, refined_acc, d_loss
+    optim_key = "professor.optim"
+
+    def __init__(self, job: ProfessorJob, ctx):
+        from pipeline.batches import MemoryEpochs, StreamEpochs, as_tensor, read_view, worker_share
+
+        lc = job.lc
+        self.job, self.ctx, self.lc = job, ctx, lc
+        self.prof = _build(lc).to(ctx.device)
+        self.opt_g = torch.optim.Adam(self.prof.generator_parameters(), lr=lc["lr"])
+        self.opt_d = torch.optim.Adam(self.prof.discriminator_parameters(), lr=lc["lr"])
+        view_of = lambda e: e % lc["views"]  # noqa: E731
+        cols = job.columns
+
+        def prepare(raw):
+            return {"y": as_tensor(raw["label"]).long(),
+                    **{c: as_tensor(raw[c]).float() for c in cols if c.startswith("logits.")}}
+
+        if job.in_memory:
+            def load(k):
+                raw = read_view(job.cache_fs, job.files[k], cols)
+                share = worker_share(len(raw["sample_id"]), ctx.rank, ctx.world, job.seed)
+                return prepare({c: v[share] for c, v in raw.items()})
+
+            self.data = MemoryEpochs(load, view_of, lc["batch_size"], True, job.seed)
+        else:
+            import ray
+
+            if ctx.world > 1:
+                source = lambda k: ctx.shard(f"view{k}")  # noqa: E731
+            else:
+                source = lambda k: ray.data.read_parquet(job.files[k], filesystem=job.cache_fs).select_columns(cols)  # noqa: E731
+            self.data = StreamEpochs(source, view_of, lc["batch_size"], 4096, job.seed, prepare)
+
+    def _sync(self, params) -> None:
+        """Several workers: average their gradients (the professor is not wrapped in DDP)."""
+        if self.ctx.world > 1:
             for p in params:
                 if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+                    self.ctx.all_reduce(p.grad)
+                    p.grad /= self.ctx.world
 
-    for epoch in range(start, lc["epochs"]):
-        shard = ray.train.get_dataset_shard(f"view{epoch % lc['views']}")
-        t0, seen, sums = time.time(), 0, {}
-        for batch in shard.iter_torch_batches(batch_size=lc["batch_size"], local_shuffle_buffer_size=4096,
-                                              local_shuffle_seed=lc["seed"] * 1000 + epoch):
-            y = batch["label"].to(device, dtype=torch.long)
-            terms, d_loss = professor_losses(prof, [batch[f"logits.{t}"].to(device) for t in lc["teachers"]], y,
-                                             **lc["weights"])
-            opt_g.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            sync(prof.generator_parameters())
-            opt_g.step()
-            opt_d.zero_grad(set_to_none=True)  # drops what the generator's loss left on the discriminators
-            d_loss.backward()
-            sync(prof.discriminator_parameters())
-            opt_d.step()
-            terms["d_loss"] = d_loss
-            seen += len(y)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(y)
-        m = {"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in sums.items()}, "epoch_time_s": time.time() - t0}
-        history.append(m)
-        if rank == 0:
-            emit(lc["progress"], f"[professor] epoch {epoch + 1}/{lc['epochs']} loss {m['loss']:.4f} (rec {m['rec']:.4f} "
-                 f"cls {m['cls']:.4f} adv_z {m['adv_z']:.3f} adv_q {m['adv_q']:.3f} d {m['d_loss']:.3f}) refined acc "
-                 f"{m['refined_acc']:.4f} ({m['epoch_time_s']:.1f}s)")
-        report_epoch(m, {"professor": prof.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                         "epoch": epoch, "history": json.dumps(history)} if rank == 0 else None)
-    return history
+    def prepare_epoch(self, epoch):
+        self.data.prepare(epoch)
+
+    def batches(self, epoch):
+        return self.data(epoch)
+
+    def step(self, batch, epoch):
+        dev = self.ctx.device
+        y = batch["y"].to(dev)
+        terms, d_loss = professor_losses(self.prof, [batch[f"logits.{t}"].to(dev) for t in self.lc["teachers"]], y,
+                                         **self.lc["weights"])
+        self.opt_g.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self._sync(self.prof.generator_parameters())
+        self.opt_g.step()
+        self.opt_d.zero_grad(set_to_none=True)  # drops what the generator's loss left on the discriminators
+        d_loss.backward()
+        self._sync(self.prof.discriminator_parameters())
+        self.opt_d.step()
+        return {**terms, "d_loss": d_loss}, len(y), None
+
+    def state(self):
+        return {"professor": self.prof.state_dict(), "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+
+    def load(self, state):
+        self.prof.load_state_dict(state["professor"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+    def line(self, m):
+        return (f"loss {m['loss']:.4f} (rec {m['rec']:.4f} cls {m['cls']:.4f} adv_z {m['adv_z']:.3f} "
+                f"adv_q {m['adv_q']:.3f} d {m['d_loss']:.3f}) refined acc {m['refined_acc']:.4f}")
 
 
 class RefineForward:
@@ -119,11 +165,9 @@ class RefineForward:
 def run_professor(cfg: Config) -> dict:
     """Train (or reuse) the professor and add (or keep) the cache's refined column; returns the manifest entry."""
     import ray
-    import ray.train
     from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat
-    from ray.train.torch import TorchTrainer
 
-    from pipeline.raysetup import TRAIN_LOG_LEVEL, init_ray, local_thread_share, resolve_device
+    from pipeline.raysetup import init_ray, local_thread_share, resolve_device
 
     uri = cache_uri(cfg)
     cache = Cache(uri, cfg.cache.s3_endpoint)
@@ -137,14 +181,14 @@ def run_professor(cfg: Config) -> dict:
     os.makedirs(out, exist_ok=True)
     write_resolved(cfg, out)
     lc = {"num_classes": m["dataset"]["num_classes"], "latent_dim": p.latent_dim, "hidden": p.hidden,
-          "temperature": p.temperature, "teachers": cache.teachers, "views": m["views"], "seed": p.seed,
-          "epochs": p.optim.epochs, "batch_size": p.optim.batch_size, "lr": p.optim.lr,
+          "temperature": p.temperature, "teachers": cache.teachers, "views": m["views"],
+          "batch_size": p.optim.batch_size, "lr": p.optim.lr,
           "weights": {"w_rec": p.w_rec, "w_cls": p.w_cls, "w_z": p.w_z, "w_q": p.w_q}}
-    rec = _read_record(out)
+    rec = read_record(out)
     init_ray(cfg.ray)
     device = resolve_device(cfg.run.device)
     if rec is None or rec.get("fingerprint") != fp or not _intact(out, rec):
-        rec = _train(cfg, cache, lc, fp, out, device, TorchTrainer, TRAIN_LOG_LEVEL, local_thread_share)
+        rec = _train(cfg, cache, lc, fp, out, device)
 
     # the refine pass: a Ray Data actor pool over every view, into professor/view=k/
     t0 = time.time()
@@ -189,38 +233,32 @@ def run_professor(cfg: Config) -> dict:
     return entry
 
 
-def _train(cfg, cache, lc, fp, out, device, TorchTrainer, log_level, thread_share) -> dict:
-    import ray.train
-
-    from pipeline.raysetup import scaling, train_storage
+def _train(cfg, cache, lc, fp, out, device) -> dict:
+    from pipeline.batches import in_memory_choice, row_bytes
+    from pipeline.harness import fit
+    from pipeline.raysetup import local_thread_share, train_storage
 
     p, m = cfg.professor, cache.manifest
     w = p.workers
     views = sorted({e % m["views"] for e in range(p.optim.epochs)})
-    datasets = {f"view{k}": cache.view_dataset(k, ["label", *[f"logits.{t}" for t in cache.teachers]]) for k in views}
-    use_gpu = device == "cuda"
+    cols = ["sample_id", "label", *[f"logits.{t}" for t in cache.teachers]]
+    nbytes = row_bytes(m["columns"], cols) * m["dataset"]["train_samples"] * len(views)
     print(f"[professor] training on the cached targets of {cache.teachers}: {p.optim.epochs} epochs, "
           f"{w.num_workers} worker(s)", flush=True)
     t0 = time.time()
     with ProgressPrinter() as progress:
-        trainer = TorchTrainer(
-            professor_loop,
-            train_loop_config={**lc, "progress": progress.queue,
-                               "torch_threads": w.torch_threads or thread_share(cfg.ray, w.num_workers)},
-            scaling_config=scaling(w, use_gpu),
-            run_config=ray.train.RunConfig(
-                name=f"professor-{fp[:12]}", **train_storage(cfg),
-                logging_config=ray.train.LoggingConfig(log_level=log_level),
-                failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-            datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)))
-        result = trainer.fit()
-    state = checkpoint_state(result.checkpoint)
-    history = json.loads(state["history"])
+        job = ProfessorJob(kind="professor", name="CAAE", run_name=f"professor-{fp[:12]}", seed=p.seed,
+                           epochs=p.optim.epochs, workers=w, storage=train_storage(cfg), device=device,
+                           torch_threads=w.torch_threads or local_thread_share(cfg.ray, w.num_workers),
+                           progress=progress.queue, lc=lc, cache_fs=cache.fs,
+                           files={k: cache.view_files(k) for k in views},
+                           in_memory=in_memory_choice(cfg.distill.in_memory, nbytes // w.num_workers))
+        state, history = fit(job)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for h in history:
             f.write(json.dumps(h) + "\n")
-    rec = {"file": "professor.safetensors", "sha256": save_state_dict(state["professor"], os.path.join(out, "professor.safetensors")),
+    rec = {"file": "professor.safetensors",
+           "sha256": save_state_dict(state["task"]["professor"], os.path.join(out, "professor.safetensors")),
            "fingerprint": fp, "epochs": len(history), "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
            "train_seconds": round(time.time() - t0, 2)}
     _write_record(out, rec)
@@ -247,7 +285,7 @@ def _accuracy(cache: Cache, pfiles: list[dict]) -> dict:
             "ensemble_acc": float((probs.argmax(1).numpy() == labels).mean())}
 
 
-def _read_record(out: str) -> dict | None:
+def read_record(out: str) -> dict | None:
     try:
         with open(os.path.join(out, "professor.json")) as f:
             return json.load(f)

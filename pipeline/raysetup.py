@@ -58,6 +58,16 @@ def jobs_that_fit(cpus_per_job: float) -> int:
     return max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // cpus_per_job))
 
 
+def concurrent_jobs(ray_cfg, cpus_per_job: float, workers_per_job: int = 1) -> int:
+    """Training jobs (teachers, students, sweep trials) to run at once by default: as many as the cluster's
+    CPUs fit, one left for Ray Data's reads; on a local Ray also no more than one worker per core, so
+    that their torch threads (`local_thread_share`) never share a core."""
+    n = jobs_that_fit(cpus_per_job)
+    if not (ray_cfg.address or os.environ.get("RAY_ADDRESS")):
+        n = min(n, max(1, (os.cpu_count() or 1) // max(1, workers_per_job)))
+    return n
+
+
 def local_thread_share(ray_cfg, procs: int) -> int | None:
     """Torch threads for each of `procs` busy processes sharing this machine's cores under a local Ray;
     None on an existing cluster, where the driver cannot see the nodes' cores (workers decide there)."""

@@ -1,11 +1,12 @@
 """`raykd sweep`: Ray Tune trials of `raykd distill` over a search space, every trial reading one cache.
 
-Ray Train V2 is the default in Ray 2.60 and `Tuner(TorchTrainer(...))` fails under it, so each trial is
-a Tune *function* trainable that builds and fits its own TorchTrainer (`run_distill(tune=True)`), whose
-`TuneReportCallback` forwards rank 0's per-epoch metrics to Tune (the way Ray's Train V2 guide pairs
-them). The trial itself asks for no CPU (its Train workers hold them); `sweep.max_concurrent` bounds the trials.
-The Train run of a trial is named after the trial, so a restored sweep resumes every unfinished trial
-from its last epoch checkpoint. Selection uses `sweep.metric` (validation by default, never test).
+Each trial is a Tune *function* trainable that distils its student exactly as `raykd distill` does
+(`run_distill(tune=True)`): a one-worker student trains inside the trial process itself (which holds
+the worker's CPUs) and reports every epoch to Tune; a multi-worker one fits a Ray Train TorchTrainer
+whose `TuneReportCallback` forwards rank 0's metrics (Ray Train V2 refuses `Tuner(TorchTrainer(...))`).
+`sweep.max_concurrent` bounds the trials. A trial's student is named after the trial, so a restored
+sweep resumes every unfinished trial from its last epoch checkpoint. Selection uses `sweep.metric`
+(validation by default, never test).
 
 Outputs under <out_dir>/sweeps/<name>/: results.csv (sorted, val beside test), results.png, best.yaml
 (the best trial's resolved config, runnable as is by `raykd distill -c`), sweep.json, and Tune's own
@@ -96,7 +97,7 @@ def run_sweep(cfg: Config) -> dict:
 
     from pipeline.cache import Cache, cache_uri
     from pipeline.progress import ProgressPrinter
-    from pipeline.raysetup import init_ray, jobs_that_fit
+    from pipeline.raysetup import concurrent_jobs, init_ray, resolve_device
 
     check_space(cfg)
     sw = cfg.sweep
@@ -107,8 +108,12 @@ def run_sweep(cfg: Config) -> dict:
     out = os.path.join(root, name)
     os.makedirs(out, exist_ok=True)
     init_ray(cfg.ray)
-    per = cfg.distill.workers.num_workers * cfg.distill.workers.cpus_per_worker
-    concurrent = sw.max_concurrent or jobs_that_fit(per)
+    w = cfg.distill.workers
+    concurrent = sw.max_concurrent or concurrent_jobs(cfg.ray, w.num_workers * w.cpus_per_worker, w.num_workers)
+    if w.num_workers == 1:  # the trial trains its student itself: it holds the worker's CPUs (and GPU)
+        res = {"cpu": w.cpus_per_worker, **({"gpu": w.gpus_per_worker} if resolve_device(cfg.run.device) == "cuda" else {})}
+    else:  # its Ray Train workers hold them (a trial's CPU share would starve Ray Data's reads beside them)
+        res = {"cpu": 0}
     # raykd turns Tune's per-trial result files off for its other stages; a sweep wants them: they hold
     # every reported epoch of every trial, also of trials ASHA stopped (read when the callbacks are made)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
@@ -117,11 +122,8 @@ def run_sweep(cfg: Config) -> dict:
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), name=name, progress=progress.queue,
                                  concurrent=concurrent, cwd=os.getcwd()),
-            # Tune refuses an empty request, and any CPU share here would leave Ray Data's read tasks (1 CPU
-            # each) less than a whole CPU beside the Train workers: they would never start (seen). So the
-            # trial reserves a little memory only; its Train workers hold the CPUs. On a cluster the trial
-            # stays on this node (it writes the student's files here); its Train workers go anywhere.
-            {"cpu": 0, "memory": 64 * 2**20, f"node:{ray.util.get_node_ip_address()}": 0.001})
+            # on a cluster the trial stays on this node (it writes the student's files here)
+            {**res, "memory": 64 * 2**20, f"node:{ray.util.get_node_ip_address()}": 0.001})
         path = os.path.join(root, name, "tune")
         if tune.Tuner.can_restore(path):
             print(f"[sweep] {name}: resuming the interrupted sweep in {path}", flush=True)
@@ -142,7 +144,9 @@ def run_sweep(cfg: Config) -> dict:
                                             # our own generator ignores TuneConfig's max_concurrent_trials
                                             search_alg=BasicVariantGenerator(random_state=sw.seed,
                                                                              max_concurrent=concurrent)),
-                run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0))
+                # a failed trial starts again and resumes its student from its newest checkpoint
+                run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=w.max_failures)))
         print(f"[sweep] {name}: {len(sw.space)} dimension(s), {sw.search} search, {concurrent} trial(s) at a time, "
               f"selecting on {sw.metric} ({sw.mode})", flush=True)
         grid = tuner.fit()

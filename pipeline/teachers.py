@@ -1,4 +1,4 @@
-"""`raykd teachers`: train each teacher with a Ray Train TorchTrainer, or load and evaluate a given checkpoint.
+"""`raykd teachers`: train each teacher on the shared harness (pipeline.harness), or evaluate a given checkpoint.
 
 Output per teacher under <out_dir>/teachers/<name>/: best.safetensors (by val accuracy),
 last.safetensors, metrics.jsonl and teacher.json (arch, sha256 of both files, val/test accuracy,
@@ -7,10 +7,13 @@ the accuracy gate, fingerprint). A teacher whose record matches its fingerprint 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -19,10 +22,9 @@ from pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.models import build_model
-from pipeline.progress import ProgressPrinter, emit
-from pipeline.training import (checkpoint_state, collect, evaluate, make_optimizer, optimizer_step, report_epoch,
-                               restored_state, split_to_ray, view_batch, worker_setup)
-from pipeline.views import ViewPolicy
+from pipeline.progress import ProgressPrinter
+from pipeline.harness import Job, Task
+from pipeline.training import Evaluator, evaluate, make_optimizer, optimizer_step
 
 RECORD = "teacher.json"
 
@@ -43,109 +45,94 @@ def teacher_fingerprint(spec: TeacherSpec, cfg: Config, data_fp: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# the Ray Train worker loop
+# the job: one teacher's training
 
 
-def train_loop(lc: dict) -> list[dict]:
-    """One teacher's training on a Ray Train worker. `lc` is a plain dict (it crosses process boundaries)."""
-    import ray.train
-    import ray.train.torch
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeacherJob(Job):
+    arch: str
+    num_classes: int
+    in_chans: int
+    optim: OptimSection
+    lr: float
+    policy: dict
+    data_seed: int
+    mean: tuple
+    std: tuple
+    train: Any  # object refs of the splits (pipeline.data.Split)
+    val: Any
+    test: Any
 
-    rank, world, device = worker_setup(lc["torch_threads"], lc["seed"])
-    model = build_model(lc["arch"], lc["num_classes"], lc["in_chans"])
-    policy = ViewPolicy(**lc["policy"])
+    def build(self, ctx):
+        return TeacherTask(self, ctx)
 
-    train_it = ray.train.get_dataset_shard("train")
-    val_x, val_y = collect(ray.train.get_dataset_shard("val"))
-    test_x, test_y = collect(ray.train.get_dataset_shard("test"))
-    steps = max(1, -(-lc["n_train"] // (world * lc["batch_size"])))
 
-    opt, sched = make_optimizer(model.parameters(), OptimSection(**lc["optim"]), steps, lc["epochs"], lc["lr"])
-    start, history = 0, []
-    state = restored_state()
-    if state is not None:  # a restarted worker group, or a rerun of an interrupted run (same name)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, history = int(state["epoch"]) + 1, json.loads(state["history"])
-    model = ray.train.torch.prepare_model(model)
-    bare = model.module if hasattr(model, "module") else model
+class TeacherTask(Task):
+    """CE on view e of every training sample in epoch e; keeps the best epoch (by val accuracy) in its state."""
 
-    for epoch in range(start, lc["epochs"]):
-        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        model.train()
-        for batch in train_it.iter_torch_batches(
-            batch_size=lc["batch_size"], device="cpu", local_shuffle_buffer_size=max(256, 4 * lc["batch_size"]),
-            local_shuffle_seed=lc["seed"] * 1000 + epoch,
-            dtypes={"image": torch.uint8, "label": torch.long, "sample_id": torch.long},
-        ):
-            x, y = view_batch(batch, epoch, lc["data_seed"], policy, lc["mean"], lc["std"], device)
-            logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            optimizer_step(opt, sched, loss, model.parameters(), lc["optim"].get("grad_clip"))
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-        dt = time.time() - t0
-        val_acc, val_loss = evaluate(bare, val_x, val_y, lc["mean"], lc["std"], device)
-        test_acc, _ = evaluate(bare, test_x, test_y, lc["mean"], lc["std"], device)
-        m = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
-             "val_loss": val_loss, "val_acc": val_acc, "test_acc": test_acc, "lr": sched.get_last_lr()[0],
-             "epoch_time_s": dt, "samples_per_s": seen * world / max(dt, 1e-9), "workers": world,
-             "samples": seen * world}
-        history.append(m)
-        if rank == 0:
-            emit(lc["progress"], f"[teacher {lc['name']}] epoch {epoch + 1}/{lc['epochs']} loss {m['train_loss']:.3f} "
-                 f"val {val_acc:.4f} test {test_acc:.4f} ({dt:.1f}s, {m['samples_per_s']:.0f} samples/s)")
-        report_epoch(m, {"model": bare.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "epoch": epoch, "history": json.dumps(history)} if rank == 0 else None)
-    return history
+    optim_key = "teachers.optim"
+
+    def __init__(self, job: TeacherJob, ctx):
+        from pipeline.batches import MemoryEpochs, render_view, resolve, worker_share
+        from pipeline.views import ViewPolicy
+
+        self.job, self.device = job, ctx.device
+        self.model = build_model(job.arch, job.num_classes, job.in_chans)
+        train = resolve(job.train)
+        share = worker_share(len(train), ctx.rank, ctx.world, job.seed)
+        policy = ViewPolicy(**job.policy)
+        self.data = MemoryEpochs(lambda e: render_view(train, share, e, job.data_seed, policy, job.mean, job.std),
+                                 lambda e: e, job.optim.batch_size, True, job.seed, keep=False)
+        steps = max(1, math.ceil(len(share) / job.optim.batch_size))
+        self.opt, self.sched = make_optimizer(self.model.parameters(), job.optim, steps, job.epochs, job.lr)
+        self.evaluator = Evaluator({"val": resolve(job.val), "test": resolve(job.test)}, job.mean, job.std, ctx.device)
+        self.best: dict | None = None  # {"model", "epoch", "val_acc", "test_acc"} of the best epoch so far
+        self.epoch = 0
+
+    def prepare(self, ctx):
+        self.net = ctx.prepare_model(self.model)
+        self.bare = self.net.module if hasattr(self.net, "module") else self.net
+
+    def prepare_epoch(self, epoch):
+        self.epoch = epoch
+        self.data.prepare(epoch)
+
+    def batches(self, epoch):
+        return self.data(epoch)
+
+    def step(self, batch, epoch):
+        x, y = batch["x"].to(self.device, non_blocking=True), batch["y"].to(self.device, non_blocking=True)
+        logits = self.net(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        optimizer_step(self.opt, self.sched, loss, self.net.parameters(), self.job.optim.grad_clip)
+        return {"loss": loss}, len(y), (logits.argmax(1) == y).sum()
+
+    def evaluate(self):
+        m = self.evaluator(self.bare)
+        if self.best is None or m["val_acc"] >= self.best["val_acc"]:  # ties: the later epoch
+            self.best = {"model": {k: v.detach().cpu().clone() for k, v in self.bare.state_dict().items()},
+                         "epoch": self.epoch + 1, "val_acc": m["val_acc"], "test_acc": m["test_acc"]}
+        return m
+
+    def epoch_info(self, epoch):
+        return {"lr": self.sched.get_last_lr()[0]}
+
+    def state(self):
+        return {"model": self.bare.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "best": self.best}
+
+    def load(self, state):
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.best = state["best"]
+
+    def line(self, m):
+        return f"loss {m['train_loss']:.3f} val {m['val_acc']:.4f} test {m['test_acc']:.4f}"
 
 
 # --------------------------------------------------------------------------------------------------
 # driver
-
-
-def _train_one(spec: TeacherSpec, cfg: Config, num_classes: int, in_chans: int, policy: dict, mean, std,
-               n_train: int, datasets: dict, device: str, storage: str, fp: str, progress_queue, threads):
-    """Runs in a Ray task: one teacher's TorchTrainer, start to end; returns its states and history."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.raysetup import TRAIN_LOG_LEVEL, scaling
-
-    t0 = time.time()
-    w = cfg.teachers.workers
-    lc = {
-        "name": spec.name, "arch": spec.arch, "seed": spec.seed, "num_classes": num_classes, "in_chans": in_chans,
-        "policy": policy, "data_seed": cfg.data.seed, "mean": mean, "std": std, "n_train": n_train,
-        "batch_size": cfg.teachers.optim.batch_size, "epochs": spec.epochs or cfg.teachers.optim.epochs,
-        "lr": spec.lr or cfg.teachers.optim.lr, "optim": cfg.teachers.optim.model_dump(),
-        "progress": progress_queue, "torch_threads": threads,
-    }
-    use_gpu = device == "cuda"
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=lc,
-        scaling_config=scaling(w, use_gpu),
-        run_config=ray.train.RunConfig(
-            name=f"teacher-{spec.name}-{fp[:12]}",  # same name on a rerun = resume from the last checkpoint
-            **storage,
-            logging_config=ray.train.LoggingConfig(log_level=TRAIN_LOG_LEVEL),
-            failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_acc"], cm[1]["epoch"]))
-    states = {}
-    for tag, ck in (("best", best_ckpt), ("last", result.checkpoint)):
-        states[tag] = checkpoint_state(ck)
-    history = json.loads(states["last"]["history"])
-    return states["best"]["model"], states["last"]["model"], best_metrics, history, time.time() - t0
 
 
 def run_teachers(cfg: Config) -> list[dict]:
@@ -186,39 +173,49 @@ def run_teachers(cfg: Config) -> list[dict]:
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
     import ray
 
-    from pipeline.raysetup import init_ray, local_thread_share, resolve_device, train_storage
+    from pipeline.harness import JobFailed, JobRunner, failure_message
+    from pipeline.raysetup import concurrent_jobs, init_ray, local_thread_share, resolve_device, train_storage
 
     init_ray(cfg.ray)
     device = resolve_device(cfg.run.device)
-    parallel = min(cfg.teachers.parallel or len(to_train), len(to_train))
-    # the concurrent jobs' workers share the machine's cores
-    threads = cfg.teachers.workers.torch_threads or local_thread_share(
-        cfg.ray, parallel * cfg.teachers.workers.num_workers)
-    datasets = {"train": split_to_ray(splits.train), "val": split_to_ray(splits.val), "test": split_to_ray(splits.test)}
-    fit = ray.remote(num_cpus=0, max_retries=0)(_train_one)  # Ray Train's FailureConfig handles worker faults
+    w = cfg.teachers.workers
+    parallel = min(cfg.teachers.parallel or concurrent_jobs(cfg.ray, w.cpus_per_worker * w.num_workers, w.num_workers),
+                   len(to_train))
+    threads = w.torch_threads or local_thread_share(cfg.ray, parallel * w.num_workers)  # disjoint shares of the cores
+    refs = {k: ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
     storage = train_storage(cfg)
-    records, failed, pending, queue = {}, [], {}, list(to_train)
+    records, failed = {}, []
+    runner = JobRunner(parallel)
     with ProgressPrinter() as progress:
-        while queue or pending:
-            while queue and len(pending) < parallel:
-                spec, fp = queue.pop(0)
-                print(f"[teachers] {spec.name} ({spec.arch}): training on Ray Train", flush=True)
-                ref = fit.remote(spec, cfg, splits.num_classes, splits.in_chans, splits.policy.as_dict(), splits.mean,
-                                 splits.std, len(splits.train), datasets, device, storage, fp, progress.queue, threads)
-                pending[ref] = (spec, fp)
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            spec, fp = pending.pop(ref)
-            tdir = teacher_dir(out, spec.name)
-            try:
-                best, last, best_m, history, seconds = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                failed.append(spec.name)
-                print(f"[teachers] {spec.name}: FAILED: {str(e).strip().splitlines()[-1]}", flush=True)
-                continue
-            rec = _finish_trained(spec, splits, tdir, best, last, best_m, history)
-            rec["wall_time_s"] = round(seconds, 2)
-            records[spec.name] = _finalise(rec, fp, splits, cfg, tdir)
-            print(f"[teachers] {spec.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f}", flush=True)
+        for spec, fp in to_train:
+            job = TeacherJob(
+                kind="teacher", name=spec.name, run_name=f"teacher-{spec.name}-{fp[:12]}", seed=spec.seed,
+                epochs=spec.epochs or cfg.teachers.optim.epochs, workers=w, storage=storage, device=device,
+                torch_threads=threads, progress=progress.queue, arch=spec.arch, num_classes=splits.num_classes,
+                in_chans=splits.in_chans, optim=cfg.teachers.optim, lr=spec.lr or cfg.teachers.optim.lr,
+                policy=splits.policy.as_dict(), data_seed=cfg.data.seed, mean=splits.mean, std=splits.std, **refs)
+
+            started: dict = {}
+
+            def on_done(res, spec=spec, fp=fp, started=started):
+                tdir = teacher_dir(out, spec.name)
+                if isinstance(res, JobFailed):
+                    failed.append(spec.name)
+                    print(f"[teachers] {spec.name}: FAILED: {failure_message(res)}", flush=True)
+                    return
+                state, history = res
+                rec = _finish_trained(spec, splits, tdir, state["task"], history)
+                rec["wall_time_s"] = round(time.time() - started["t0"], 2)
+                records[spec.name] = _finalise(rec, fp, splits, cfg, tdir)
+                print(f"[teachers] {spec.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f}", flush=True)
+
+            def on_start(spec=spec, job=job, started=started):
+                started["t0"] = time.time()
+                print(f"[teachers] {spec.name} ({spec.arch}): training, {job.epochs} epochs, {w.num_workers} worker(s)",
+                      flush=True)
+
+            runner.submit(job, on_done, on_start)
+        runner.run()
     if failed:
         raise StageFailed(f"teacher training failed for {', '.join(failed)}; the others are saved. "
                           "Ray's logs: /tmp/ray/session_latest/logs")
@@ -239,21 +236,22 @@ def _local_device(preference: str) -> str:
     return "cuda" if preference != "cpu" and torch.cuda.is_available() else "cpu"
 
 
-def _finish_trained(spec, splits, tdir, best, last, best_m, history) -> dict:
+def _finish_trained(spec, splits, tdir, state: dict, history: list[dict]) -> dict:
     os.makedirs(tdir, exist_ok=True)
     with open(os.path.join(tdir, "metrics.jsonl"), "w") as f:
         for m in history:
             f.write(json.dumps(m) + "\n")
+    best = state["best"]
     model = build_model(spec.arch, splits.num_classes, splits.in_chans)
-    model.load_state_dict(best)
+    model.load_state_dict(best["model"])
     return {
         "name": spec.name, "arch": spec.arch, "seed": spec.seed, "source": "trained",
         "params": model.num_params(),
-        "best": {"file": "best.safetensors", "sha256": save_state_dict(best, os.path.join(tdir, "best.safetensors")),
-                 "epoch": best_m["epoch"]},
-        "last": {"file": "last.safetensors", "sha256": save_state_dict(last, os.path.join(tdir, "last.safetensors")),
+        "best": {"file": "best.safetensors", "sha256": save_state_dict(best["model"], os.path.join(tdir, "best.safetensors")),
+                 "epoch": best["epoch"]},
+        "last": {"file": "last.safetensors", "sha256": save_state_dict(state["model"], os.path.join(tdir, "last.safetensors")),
                  "epoch": history[-1]["epoch"]},
-        "val_acc": best_m["val_acc"], "test_acc": best_m["test_acc"], "epochs": len(history),
+        "val_acc": best["val_acc"], "test_acc": best["test_acc"], "epochs": len(history),
     }
 
 

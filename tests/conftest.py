@@ -13,6 +13,32 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start Ray are marked `ray`: `make test-fast` leaves them out."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`raykd ARGV...` run in this process from the repository root: (exit status, stdout, stderr)."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(ROOT)
+
+    def run(*argv):
+        capsys.readouterr()
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (as s3fs's own tests run it), started before Ray so that every Ray

@@ -1,13 +1,11 @@
-"""Bad input through the CLI, table-driven: each case is one short `raykd: error:` line naming the field,
-file or URI at fault, exit status 2, no traceback, and nothing written where the run would write."""
+"""Bad input through the CLI (called in this process), table-driven: each case is one short `raykd: error:`
+line naming the field, file or URI at fault, exit status 2, no traceback, and nothing written where the run
+would write."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = ["-c", "configs/demo.yaml"]
 NO_S3 = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_PROFILE": None, "AWS_SESSION_TOKEN": None,
          "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
@@ -62,15 +60,21 @@ def tmp(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_clear_line(case, tmp):
+def test_bad_input_is_one_clear_line(case, tmp, cli, monkeypatch):
+    import s3fs
+
     argv, env_changes, needle = CASES[case]
-    env = {k: v for k, v in os.environ.items() if k not in env_changes and k != "RAY_ADDRESS"}
-    env.update({k: v for k, v in env_changes.items() if v is not None})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for k, v in env_changes.items():
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()  # s3fs reuses clients made with other credentials
     before = set(os.listdir(tmp))
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *[a.format(tmp=tmp) for a in argv]], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    err = [ln for ln in r.stderr.splitlines() if ln.startswith("raykd: error:")]
-    assert err and needle.format(tmp=tmp) in err[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    code, _, err = cli(*[a.format(tmp=tmp) for a in argv])
+    assert code == 2, (code, err[-2000:])
+    lines = [ln for ln in err.splitlines() if ln.startswith("raykd: error:")]
+    assert lines and needle.format(tmp=tmp) in lines[0], err[-2000:]
+    assert "Traceback" not in err
     assert set(os.listdir(tmp)) <= before | {"out"}  # at most the run folder a stage made before failing

@@ -91,15 +91,14 @@ def test_cache_of_other_inputs_is_refused(built):
     assert _listing(root) == before
 
 
-def test_cli_refuses_a_cache_of_other_teachers(built):
+def test_cli_refuses_a_cache_of_other_teachers(built, cli):
     cfg, _ = built
     root = os.path.join(cfg.run.out_dir, "cache")
     before = _listing(root)
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", f"run.out_dir={cfg.run.out_dir}", "run.device=cpu",
-                        TEACHERS, "teachers.optim.epochs=2", "cache.views=2", "cache.teachers=[a]"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 2 and "holds a finished cache of other inputs" in r.stderr and "--overwrite" in r.stderr
-    assert "Traceback" not in r.stderr and _listing(root) == before
+    code, _, err = cli("cache", f"run.out_dir={cfg.run.out_dir}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2",
+                       "cache.views=2", "cache.teachers=[a]")
+    assert code == 2 and "holds a finished cache of other inputs" in err and "--overwrite" in err
+    assert "Traceback" not in err and _listing(root) == before
 
 
 def test_reader_refuses_what_the_caller_does_not_expect(built):
@@ -127,7 +126,7 @@ def test_reader_refuses_what_the_caller_does_not_expect(built):
     ("no_manifest", "not a cache"),
     ("foreign_manifest", "is missing"),  # another build's manifest: its part files are not these
 ])
-def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle):
+def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle, cli):
     cfg, m = built
     root = str(tmp_path / "copy")
     shutil.copytree(os.path.join(cfg.run.out_dir, "cache"), root)
@@ -157,11 +156,10 @@ def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle)
     before = _listing(root)
     with pytest.raises(CacheError, match=needle):
         Cache(root)
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", root], capture_output=True, text=True,
-                       timeout=120, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.startswith("raykd: error:") and "Traceback" not in r.stderr
+    code, _, err = cli("inspect", root)
+    assert code == 2 and err.startswith("raykd: error:") and "Traceback" not in err
     if damage in ("truncate", "delete", "manifest_edit"):
-        assert os.path.basename(part) in r.stderr
+        assert os.path.basename(part) in err
     assert _listing(root) == before
 
 

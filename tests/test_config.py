@@ -1,6 +1,4 @@
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -81,27 +79,22 @@ def test_resolved_config_round_trips(tmp_path):
     assert yaml.safe_load(open(path))["teachers"]["optim"]["epochs"] == 4
 
 
-def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
-
-
 @pytest.mark.parametrize("args, needle", [  # more in tests/test_bad_input.py
     (["config", "-c", "configs/demo.yaml", "teachers.optim.epochs=3.5"], "teachers.optim.epochs"),
     (["config", "-c", "configs/demo.yaml", "teachers.optim.epochs"], "bad override"),
     (["teachers", "-c", "configs/demo.yaml", "data.name=cifar10", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
 ])
-def test_cli_errors_are_short_and_nonzero(args, needle):
-    r = _cli(*args)
-    assert r.returncode == 2, r.stderr
-    assert needle in r.stderr
-    assert "Traceback" not in r.stderr and r.stderr.startswith("raykd: error:")
+def test_cli_errors_are_short_and_nonzero(args, needle, cli):
+    code, _, err = cli(*args)
+    assert code == 2, err
+    assert needle in err
+    assert "Traceback" not in err and err.startswith("raykd: error:")
 
 
-def test_cli_config_prints_resolved():
-    r = _cli("config", "-c", "configs/demo.yaml", "teachers.optim.epochs=3")
-    assert r.returncode == 0, r.stderr
-    assert yaml.safe_load(r.stdout)["teachers"]["optim"]["epochs"] == 3
+def test_cli_config_prints_resolved(cli):
+    code, out, err = cli("config", "-c", "configs/demo.yaml", "teachers.optim.epochs=3")
+    assert code == 0, err
+    assert yaml.safe_load(out)["teachers"]["optim"]["epochs"] == 3
 
 
 def test_shipped_configs_load():

@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_two_node_cluster_with_cache_and_checkpoints_on_s3(s3_endpoint, tmp_path):
     import boto3

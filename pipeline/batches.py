@@ -1,0 +1,253 @@
+"""An epoch's training batches, at memory speed when the data fit, streamed through Ray Data otherwise.
+
+In memory (`distill.in_memory`: auto picks it when the job's views fit the budget): a worker reads its
+share of a view once, with pyarrow, into tensors ready for training (pixels normalised, logits as
+float32, the professor's column joined by sample id); every epoch that uses the view permutes the share
+with a generator seeded by (seed, epoch) and batches it by indexing. Streamed: Ray Data's
+`iter_torch_batches` over the view's Parquet files (a Ray Train shard when several workers split it),
+with its local shuffle buffer, each batch prepared by the same function. Either way a worker sees the
+same rows of the same views; only the order within an epoch differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.data import normalize
+from pipeline.views import ViewPolicy, apply_views, make_views
+
+_ITEM_BYTES = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "halffloat": 2, "int32": 4, "float": 4, "int64": 8,
+               "double": 8}
+
+
+def as_tensor(a) -> torch.Tensor:
+    """A numpy array as a tensor without copying when it may be shared (a read-only one is copied)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.ascontiguousarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def read_view(fs, files: list[str], columns: list[str]) -> dict[str, np.ndarray]:
+    """The rows of a view's Parquet files (the given columns) as numpy arrays, ordered by sample id."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cache import column_array
+
+    tables = []
+    for path in files:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    t = pa.concat_tables(tables)
+    out = {c: column_array(t, c) for c in columns}
+    order = np.argsort(out["sample_id"], kind="stable")
+    return {c: v[order] for c, v in out.items()}
+
+
+def worker_share(n: int, rank: int, world: int, seed: int) -> np.ndarray:
+    """Row positions of worker `rank` of `world`: a seeded partition of n rows, N // world each (so every
+    worker takes the same number of steps), in row order. One worker: every row."""
+    if world == 1:
+        return np.arange(n)
+    per = n // world
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[rank * per:(rank + 1) * per])
+
+
+def row_bytes(manifest_columns: dict[str, str], columns: list[str]) -> int:
+    """Bytes per row of `columns` once prepared for training (pixels as float32, logits as float32)."""
+    total = 0
+    for c in columns:
+        t = manifest_columns.get(c, "int64")
+        m = re.match(r"tensor<(\w+)>\[(.*)\]", t)
+        if m:
+            item, shape = m.group(1), [int(s) for s in m.group(2).split(",") if s.strip()]
+            size = int(np.prod(shape))
+        else:
+            item, size = t, 1
+        nbytes = _ITEM_BYTES.get(item, 8)
+        if c == "pixels" or c.startswith("logits.") or c == "refined":
+            nbytes = 4
+        total += size * nbytes
+    return total
+
+
+def memory_budget() -> int:
+    """Bytes a job may hold as in-memory views: a quarter of the memory available now."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available // 4)
+    except ImportError:
+        return 2 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class RowFormat:
+    """How raw view columns become training tensors: `x` (float32 NCHW, normalised), `y`, `sample_id`,
+    `logits.<t>` as float32, `feat.*` as stored (int8 with `.scale`, or fp16), `refined` as float32.
+    Without stored pixels, the view is rendered from the source images by its record."""
+
+    mean: tuple
+    std: tuple
+    pad: int = 0
+    train: Any = None  # the training Split (or its object ref), only to replay views without pixels
+
+    def prepare(self, raw: dict) -> dict[str, torch.Tensor]:
+        t = {k: as_tensor(v) for k, v in raw.items()}
+        out = {"sample_id": t["sample_id"].long(), "y": t["label"].long()}
+        if "pixels" in t:
+            pixels = t["pixels"]
+        else:
+            split = resolve(self.train)
+            images = split.images[np.searchsorted(split.ids, out["sample_id"].numpy())]
+            pixels = as_tensor(apply_views(images, t["view_ox"].numpy(), t["view_oy"].numpy(),
+                                                  t["view_flip"].numpy(), self.pad))
+        out["x"] = normalize(pixels, self.mean, self.std).contiguous()
+        for k, v in t.items():
+            if k.startswith("logits.") or k == "refined":
+                out[k] = v.float()
+            elif k.startswith("feat."):
+                out[k] = v
+        return out
+
+
+def resolve(ref):
+    """The value of a Ray object ref (a value that is not one is returned as it is)."""
+    if ref is None or not hasattr(ref, "hex"):  # already a value
+        return ref
+    import ray
+
+    return ray.get(ref)
+
+
+def render_view(split, share: np.ndarray, view: int, data_seed: int, policy: ViewPolicy, mean, std) -> dict:
+    """View `view` of the rows `share` of a source split, rendered (the pure function of seed, sample id,
+    view id the cache uses) and prepared: {sample_id, y, x}."""
+    ids = split.ids[share]
+    pixels, _ = make_views(split.images[share], ids, view, data_seed, policy)
+    return {"sample_id": torch.from_numpy(ids.astype(np.int64)), "y": torch.from_numpy(split.labels[share].astype(np.int64)),
+            "x": normalize(torch.from_numpy(pixels), mean, std).contiguous()}
+
+
+class Refined:
+    """The professor's column of each view, looked up by sample id (loaded once per view)."""
+
+    def __init__(self, fs, files: dict[int, list[str]]):
+        self.fs, self.files, self.loaded = fs, files, {}
+
+    def lookup(self, view: int, ids: torch.Tensor) -> torch.Tensor:
+        from pipeline.cache import load_refined
+
+        if view not in self.loaded:
+            self.loaded[view] = load_refined(self.fs, self.files[view])
+        keys, values = self.loaded[view]
+        ids = ids.numpy()
+        pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+        if not np.array_equal(keys[pos], ids):
+            raise RuntimeError("the cache's refined column lacks some of this view's sample ids: it does not match the cache")
+        return torch.from_numpy(values[pos])
+
+
+class MemoryEpochs:
+    """Epochs from views held in memory: `load(view)` gives the worker's share of a view as prepared
+    tensors, read once and kept for every later epoch of that view (`keep`); each epoch is a seeded
+    permutation of it (or its order, without shuffling), batched by indexing."""
+
+    def __init__(self, load: Callable[[int], dict[str, torch.Tensor]], view_of: Callable[[int], int],
+                 batch_size: int, shuffle: bool, seed: int, keep: bool = True):
+        self.load, self.view_of, self.batch_size, self.shuffle, self.seed, self.keep = \
+            load, view_of, batch_size, shuffle, seed, keep
+        self.views: dict[int, dict[str, torch.Tensor]] = {}
+
+    def prepare(self, epoch: int) -> None:
+        k = self.view_of(epoch)
+        if k not in self.views:
+            if not self.keep:
+                self.views.clear()
+            self.views[k] = self.load(k)
+
+    def __call__(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        self.prepare(epoch)
+        rows = self.views[self.view_of(epoch)]
+        n = len(rows["y"])
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            order = torch.randperm(n, generator=g)
+            for s in range(0, n, self.batch_size):
+                idx = order[s:s + self.batch_size]
+                yield {k: v[idx] for k, v in rows.items()}
+        else:
+            for s in range(0, n, self.batch_size):
+                yield {k: v[s:s + self.batch_size] for k, v in rows.items()}
+
+
+class StreamEpochs:
+    """Epochs streamed through Ray Data: `source(view)` is a Dataset or a Ray Train shard of the view;
+    each batch is prepared by `prepare` (and the professor's column joined) as it arrives."""
+
+    def __init__(self, source: Callable[[int], Any], view_of: Callable[[int], int], batch_size: int,
+                 shuffle_buffer: int, seed: int, prepare: Callable[[dict], dict], refined: Refined | None = None):
+        self.source, self.view_of, self.batch_size, self.shuffle_buffer, self.seed = \
+            source, view_of, batch_size, shuffle_buffer, seed
+        self.prepare_rows, self.refined = prepare, refined
+
+    def prepare(self, epoch: int) -> None:
+        pass
+
+    def __call__(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        k = self.view_of(epoch)
+        for raw in self.source(k).iter_torch_batches(
+                batch_size=self.batch_size, device="cpu", local_shuffle_buffer_size=self.shuffle_buffer or None,
+                local_shuffle_seed=self.seed * 1000 + epoch):
+            rows = self.prepare_rows(raw)
+            if self.refined is not None:
+                rows["refined"] = self.refined.lookup(k, rows["sample_id"])
+            yield rows
+
+
+def cache_view_loader(fs, files: dict[int, list[str]], columns: list[str], fmt: RowFormat, rank: int, world: int,
+                      seed: int, refined: Refined | None = None) -> Callable[[int], dict[str, torch.Tensor]]:
+    """`load(view)` for MemoryEpochs over a cache: read the view's files, keep this worker's share, prepare."""
+
+    def load(k: int) -> dict[str, torch.Tensor]:
+        raw = read_view(fs, files[k], columns)
+        share = worker_share(len(raw["sample_id"]), rank, world, seed)
+        rows = fmt.prepare({c: v[share] for c, v in raw.items()})
+        if refined is not None:
+            rows["refined"] = refined.lookup(k, rows["sample_id"])
+        return rows
+
+    return load
+
+
+def to_device(rows: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A batch on the training device, int8 feature maps dequantised with their per-row scale."""
+    from pipeline.cache import dequantize_int8
+
+    out = {}
+    for k, v in rows.items():
+        if k.endswith(".scale"):
+            continue
+        v = v.to(device, non_blocking=True)
+        if k.startswith("feat."):
+            scale = rows.get(k + ".scale")
+            v = dequantize_int8(v, scale.to(device)) if scale is not None else v.float()
+        out[k] = v
+    return out
+
+
+def in_memory_choice(setting: str, nbytes: int, budget: int | None = None) -> bool:
+    """`distill.in_memory`: true, false, or auto (in memory when `nbytes` fit the budget)."""
+    if setting in ("true", True):
+        return True
+    if setting in ("false", False):
+        return False
+    return nbytes <= (memory_budget() if budget is None else budget)
+

@@ -1,0 +1,566 @@
+"""One training harness for teachers, the professor and students.
+
+A stage describes a training job as a typed, frozen `Job` (what crosses to the worker process); the
+job builds its `Task` (models, optimisers, data) in the worker, and `train_loop` runs the skeleton every
+stage shares: restore -> epochs (steps, loss terms summed on the device) -> evaluate -> report and
+checkpoint. `JobRunner` is the one place that starts jobs:
+
+- one worker: the loop runs in a Ray task (a worker process holding `cpus_per_worker`), or in this very
+  process when it already is one (a Ray Tune trial). Checkpoints go to `<storage>/<run name>/`; a failed
+  or killed task is started again from its newest checkpoint, up to `max_failures` times; a rerun of the
+  same command resumes there too. No Train controller, worker group or process group to start.
+- several workers: Ray Train's `TorchTrainer` (DDP, `FailureConfig`, its own checkpoints under the same
+  run name), launched from a CPU-less Ray task so several jobs can run at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+
+from pipeline.errors import CheckpointError, RaykdError, StageFailed
+
+STATE_FILE = "train_state.pt"
+LATEST = "latest.json"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Job:
+    """A training job as it crosses to its worker: plain values, pydantic sections and Ray object refs
+    (nothing read from the driver's disk). Subclasses add their own fields and `build`."""
+
+    kind: str  # console prefix: teacher, professor, distill
+    name: str
+    run_name: str  # checkpoints live in <storage>/<run_name>/: the same name on a rerun resumes
+    seed: int
+    epochs: int
+    workers: Any  # WorkersSection
+    storage: dict  # raysetup.train_storage(cfg)
+    device: str = "cpu"
+    torch_threads: int | None = None
+    progress: Any = None  # the driver's progress queue
+    fault: dict | None = None  # fault injection for the tests (RAYKD_FAULT)
+    keep: int = 2  # checkpoints kept
+
+    def build(self, ctx: "Context") -> "Task":
+        raise NotImplementedError
+
+    def datasets(self) -> dict:
+        """Ray Datasets a multi-worker job streams (Ray Train splits them between its workers)."""
+        return {}
+
+
+class Task:
+    """What one job trains, built in the worker. `step` does one optimisation step and returns
+    (loss terms as tensors, rows, correct predictions or None); `batches(epoch)` the epoch's batches,
+    after `prepare_epoch(epoch)` loaded what the epoch reads (timed apart from the training loop)."""
+
+    prefix = "train_"  # of the loss terms' metric names
+    optim_key = "distill.optim"  # the config section of its optimiser, for messages
+
+    def prepare(self, ctx: "Context") -> None:
+        """After a restore: wrap what trains for the context (DDP under Ray Train)."""
+
+    def prepare_epoch(self, epoch: int) -> None:
+        pass
+
+    def batches(self, epoch: int) -> Iterable:
+        raise NotImplementedError
+
+    def step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], int, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def epoch_info(self, epoch: int) -> dict:
+        return {}
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def load(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def line(self, m: dict) -> str:
+        return ""
+
+
+class NonFinite(FloatingPointError):
+    pass
+
+
+class EpochSums:
+    """An epoch's loss terms (weighted by rows), rows and correct predictions, summed on the device: the
+    host reads them once per epoch. Every `every` steps one sync checks that the loss stayed finite, and a
+    loss that did not is named at its own step (the weights after it are never checkpointed)."""
+
+    def __init__(self, device, every: int = 32):
+        self.device, self.every = device, every
+        self.names: list[str] | None = None
+        self.sums = self.correct = None
+        self.rows = 0
+        self.window: list[tuple[int, torch.Tensor]] = []
+        self.bad: tuple[int, dict[str, float]] | None = None  # (step, terms) of a non-finite loss
+
+    def add(self, step: int, terms: dict[str, torch.Tensor], n: int, correct: torch.Tensor | None) -> None:
+        if self.names is None:
+            self.names = list(terms)
+            self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+            self.correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        v = torch.stack([terms[k].detach().float() for k in self.names])
+        self.sums += v * n
+        if correct is not None:
+            self.correct += correct
+        self.rows += n
+        self.window.append((step, v))
+        if len(self.window) >= self.every:
+            self.bad = self.check()
+
+    def check(self) -> tuple[int, dict[str, float]] | None:
+        """(step, terms) of the first step whose loss is not finite since the last check, else None."""
+        if not self.window:
+            return None
+        i = self.names.index("loss")
+        losses = torch.stack([v[i] for _, v in self.window])
+        bad = None
+        if not bool(torch.isfinite(losses).all()):
+            step, v = self.window[int((~torch.isfinite(losses)).nonzero()[0])]
+            bad = (step, dict(zip(self.names, v.tolist())))
+        self.window.clear()
+        return bad
+
+    def totals(self, ctx: "Context") -> tuple[int, float, dict[str, float]]:
+        """(rows, correct, {term: sum}) over every worker."""
+        names = self.names or []
+        t = torch.cat([torch.tensor([float(self.rows)], dtype=torch.float64, device=self.device),
+                       (self.correct if self.correct is not None else torch.zeros((), dtype=torch.float64,
+                                                                                    device=self.device)).reshape(1),
+                       self.sums if self.sums is not None else torch.zeros(0, dtype=torch.float64, device=self.device)])
+        t = ctx.all_reduce(t).cpu().tolist()
+        return int(t[0]), t[1], dict(zip(names, t[2:]))
+
+
+# --------------------------------------------------------------------------------------------------
+# where the loop runs: a Ray Train worker, or one process of its own
+
+
+class Context:
+    rank = 0
+    world = 1
+    device = torch.device("cpu")
+
+    def restore(self) -> dict | None:
+        raise NotImplementedError
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        raise NotImplementedError
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def shard(self, name: str):
+        raise RaykdError(f"dataset {name!r} is only streamed under Ray Train")
+
+
+class TrainContext(Context):
+    """Inside a Ray Train worker: its rank, DDP, Ray Train's checkpoints and dataset shards."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        c = ray.train.get_context()
+        self.rank, self.world = c.get_world_rank(), c.get_world_size()
+        self.local_world = c.get_local_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def restore(self) -> dict | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        try:
+            with ckpt.as_directory() as d:
+                return _load_state(open(os.path.join(d, STATE_FILE), "rb").read())
+        except Exception as e:
+            raise _unreadable(ckpt.path, os.path.dirname(ckpt.path.rstrip("/")), e) from None
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        """`ray.train.report` on every worker (a barrier); rank 0 attaches the checkpoint."""
+        import tempfile
+
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if state is not None:
+                torch.save(state, os.path.join(d, STATE_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def all_reduce(self, t):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+
+class LocalContext(Context):
+    """One process trains alone: checkpoints in a `CheckpointStore`; each epoch also reported to Ray Tune
+    when this process is a Tune trial."""
+
+    def __init__(self, job: Job, tune: bool = False):
+        self.store = CheckpointStore(job.storage, job.run_name, job.keep)
+        self.tune = tune
+        self.device = torch.device("cuda" if job.device == "cuda" and torch.cuda.is_available() else "cpu")
+        self.last_state: dict | None = None
+
+    def restore(self) -> dict | None:
+        return self.store.latest()
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        self.store.save(state, int(metrics["epoch"]))
+        self.last_state = state
+        if self.tune:
+            from ray import tune
+
+            tune.report({k: v for k, v in metrics.items() if v is not None})
+
+
+def _load_state(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _unreadable(path: str, run_dir: str, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is unreadable ({e.__class__.__name__}: {str(e)[:200]}); it is kept, with the ones "
+        f"before it (training resumes from the newest only). To start this run over, remove {run_dir} "
+        "(a student can also take another distill.name)")
+
+
+class CheckpointStore:
+    """A single-worker job's checkpoints: `<storage>/<run>/checkpoint_<epoch>/train_state.pt` (the file
+    Ray Train's checkpoints hold too), the newest named by `<run>/latest.json`, written after the state it
+    names; the `keep` newest are kept. Local disk or any pyarrow filesystem (S3 with run.storage_path)."""
+
+    def __init__(self, storage: dict, run_name: str, keep: int = 2):
+        from pyarrow import fs as pafs
+
+        if storage.get("storage_filesystem") is not None:
+            self.fs, base = storage["storage_filesystem"], storage["storage_path"]
+        else:
+            self.fs, base = pafs.FileSystem.from_uri(storage["storage_path"])
+        self.dir = f"{base.rstrip('/')}/{run_name}"
+        self.display = (storage["storage_path"] if "://" in storage["storage_path"] or
+                        storage.get("storage_filesystem") is None else "s3://" + storage["storage_path"])
+        self.display = f"{self.display.rstrip('/')}/{run_name}"
+        self.keep = keep
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def _write(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def latest(self) -> dict | None:
+        from pyarrow import fs as pafs
+
+        info = self.fs.get_file_info(f"{self.dir}/{LATEST}")
+        if info.type == pafs.FileType.NotFound:
+            return None
+        name = json.loads(self._read(f"{self.dir}/{LATEST}"))["checkpoint"]
+        path = f"{self.dir}/{name}/{STATE_FILE}"
+        try:
+            return _load_state(self._read(path))
+        except Exception as e:
+            raise _unreadable(f"{self.display}/{name}", self.display, e) from None
+
+    def save(self, state: dict | None, epoch: int) -> None:
+        from pyarrow import fs as pafs
+
+        if state is None:
+            return
+        name = f"checkpoint_{epoch:06d}"
+        self.fs.create_dir(f"{self.dir}/{name}", recursive=True)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self._write(f"{self.dir}/{name}/{STATE_FILE}", buf.getvalue())
+        self._write(f"{self.dir}/{LATEST}", json.dumps({"checkpoint": name, "epoch": epoch}).encode())
+        old = sorted(i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.dir))
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+        for stale in old[:-self.keep]:
+            self.fs.delete_dir(f"{self.dir}/{stale}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop every job runs
+
+
+def _maybe_fail(fault: dict | None, rank: int, epoch: int, step: int) -> None:
+    """Fault injection for the tests (RAYKD_FAULT): fail once, at (epoch, step), on rank 0."""
+    if not fault or rank != 0 or (epoch, step) != (fault["epoch"], fault["step"]) or os.path.exists(fault["marker"]):
+        return
+    open(fault["marker"], "w").close()
+    if fault.get("kind") == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected fault at epoch {epoch} step {step}")
+
+
+def set_threads(job: Job, ctx: Context) -> int:
+    """Torch threads: the job's share, else (on a cluster node) the CPUs Ray gave this process."""
+    n = job.torch_threads
+    if not n:
+        local = getattr(ctx, "local_world", 1)
+        n = max(1, (os.cpu_count() or 1) // max(1, local)) if isinstance(ctx, TrainContext) else 0
+        if not n:
+            import ray
+
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
+            n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
+
+
+def train_loop(job: Job, ctx: Context | None = None) -> tuple[dict, list[dict]]:
+    """The skeleton: restore -> for each epoch: load its data, train, sum the terms on the device, evaluate,
+    report + checkpoint. Returns (the last checkpointed state, the metrics of every epoch)."""
+    from pipeline.progress import emit
+
+    ctx = ctx or TrainContext()
+    set_threads(job, ctx)
+    torch.manual_seed(job.seed)
+    task = job.build(ctx)
+    start, history, resumed = 0, [], None
+    state = ctx.restore()
+    if state is not None:  # a restarted worker, or a rerun of an interrupted run (same run name)
+        task.load(state["task"])
+        start, history = int(state["epoch"]) + 1, json.loads(state["history"])
+        resumed = start
+        if ctx.rank == 0 and start < job.epochs:
+            emit(job.progress, f"[{job.kind} {job.name}] resuming after epoch {start} from its checkpoint")
+    task.prepare(ctx)
+    last = state
+    for epoch in range(start, job.epochs):
+        t_load = time.perf_counter()
+        task.prepare_epoch(epoch)
+        t0 = time.perf_counter()
+        sums = EpochSums(ctx.device)
+        for step, batch in enumerate(task.batches(epoch)):
+            _maybe_fail(job.fault, ctx.rank, epoch + 1, step)
+            terms, n, correct = task.step(batch, epoch)
+            sums.add(step, terms, n, correct)
+            if sums.bad is not None:  # stop: every later step would train on nan
+                break
+        bad = sums.bad or sums.check()
+        if bad is not None:
+            step, terms = bad
+            raise NonFinite(
+                f"{job.kind} {job.name}: the loss became {terms['loss']} at epoch {epoch + 1}, step {step + 1} "
+                f"({', '.join(f'{k} {v:.4g}' for k, v in terms.items() if k != 'loss')}); the checkpoints of the "
+                f"epochs before are kept; lower {task.optim_key}.lr or set {task.optim_key}.grad_clip")
+        rows, correct, term_sums = sums.totals(ctx)
+        dt = time.perf_counter() - t0
+        m = {"epoch": epoch + 1, **task.epoch_info(epoch),
+             **{f"{task.prefix}{k}": v / max(1, rows) for k, v in term_sums.items()}}
+        if sums.correct is not None and task.prefix:
+            m["train_acc"] = correct / max(1, rows)
+        m.update(task.evaluate())
+        m.update({"epoch_time_s": dt, "load_s": t0 - t_load, "samples_per_s": rows / max(dt, 1e-9), "samples": rows,
+                  "workers": ctx.world, "resumed_after": resumed})
+        history.append(m)
+        if ctx.rank == 0:
+            emit(job.progress, f"[{job.kind} {job.name}] epoch {epoch + 1}/{job.epochs} {task.line(m)} "
+                 f"({dt:.2f}s, {m['samples_per_s']:.0f} samples/s)")
+        last = {"task": task.state(), "epoch": epoch, "history": json.dumps(history)} if ctx.rank == 0 else None
+        ctx.report(m, last)
+    if last is None and ctx.rank == 0:  # nothing left to train: the restored state is the result
+        last = {"task": task.state(), "epoch": job.epochs - 1, "history": json.dumps(history)}
+    return last, history
+
+
+def _train_worker(config: dict):
+    """Ray Train's entry point on every worker."""
+    state, history = train_loop(config["job"])
+    return history
+
+
+def run_local(job: Job, tune: bool = False) -> tuple[dict, list[dict]]:
+    """A one-worker job in this process (a Ray task, or a Tune trial)."""
+    return train_loop(job, LocalContext(job, tune=tune))
+
+
+def run_train(job: Job, tune: bool = False) -> tuple[dict, list[dict]]:
+    """A multi-worker job on Ray Train: the one place a TorchTrainer is built."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.raysetup import TRAIN_LOG_LEVEL, scaling
+
+    callbacks = None
+    if tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]
+    datasets = job.datasets()
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"job": job},
+        scaling_config=scaling(job.workers, job.device == "cuda"),
+        run_config=ray.train.RunConfig(
+            name=job.run_name, **job.storage,
+            logging_config=ray.train.LoggingConfig(log_level=TRAIN_LOG_LEVEL),
+            failure_config=ray.train.FailureConfig(max_failures=job.workers.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep),
+            callbacks=callbacks),
+        datasets=datasets or None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)) if datasets else None,
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise JobFailed(job, failure_reason(e), retryable=True) from None
+    with result.checkpoint.as_directory() as d:
+        state = _load_state(open(os.path.join(d, STATE_FILE), "rb").read())
+    return state, json.loads(state["history"])
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line saying why a job failed: a worker's own error when Ray gives one."""
+    for exc in (getattr(e, "worker_failures", None) or {}).values():
+        lines = [ln.strip() for ln in str(getattr(exc, "cause", None) or exc).splitlines() if ln.strip()]
+        if lines:
+            return lines[-1][:500]
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if isinstance(e, (RaykdError, FloatingPointError)):
+        return " ".join(lines)[:1000]
+    return (lines[-1] if lines else e.__class__.__name__)[:500]
+
+
+class JobFailed(Exception):
+    def __init__(self, job: Job, reason: str, retryable: bool):
+        super().__init__(reason)
+        self.job, self.reason, self.retryable = job, reason, retryable
+
+
+def _not_retryable(e: BaseException) -> bool:
+    """Errors that the same job meets again when restarted: bad input, a diverging loss, a checkpoint
+    that cannot be read."""
+    cause = getattr(e, "cause", e)
+    return isinstance(cause, (RaykdError, FloatingPointError))
+
+
+class JobRunner:
+    """Runs training jobs, `parallel` at a time, each in its own Ray task (one-worker jobs hold the
+    worker's CPUs; multi-worker ones launch Ray Train from a CPU-less task); `inline` runs them one after
+    another in this process (a Tune trial). `on_start()` is called when a job starts, `on_done(its (state,
+    metrics) or a JobFailed)` when it ends; it may submit more jobs."""
+
+    def __init__(self, parallel: int = 1, inline: bool = False, tune: bool = False):
+        self.parallel, self.inline, self.tune = max(1, parallel), inline, tune
+        self.queue: list[tuple[Job, Callable, Callable | None]] = []
+        self.pending: dict = {}  # ref -> (job, on_done, attempt)
+
+    def submit(self, job: Job, on_done: Callable[[Any], None], on_start: Callable[[], None] | None = None) -> None:
+        self.queue.append((job, on_done, on_start))
+
+    def _start(self, job: Job, on_done, attempt: int) -> None:
+        import ray
+
+        if job.workers.num_workers > 1:
+            fn = ray.remote(num_cpus=0, max_retries=0)(run_train)
+        else:
+            res = {"num_cpus": job.workers.cpus_per_worker}
+            if job.device == "cuda":
+                res["num_gpus"] = job.workers.gpus_per_worker
+            fn = ray.remote(max_retries=0, **res)(run_local)
+        self.pending[fn.remote(job, self.tune)] = (job, on_done, attempt)
+
+    def run(self) -> None:
+        import ray
+
+        if self.inline:
+            while self.queue:
+                job, on_done, on_start = self.queue.pop(0)
+                if on_start:
+                    on_start()
+                try:
+                    out = run_train(job, self.tune) if job.workers.num_workers > 1 else run_local(job, self.tune)
+                except JobFailed as e:
+                    out = e
+                except (RaykdError, FloatingPointError) as e:
+                    out = JobFailed(job, failure_reason(e), retryable=False)
+                on_done(out)
+            return
+        while self.queue or self.pending:
+            while self.queue and len(self.pending) < self.parallel:
+                job, on_done, on_start = self.queue.pop(0)
+                if on_start:
+                    on_start()
+                self._start(job, on_done, 0)
+            (ref,), _ = ray.wait(list(self.pending), num_returns=1)
+            job, on_done, attempt = self.pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, JobFailed):
+                    out = cause
+                elif job.workers.num_workers == 1 and attempt < job.workers.max_failures and not _not_retryable(e):
+                    # a failed or killed one-worker job starts again from its newest checkpoint
+                    from pipeline.progress import emit
+
+                    emit(job.progress, f"[{job.kind} {job.name}] failed ({failure_reason(e)}); restarting from its "
+                         f"newest checkpoint (attempt {attempt + 2} of {job.workers.max_failures + 1})")
+                    self._start(job, on_done, attempt + 1)
+                    continue
+                else:
+                    out = JobFailed(job, failure_reason(e), retryable=not _not_retryable(e))
+            on_done(out)
+
+
+def fit(job: Job, inline: bool = False, tune: bool = False) -> tuple[dict, list[dict]]:
+    """Run one job to its end: (its last state, its epochs' metrics); a failure is a StageFailed."""
+    out: list = []
+    runner = JobRunner(1, inline=inline, tune=tune)
+    runner.submit(job, out.append)
+    runner.run()
+    if isinstance(out[0], JobFailed):
+        raise StageFailed(failure_message(out[0]))
+    return out[0]
+
+
+def failure_message(f: JobFailed) -> str:
+    what = "distillation" if f.job.kind == "distill" else f"{f.job.kind} training"
+    if not f.retryable:
+        return f"{what} of {f.job.name} failed: {f.reason}"
+    return (f"{what} of {f.job.name} failed ({f.reason}); its checkpoints are kept: rerun the same command to "
+            "resume. Ray's logs: /tmp/ray/session_latest/logs")

@@ -1,0 +1,114 @@
+"""Epoch data in memory or streamed: the same rows of the same views; each view read once; on-device sums."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.batches import (MemoryEpochs, RowFormat, StreamEpochs, cache_view_loader, in_memory_choice, row_bytes,
+                              worker_share)
+from pipeline.harness import EpochSums
+
+from conftest import digits_cfg
+
+
+def test_worker_shares_partition_the_rows():
+    n = 1001
+    shares = [worker_share(n, r, 3, seed=7) for r in range(3)]
+    assert [len(s) for s in shares] == [333, 333, 333]  # equal: every worker takes the same number of steps
+    assert all(np.all(np.diff(s) > 0) for s in shares)  # row order within a share
+    assert len(set(np.concatenate(shares))) == 999  # disjoint
+    assert np.array_equal(worker_share(n, 0, 1, seed=7), np.arange(n))
+    assert np.array_equal(shares[1], worker_share(n, 1, 3, seed=7))  # the same on every worker (seeded)
+
+
+def test_a_view_is_read_once_and_every_epoch_is_a_seeded_permutation():
+    loads = []
+
+    def load(k):
+        loads.append(k)
+        return {"y": torch.arange(10) + 100 * k, "x": torch.arange(10).float()}
+
+    data = MemoryEpochs(load, lambda e: e % 2, batch_size=4, shuffle=True, seed=3)
+    epochs = [torch.cat([b["y"] for b in data(e)]) for e in range(6)]
+    assert loads == [0, 1]  # six epochs over K=2 views: each view read once
+    assert [sorted(e.tolist()) for e in epochs[:2]] == [list(range(10)), list(range(100, 110))]
+    assert not torch.equal(epochs[0], epochs[2])  # another permutation each epoch ...
+    again = MemoryEpochs(load, lambda e: e % 2, batch_size=4, shuffle=True, seed=3)
+    assert torch.equal(torch.cat([b["y"] for b in again(2)]), epochs[2])  # ... seeded by (seed, epoch): resumable
+    still = MemoryEpochs(load, lambda e: e % 2, batch_size=4, shuffle=False, seed=3)
+    assert torch.cat([b["y"] for b in still(0)]).tolist() == list(range(10))
+
+
+def test_epoch_sums_name_the_first_nonfinite_step():
+    s = EpochSums("cpu", every=4)
+    for step in range(10):
+        loss = torch.tensor(float("nan") if step == 5 else 1.0)
+        s.add(step, {"loss": loss, "ce": torch.tensor(2.0)}, 8, torch.tensor(3))
+        if s.bad is not None:
+            break
+    assert step == 7 and s.bad[0] == 5 and np.isnan(s.bad[1]["loss"]) and s.bad[1]["ce"] == 2.0
+    ok = EpochSums("cpu", every=4)
+    for step in range(6):
+        ok.add(step, {"loss": torch.tensor(1.5), "ce": torch.tensor(0.5)}, 8, torch.tensor(3))
+    assert ok.check() is None and ok.rows == 48 and float(ok.correct) == 18
+    assert ok.sums.tolist() == [1.5 * 48, 0.5 * 48]
+
+
+def test_the_memory_budget_decides_auto():
+    cols = {"pixels": "tensor<uint8>[28, 28, 1]", "logits.a": "tensor<halffloat>[10]", "label": "int64"}
+    assert row_bytes(cols, ["pixels", "logits.a", "label"]) == 784 * 4 + 10 * 4 + 8  # as float32, ready to train
+    assert in_memory_choice("auto", 10, budget=100) and not in_memory_choice("auto", 1000, budget=100)
+    assert in_memory_choice(True, 1000, budget=1) and not in_memory_choice(False, 1, budget=100)
+
+
+def _rows(batches):
+    out = {}
+    for b in batches:
+        for k, v in b.items():
+            out.setdefault(k, []).append(v)
+    out = {k: torch.cat(v) for k, v in out.items()}
+    order = torch.argsort(out["sample_id"])
+    return {k: v[order] for k, v in out.items()}
+
+
+def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
+    import ray
+
+    from pipeline.cache import Cache
+
+    cfg, m = built
+    cache = Cache(os.path.join(cfg.run.out_dir, "cache"))
+    cols = ["sample_id", "label", "pixels", "logits.a", "logits.b", "feat.b.stage3"]
+    files = {k: cache.view_files(k) for k in range(2)}
+    fmt = RowFormat(digits.mean, digits.std, digits.policy.pad)
+    memory = MemoryEpochs(cache_view_loader(cache.fs, files, cols, fmt, 0, 1, 0), lambda e: e % 2, 100, True, 0)
+    stream = StreamEpochs(lambda k: ray.data.read_parquet(files[k], filesystem=cache.fs).select_columns(cols),
+                          lambda e: e % 2, 100, 64, 0, fmt.prepare)
+    for epoch in range(2):
+        a, b = _rows(memory(epoch)), _rows(stream(epoch))
+        assert sorted(a) == sorted(b) and len(a["y"]) == len(digits.train)
+        assert a["sample_id"].tolist() == sorted(digits.train.ids.tolist())
+        for k in a:
+            assert torch.equal(a[k], b[k]), (epoch, k)
+    # the view's pixels are the cache's: view 1 of sample s is its record replayed on the source image
+    assert not torch.equal(_rows(memory(0))["x"], _rows(memory(1))["x"])
+
+
+def test_in_memory_and_streamed_students_agree(built):
+    """Same views, one full-split batch per step (order cannot matter): the same losses either way."""
+    from pipeline.distill import run_distill, student_dir
+
+    cfg0, _ = built
+    common = ["method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=2", "distill.optim.batch_size=2048",
+              "distill.shuffle_buffer=0"]
+    mem = digits_cfg(cfg0.run.out_dir, *common, "distill.name=agree-memory", "distill.in_memory=true")
+    streamed = digits_cfg(cfg0.run.out_dir, *common, "distill.name=agree-stream", "distill.in_memory=false")
+    run_distill(mem), run_distill(streamed)
+    ma, mb = ([json.loads(x) for x in open(os.path.join(student_dir(c), "metrics.jsonl"))] for c in (mem, streamed))
+    for a, b in zip(ma, mb):
+        assert a["samples"] == b["samples"] and a["view"] == b["view"]
+        for k in ("train_loss", "train_ce", "train_kd", "train_acc", "val_acc"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), (a["epoch"], k)
