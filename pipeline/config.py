@@ -44,6 +44,9 @@ class RunSection(Section):
         default_factory=list, description="`raykd run`: one student per entry, each {dotted.key: value} over this config")
     parallel: int | None = Field(
         None, gt=0, description="`raykd run`: students trained at once; None = as many as the CPUs fit, one left for data")
+    in_process: bool = Field(
+        True, description="a lone one-worker training job (one student, teacher or the professor at a time) on a "
+                          "local Ray runs in the command's own process, without starting Ray; false: in a Ray task")
 
 
 class RaySection(Section):

@@ -82,7 +82,6 @@ class StudentJob(Job):
     method: dict  # the method section
     method_ctx: dict
     optim: OptimSection
-    batch_size: int
     views: int  # K: epoch e reads view e mod K
     data_seed: int
     policy: dict
@@ -154,14 +153,14 @@ class StudentTask(Task):
             share = worker_share(len(train), ctx.rank, ctx.world, job.seed)
             policy = _policy(job.policy)
             self.data = MemoryEpochs(lambda k: render_view(train, share, k, job.data_seed, policy, job.mean, job.std),
-                                     view_of, job.batch_size, shuffle, job.seed)
+                                     view_of, job.optim.batch_size, shuffle, job.seed)
         else:
             fmt = RowFormat(job.mean, job.std, job.policy["pad"], job.train)
             refined = Refined(job.cache_fs, job.refined_files) if job.refined_files else None
             if job.in_memory:
                 load = cache_view_loader(job.cache_fs, job.files, list(job.columns), fmt, ctx.rank, ctx.world, job.seed,
                                          refined)
-                self.data = MemoryEpochs(load, view_of, job.batch_size, shuffle, job.seed)
+                self.data = MemoryEpochs(load, view_of, job.optim.batch_size, shuffle, job.seed)
             else:
                 if ctx.world > 1:
                     source = lambda k: ctx.shard(f"view{k}")  # noqa: E731
@@ -170,8 +169,8 @@ class StudentTask(Task):
 
                     source = lambda k: ray.data.read_parquet(job.files[k], filesystem=job.cache_fs).select_columns(  # noqa: E731
                         list(job.columns))
-                self.data = StreamEpochs(source, view_of, job.batch_size, job.shuffle_buffer, job.seed, fmt.prepare, refined)
-        steps = max(1, math.ceil(rows / job.batch_size))
+                self.data = StreamEpochs(source, view_of, job.optim.batch_size, job.shuffle_buffer, job.seed, fmt.prepare, refined)
+        steps = max(1, math.ceil(rows / job.optim.batch_size))
         self.opt, self.sched = make_optimizer([*self.student.parameters(), *self.method.parameters()], job.optim, steps,
                                               job.epochs)
         self.evaluator = Evaluator({"val": resolve(job.val), "test": resolve(job.test)}, job.mean, job.std, ctx.device)
@@ -355,6 +354,7 @@ class Plan:
     online_teachers: list[dict]
     online_professor: dict | None
     t0: float = 0.0
+    times: dict = dataclasses.field(default_factory=dict)  # the driver's phases before the job, seconds
 
 
 def plan_student(cfg: Config, splits) -> Plan | dict:
@@ -422,7 +422,7 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
         epochs=d.optim.epochs, workers=d.workers, storage=train_storage(cfg), device=device, torch_threads=threads,
         progress=progress, fault=fault,
         arch=d.student.arch, num_classes=splits.num_classes, in_chans=splits.in_chans,
-        method=cfg.method.model_dump(mode="json"), method_ctx=p.mctx, optim=d.optim, batch_size=d.optim.batch_size,
+        method=cfg.method.model_dump(mode="json"), method_ctx=p.mctx, optim=d.optim,
         views=p.views, data_seed=cfg.data.seed, policy=splits.policy.as_dict(), mean=splits.mean, std=splits.std,
         n_train=len(splits.train), val=refs["val"], test=refs["test"], shuffle_buffer=d.shuffle_buffer,
         # weights travel with the job (Ray's object store), not as paths: no node needs this one's disk
@@ -432,9 +432,10 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
         **cache_kw)
 
 
-def finish_student(p: Plan, state: dict, history: list[dict]) -> dict:
-    """Write the student's outputs from its job's last state and metrics; returns its record."""
-    st = state["task"]
+def finish_student(p: Plan, res) -> dict:
+    """Write the student's outputs from its job's result (last state, metrics); returns its record."""
+    t_done = time.time()
+    st, history = res.state["task"], res.history
     files = {"student.safetensors": save_state_dict(st["student"], os.path.join(p.sdir, "student.safetensors"))}
     pt = os.path.join(p.sdir, "student.pt")
     torch.save(st["student"], pt + ".tmp")
@@ -464,6 +465,11 @@ def finish_student(p: Plan, state: dict, history: list[dict]) -> dict:
     }
     rec.update(p.method.export(p.student, p.sdir, p.splits, files))
     rec["wall_time_s"] = round(time.time() - p.t0, 2)
+    if res.profile:  # where the time went, from the job's start to its outputs (bench/overhead.py reads it)
+        pr = res.profile
+        rec["profile"] = {**{k: round(v, 3) for k, v in p.times.items()}, "job_start_s": round(pr["started"] - p.t0, 3),
+                          **{k: round(pr[k], 3) for k in ("build_s", "load_s", "train_s", "eval_s", "report_s")},
+                          "job_end_s": round(t_done - pr["ended"], 3), "outputs_s": round(time.time() - t_done, 3)}
     _write_json(os.path.join(p.sdir, RECORD), rec)
     return rec
 
@@ -533,7 +539,9 @@ class _Students:
     @property
     def queue(self):
         if self._queue is None:
-            self._queue = self.stack.enter_context(ProgressPrinter()).queue
+            from pipeline.progress import Console
+
+            self._queue = Console() if self.inline else self.stack.enter_context(ProgressPrinter()).queue
         return self._queue
 
     def _splits(self, cfg: Config):
@@ -545,6 +553,9 @@ class _Students:
         return self.splits[key]
 
     def _refs(self, cfg: Config, splits) -> dict:
+        """The splits as the jobs get them: themselves in this process, else Ray object refs (put once)."""
+        if self.inline:
+            return {k: getattr(splits, k) for k in ("train", "val", "test")}
         import ray
 
         key = cfg.data.model_dump_json()
@@ -558,8 +569,10 @@ class _Students:
 
         while True:
             cfg = chain[len(done)]
+            t = time.perf_counter()
             try:
                 splits = self._splits(cfg)
+                t_plan = time.perf_counter()
                 plan = plan_student(cfg, splits)
             except Exception as e:  # noqa: BLE001  (bad input for this student only; reported at the end)
                 self.errors[i] = e
@@ -571,9 +584,13 @@ class _Students:
                     return self._chain_done(i, chain, done)
                 continue
             break
-        init_ray(cfg.ray)
+        plan.times = {"data_s": t_plan - t, "plan_s": time.perf_counter() - t_plan}
+        t = time.perf_counter()
+        if not self.inline:
+            init_ray(cfg.ray)
         if self.device is None:
             self.device = resolve_device(cfg.run.device)
+        plan.times["ray_init_s"] = time.perf_counter() - t
         d = cfg.distill
         threads = d.workers.torch_threads or self.threads_share
         job = make_job(plan, self._refs(cfg, plan.splits), self.queue, threads, self.device,
@@ -593,7 +610,7 @@ class _Students:
                 self.errors[i] = StageFailed(failure_message(out))
                 return
             try:
-                rec = finish_student(plan, *out)
+                rec = finish_student(plan, out)
             except Exception as e:  # noqa: BLE001
                 self.errors[i] = e
                 return
@@ -628,10 +645,10 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
     returns their records. A failed student does not stop the others; the failures are reported together
     at the end (exit 1). `tune`: this is a Ray Tune trial (`raykd sweep`): its jobs run in this process,
     reporting every epoch to Tune; `concurrent` trials share the node's cores."""
-    from pipeline.raysetup import concurrent_jobs, init_ray, local_thread_share
+    from pipeline.raysetup import concurrent_jobs, in_process, init_ray, local_thread_share
 
     w = cfgs[0].distill.workers
-    if tune:
+    if tune or len(cfgs) == 1:
         parallel = 1
     elif parallel is None:
         init_ray(cfgs[0].ray)
@@ -641,7 +658,7 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
     if len(cfgs) > 1:
         print(f"[distill] {len(cfgs)} students, {parallel} at a time", flush=True)
     with contextlib.ExitStack() as stack:
-        s = _Students(cfgs, parallel, progress, tune, tune, share, stack)
+        s = _Students(cfgs, parallel, progress, tune or in_process(cfgs[0], parallel, w), tune, share, stack)
         s.run()
     if len(cfgs) == 1 and s.errors:
         raise s.errors[0]

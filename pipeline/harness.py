@@ -96,6 +96,16 @@ class NonFinite(FloatingPointError):
     pass
 
 
+@dataclasses.dataclass
+class JobResult:
+    """A finished job: its last state (rank 0's checkpoint), every epoch's metrics, and where its time went
+    (`profile`: seconds of each phase of the loop, and when it started and ended; one-worker jobs only)."""
+
+    state: dict
+    history: list[dict]
+    profile: dict | None = None
+
+
 class EpochSums:
     """An epoch's loss terms (weighted by rows), rows and correct predictions, summed on the device: the
     host reads them once per epoch. Every `every` steps one sync checks that the loss stayed finite, and a
@@ -347,11 +357,13 @@ def set_threads(job: Job, ctx: Context) -> int:
     return n
 
 
-def train_loop(job: Job, ctx: Context | None = None) -> tuple[dict, list[dict]]:
+def train_loop(job: Job, ctx: Context | None = None) -> JobResult:
     """The skeleton: restore -> for each epoch: load its data, train, sum the terms on the device, evaluate,
-    report + checkpoint. Returns (the last checkpointed state, the metrics of every epoch)."""
+    report + checkpoint. Returns the last checkpointed state, the metrics of every epoch and a profile."""
     from pipeline.progress import emit
 
+    prof = {"started": time.time(), "build_s": 0.0, "load_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "report_s": 0.0}
+    t = time.perf_counter()
     ctx = ctx or TrainContext()
     set_threads(job, ctx)
     torch.manual_seed(job.seed)
@@ -365,6 +377,7 @@ def train_loop(job: Job, ctx: Context | None = None) -> tuple[dict, list[dict]]:
         if ctx.rank == 0 and start < job.epochs:
             emit(job.progress, f"[{job.kind} {job.name}] resuming after epoch {start} from its checkpoint")
     task.prepare(ctx)
+    prof["build_s"] = time.perf_counter() - t
     last = state
     for epoch in range(start, job.epochs):
         t_load = time.perf_counter()
@@ -385,37 +398,42 @@ def train_loop(job: Job, ctx: Context | None = None) -> tuple[dict, list[dict]]:
                 f"({', '.join(f'{k} {v:.4g}' for k, v in terms.items() if k != 'loss')}); the checkpoints of the "
                 f"epochs before are kept; lower {task.optim_key}.lr or set {task.optim_key}.grad_clip")
         rows, correct, term_sums = sums.totals(ctx)
-        dt = time.perf_counter() - t0
+        t_eval = time.perf_counter()
+        dt = t_eval - t0
         m = {"epoch": epoch + 1, **task.epoch_info(epoch),
              **{f"{task.prefix}{k}": v / max(1, rows) for k, v in term_sums.items()}}
         if sums.correct is not None and task.prefix:
             m["train_acc"] = correct / max(1, rows)
         m.update(task.evaluate())
-        m.update({"epoch_time_s": dt, "load_s": t0 - t_load, "samples_per_s": rows / max(dt, 1e-9), "samples": rows,
-                  "workers": ctx.world, "resumed_after": resumed})
+        t_report = time.perf_counter()
+        m.update({"epoch_time_s": dt, "load_s": t0 - t_load, "eval_s": t_report - t_eval,
+                  "samples_per_s": rows / max(dt, 1e-9), "samples": rows, "workers": ctx.world, "resumed_after": resumed})
         history.append(m)
         if ctx.rank == 0:
             emit(job.progress, f"[{job.kind} {job.name}] epoch {epoch + 1}/{job.epochs} {task.line(m)} "
                  f"({dt:.2f}s, {m['samples_per_s']:.0f} samples/s)")
         last = {"task": task.state(), "epoch": epoch, "history": json.dumps(history)} if ctx.rank == 0 else None
         ctx.report(m, last)
+        for k, v in (("load_s", t0 - t_load), ("train_s", dt), ("eval_s", t_report - t_eval),
+                     ("report_s", time.perf_counter() - t_report)):
+            prof[k] += v
     if last is None and ctx.rank == 0:  # nothing left to train: the restored state is the result
         last = {"task": task.state(), "epoch": job.epochs - 1, "history": json.dumps(history)}
-    return last, history
+    prof["ended"] = time.time()
+    return JobResult(last, history, prof)
 
 
 def _train_worker(config: dict):
     """Ray Train's entry point on every worker."""
-    state, history = train_loop(config["job"])
-    return history
+    train_loop(config["job"])
 
 
-def run_local(job: Job, tune: bool = False) -> tuple[dict, list[dict]]:
+def run_local(job: Job, tune: bool = False) -> JobResult:
     """A one-worker job in this process (a Ray task, or a Tune trial)."""
     return train_loop(job, LocalContext(job, tune=tune))
 
 
-def run_train(job: Job, tune: bool = False) -> tuple[dict, list[dict]]:
+def run_train(job: Job, tune: bool = False) -> JobResult:
     """A multi-worker job on Ray Train: the one place a TorchTrainer is built."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -447,7 +465,7 @@ def run_train(job: Job, tune: bool = False) -> tuple[dict, list[dict]]:
         raise JobFailed(job, failure_reason(e), retryable=True) from None
     with result.checkpoint.as_directory() as d:
         state = _load_state(open(os.path.join(d, STATE_FILE), "rb").read())
-    return state, json.loads(state["history"])
+    return JobResult(state, json.loads(state["history"]))
 
 
 def failure_reason(e: BaseException) -> str:
@@ -481,8 +499,8 @@ def _not_retryable(e: BaseException) -> bool:
 class JobRunner:
     """Runs training jobs, `parallel` at a time, each in its own Ray task (one-worker jobs hold the
     worker's CPUs; multi-worker ones launch Ray Train from a CPU-less task); `inline` runs them one after
-    another in this process (a Tune trial). `on_start()` is called when a job starts, `on_done(its (state,
-    metrics) or a JobFailed)` when it ends; it may submit more jobs."""
+    another in this process (a lone job on this machine, or a Tune trial). `on_start()` is called when a job starts, `on_done(its JobResult
+    or a JobFailed)` when it ends; it may submit more jobs."""
 
     def __init__(self, parallel: int = 1, inline: bool = False, tune: bool = False):
         self.parallel, self.inline, self.tune = max(1, parallel), inline, tune
@@ -504,22 +522,38 @@ class JobRunner:
             fn = ray.remote(max_retries=0, **res)(run_local)
         self.pending[fn.remote(job, self.tune)] = (job, on_done, attempt)
 
-    def run(self) -> None:
-        import ray
+    def _run_here(self, job: Job):
+        """A job in this process. An error is retried from the newest checkpoint up to max_failures times,
+        unless it would come back (in a Tune trial, Tune starts the failed trial again)."""
+        attempt = 0
+        while True:
+            try:
+                return run_train(job, self.tune) if job.workers.num_workers > 1 else run_local(job, self.tune)
+            except JobFailed as e:
+                return e
+            except Exception as e:  # noqa: BLE001  (the job's own error: reported, or retried)
+                if _not_retryable(e):
+                    return JobFailed(job, failure_reason(e), retryable=False)
+                if self.tune:
+                    raise
+                if attempt >= job.workers.max_failures:
+                    return JobFailed(job, failure_reason(e), retryable=True)
+                attempt += 1
+                from pipeline.progress import emit
 
+                emit(job.progress, f"[{job.kind} {job.name}] failed ({failure_reason(e)}); restarting from its "
+                     f"newest checkpoint (attempt {attempt + 1} of {job.workers.max_failures + 1})")
+
+    def run(self) -> None:
         if self.inline:
             while self.queue:
                 job, on_done, on_start = self.queue.pop(0)
                 if on_start:
                     on_start()
-                try:
-                    out = run_train(job, self.tune) if job.workers.num_workers > 1 else run_local(job, self.tune)
-                except JobFailed as e:
-                    out = e
-                except (RaykdError, FloatingPointError) as e:
-                    out = JobFailed(job, failure_reason(e), retryable=False)
-                on_done(out)
+                on_done(self._run_here(job))
             return
+        import ray
+
         while self.queue or self.pending:
             while self.queue and len(self.pending) < self.parallel:
                 job, on_done, on_start = self.queue.pop(0)
@@ -547,8 +581,8 @@ class JobRunner:
             on_done(out)
 
 
-def fit(job: Job, inline: bool = False, tune: bool = False) -> tuple[dict, list[dict]]:
-    """Run one job to its end: (its last state, its epochs' metrics); a failure is a StageFailed."""
+def fit(job: Job, inline: bool = False, tune: bool = False) -> JobResult:
+    """Run one job to its end; a failure is a StageFailed."""
     out: list = []
     runner = JobRunner(1, inline=inline, tune=tune)
     runner.submit(job, out.append)

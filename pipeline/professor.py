@@ -11,6 +11,7 @@ professor.json, metrics.jsonl, config.resolved.yaml.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,7 +29,7 @@ from pipeline.cache import (MANIFEST, Cache, CacheError, describe_files, write_j
 from pipeline.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
 from pipeline.config import Config, write_resolved
 from pipeline.harness import Job, Task
-from pipeline.progress import ProgressPrinter
+from pipeline.progress import Console, ProgressPrinter
 
 PROF_DIR = "professor"
 
@@ -236,7 +237,7 @@ def run_professor(cfg: Config) -> dict:
 def _train(cfg, cache, lc, fp, out, device) -> dict:
     from pipeline.batches import in_memory_choice, row_bytes
     from pipeline.harness import fit
-    from pipeline.raysetup import local_thread_share, train_storage
+    from pipeline.raysetup import in_process, local_thread_share, train_storage
 
     p, m = cfg.professor, cache.manifest
     w = p.workers
@@ -246,14 +247,16 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
     print(f"[professor] training on the cached targets of {cache.teachers}: {p.optim.epochs} epochs, "
           f"{w.num_workers} worker(s)", flush=True)
     t0 = time.time()
-    with ProgressPrinter() as progress:
+    inline = in_process(cfg, 1, w)
+    with (contextlib.nullcontext(Console()) if inline else ProgressPrinter()) as progress:
         job = ProfessorJob(kind="professor", name="CAAE", run_name=f"professor-{fp[:12]}", seed=p.seed,
                            epochs=p.optim.epochs, workers=w, storage=train_storage(cfg), device=device,
                            torch_threads=w.torch_threads or local_thread_share(cfg.ray, w.num_workers),
-                           progress=progress.queue, lc=lc, cache_fs=cache.fs,
+                           progress=getattr(progress, "queue", progress), lc=lc, cache_fs=cache.fs,
                            files={k: cache.view_files(k) for k in views},
                            in_memory=in_memory_choice(cfg.distill.in_memory, nbytes // w.num_workers))
-        state, history = fit(job)
+        res = fit(job, inline=inline)
+    state, history = res.state, res.history
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for h in history:
             f.write(json.dumps(h) + "\n")

@@ -72,11 +72,25 @@ class ProgressPrinter:
             self.queue.shutdown()
 
 
+class Console:
+    """The sink of jobs that run in the driver's own process: their lines are printed at once."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def put(self, item) -> None:
+        if not isinstance(item, tuple):
+            print(item, file=self.stream or sys.stdout, flush=True)
+
+
 def emit(q, item) -> None:
     """Called on a worker: send a progress line (or a `(key, n)` count) if there is a queue. Never blocks:
     the put is a call on the queue's actor whose result nobody waits for (`Queue.put_nowait` would wait
     for it, a round trip per call on the hot path of a cache actor)."""
     if q is None:
+        return
+    if isinstance(q, Console):
+        q.put(item)
         return
     try:
         q.actor.put_nowait.remote(item)

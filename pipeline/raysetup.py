@@ -58,12 +58,23 @@ def jobs_that_fit(cpus_per_job: float) -> int:
     return max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // cpus_per_job))
 
 
+def is_local(ray_cfg) -> bool:
+    """No cluster to connect to: raykd starts (or has started) a Ray of its own on this machine."""
+    return not (ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def in_process(cfg, parallel: int, workers) -> bool:
+    """A lone one-worker job on this machine runs in this process (`run.in_process`): Ray would add its
+    start-up (seconds) and a worker process, and nothing the job uses."""
+    return cfg.run.in_process and parallel == 1 and workers.num_workers == 1 and is_local(cfg.ray)
+
+
 def concurrent_jobs(ray_cfg, cpus_per_job: float, workers_per_job: int = 1) -> int:
     """Training jobs (teachers, students, sweep trials) to run at once by default: as many as the cluster's
     CPUs fit, one left for Ray Data's reads; on a local Ray also no more than one worker per core, so
     that their torch threads (`local_thread_share`) never share a core."""
     n = jobs_that_fit(cpus_per_job)
-    if not (ray_cfg.address or os.environ.get("RAY_ADDRESS")):
+    if is_local(ray_cfg):
         n = min(n, max(1, (os.cpu_count() or 1) // max(1, workers_per_job)))
     return n
 
@@ -71,7 +82,7 @@ def concurrent_jobs(ray_cfg, cpus_per_job: float, workers_per_job: int = 1) -> i
 def local_thread_share(ray_cfg, procs: int) -> int | None:
     """Torch threads for each of `procs` busy processes sharing this machine's cores under a local Ray;
     None on an existing cluster, where the driver cannot see the nodes' cores (workers decide there)."""
-    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+    if not is_local(ray_cfg):
         return None
     return max(1, (os.cpu_count() or 1) // max(1, procs))
 
@@ -106,7 +117,12 @@ def resolve_device(preference: str) -> str:
     """'cpu', 'cuda' or 'auto' -> the device Train workers use, judged from the cluster's GPUs."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+    else:  # a job in this process, on this machine
+        import torch
+
+        gpus = torch.cuda.device_count()
     if preference == "cuda" and gpus == 0:
         raise ConfigError("run.device=cuda but the Ray cluster has no GPU; use run.device=cpu or auto")
     if preference == "auto":

@@ -7,6 +7,7 @@ the accuracy gate, fingerprint). A teacher whose record matches its fingerprint 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ from pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.models import build_model
-from pipeline.progress import ProgressPrinter
+from pipeline.progress import Console, ProgressPrinter
 from pipeline.harness import Job, Task
 from pipeline.training import Evaluator, evaluate, make_optimizer, optimizer_step
 
@@ -174,24 +175,29 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
     import ray
 
     from pipeline.harness import JobFailed, JobRunner, failure_message
-    from pipeline.raysetup import concurrent_jobs, init_ray, local_thread_share, resolve_device, train_storage
+    from pipeline.raysetup import (concurrent_jobs, in_process, init_ray, local_thread_share, resolve_device,
+                                   train_storage)
 
-    init_ray(cfg.ray)
-    device = resolve_device(cfg.run.device)
     w = cfg.teachers.workers
-    parallel = min(cfg.teachers.parallel or concurrent_jobs(cfg.ray, w.cpus_per_worker * w.num_workers, w.num_workers),
-                   len(to_train))
+    parallel = min(cfg.teachers.parallel or len(to_train), len(to_train))
+    if cfg.teachers.parallel is None and parallel > 1:
+        init_ray(cfg.ray)
+        parallel = min(concurrent_jobs(cfg.ray, w.cpus_per_worker * w.num_workers, w.num_workers), parallel)
+    inline = in_process(cfg, parallel, w)
+    if not inline:
+        init_ray(cfg.ray)
+    device = resolve_device(cfg.run.device)
     threads = w.torch_threads or local_thread_share(cfg.ray, parallel * w.num_workers)  # disjoint shares of the cores
-    refs = {k: ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
+    refs = {k: getattr(splits, k) if inline else ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
     storage = train_storage(cfg)
     records, failed = {}, []
-    runner = JobRunner(parallel)
-    with ProgressPrinter() as progress:
+    runner = JobRunner(parallel, inline=inline)
+    with (contextlib.nullcontext(Console()) if inline else ProgressPrinter()) as progress:
         for spec, fp in to_train:
             job = TeacherJob(
                 kind="teacher", name=spec.name, run_name=f"teacher-{spec.name}-{fp[:12]}", seed=spec.seed,
                 epochs=spec.epochs or cfg.teachers.optim.epochs, workers=w, storage=storage, device=device,
-                torch_threads=threads, progress=progress.queue, arch=spec.arch, num_classes=splits.num_classes,
+                torch_threads=threads, progress=getattr(progress, "queue", progress), arch=spec.arch, num_classes=splits.num_classes,
                 in_chans=splits.in_chans, optim=cfg.teachers.optim, lr=spec.lr or cfg.teachers.optim.lr,
                 policy=splits.policy.as_dict(), data_seed=cfg.data.seed, mean=splits.mean, std=splits.std, **refs)
 
@@ -203,8 +209,7 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
                     failed.append(spec.name)
                     print(f"[teachers] {spec.name}: FAILED: {failure_message(res)}", flush=True)
                     return
-                state, history = res
-                rec = _finish_trained(spec, splits, tdir, state["task"], history)
+                rec = _finish_trained(spec, splits, tdir, res.state["task"], res.history)
                 rec["wall_time_s"] = round(time.time() - started["t0"], 2)
                 records[spec.name] = _finalise(rec, fp, splits, cfg, tdir)
                 print(f"[teachers] {spec.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f}", flush=True)

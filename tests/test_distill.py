@@ -70,16 +70,16 @@ def test_cached_and_online_losses_agree(built, tmp_path):
     assert mc[0]["train_kd"] > 0.1  # the teachers' targets are really in the loss
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_failed_worker_resumes_from_its_checkpoint(built, tmp_path, monkeypatch, workers):
-    """One worker: its Ray task is started again; two: Ray Train restarts its worker group. Either way the
-    run goes on from the newest checkpoint."""
+@pytest.mark.parametrize("where, workers, kind", [("in_process", 1, "raise"), ("task", 1, "exit"), ("train", 2, "raise")])
+def test_failed_worker_resumes_from_its_checkpoint(built, tmp_path, monkeypatch, where, workers, kind):
+    """A lone job in this process is run again after its error; a job in a Ray task whose process dies is
+    started again; under Ray Train the worker group restarts. Each goes on from the newest checkpoint."""
     cfg0, _ = built
     marker = tmp_path / "fault"
-    monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 2, "step": 3, "marker": str(marker)}))
+    monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 2, "step": 3, "marker": str(marker), "kind": kind}))
     cfg = digits_cfg(cfg0.run.out_dir, "method.name=dkd", "distill.student.arch=cnn4", "distill.optim.epochs=3",
                      "distill.workers.max_failures=1", f"distill.workers.num_workers={workers}",
-                     f"distill.name=resume-{workers}w")
+                     f"run.in_process={where == 'in_process'}", f"distill.name=resume-{where}")
     rec = run_distill(cfg)
     assert marker.exists()  # the fault did happen
     ms = _metrics(cfg)
@@ -93,7 +93,7 @@ def test_interrupted_run_resumes_when_rerun(built, tmp_path, monkeypatch):
     cfg0, _ = built
     monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 3, "step": 0, "marker": str(tmp_path / "f"), "kind": "exit"}))
     cfg = digits_cfg(cfg0.run.out_dir, "method.name=ce", "distill.student.arch=cnn4", "distill.optim.epochs=3",
-                     "distill.workers.max_failures=0")
+                     "distill.workers.max_failures=0", "run.in_process=false")  # the job's process dies, not pytest
     with pytest.raises(StageFailed, match="rerun the same command to resume"):
         run_distill(cfg)
     assert read_student(student_dir(cfg)) is None
@@ -111,7 +111,7 @@ def test_corrupt_checkpoint_is_named_and_kept(built, tmp_path, monkeypatch):
     cfg0, _ = built
     monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 3, "step": 0, "marker": str(tmp_path / "f"), "kind": "exit"}))
     cfg = digits_cfg(cfg0.run.out_dir, "method.name=ce", "distill.student.arch=cnn4", "distill.optim.epochs=3",
-                     "distill.workers.max_failures=0", "distill.name=corrupt-ckpt")
+                     "distill.workers.max_failures=0", "distill.name=corrupt-ckpt", "run.in_process=false")
     with pytest.raises(StageFailed):
         run_distill(cfg)
     monkeypatch.delenv("RAYKD_FAULT")
