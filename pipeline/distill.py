@@ -523,13 +523,14 @@ class _Students:
     side by side, `parallel` jobs at a time; a student that fails does not stop the others."""
 
     def __init__(self, cfgs: list[Config], parallel: int, say, inline: bool, tune: bool, threads_share: int,
-                 stack: contextlib.ExitStack):
+                 stack: contextlib.ExitStack, concurrent: int = 1):
         # say: the progress queue of the driver when this is a Tune trial, where every line goes; else None:
         # the driver's lines are printed here, the jobs' sent to a ProgressPrinter made with the first job
         self.cfgs, self.progress, self.inline, self.tune, self.stack = cfgs, say, inline, tune, stack
         self._queue = say
         self.runner = JobRunner(parallel, inline=inline, tune=tune)
         self.threads_share = threads_share
+        self.concurrent = concurrent  # jobs on this machine at once: its memory is shared between them
         self.splits: dict[str, Any] = {}
         self.refs: dict[str, dict] = {}
         self.records: list[dict | None] = [None] * len(cfgs)
@@ -590,11 +591,13 @@ class _Students:
             init_ray(cfg.ray)
         if self.device is None:
             self.device = resolve_device(cfg.run.device)
-        plan.times["ray_init_s"] = time.perf_counter() - t
         d = cfg.distill
         threads = d.workers.torch_threads or self.threads_share
         job = make_job(plan, self._refs(cfg, plan.splits), self.queue, threads, self.device,
-                       self.runner.parallel)
+                       self.runner.parallel * self.concurrent)
+        if not job.in_memory:  # streamed views: Ray Data reads them, in this process too
+            init_ray(cfg.ray)
+        plan.times["ray_init_s"] = time.perf_counter() - t
         os.makedirs(plan.sdir, exist_ok=True)
         write_resolved(cfg, plan.sdir)
 
@@ -658,7 +661,7 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
     if len(cfgs) > 1:
         print(f"[distill] {len(cfgs)} students, {parallel} at a time", flush=True)
     with contextlib.ExitStack() as stack:
-        s = _Students(cfgs, parallel, progress, tune or in_process(cfgs[0], parallel, w), tune, share, stack)
+        s = _Students(cfgs, parallel, progress, tune or in_process(cfgs[0], parallel, w), tune, share, stack, concurrent)
         s.run()
     if len(cfgs) == 1 and s.errors:
         raise s.errors[0]

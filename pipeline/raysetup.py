@@ -115,9 +115,10 @@ def train_storage(cfg) -> dict:
 
 def resolve_device(preference: str) -> str:
     """'cpu', 'cuda' or 'auto' -> the device Train workers use, judged from the cluster's GPUs."""
-    import ray
+    import sys
 
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # not imported: a job in this process, and no Ray to ask
+    if ray is not None and ray.is_initialized():
         gpus = ray.cluster_resources().get("GPU", 0)
     else:  # a job in this process, on this machine
         import torch
