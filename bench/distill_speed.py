@@ -2,7 +2,7 @@
 
     python bench/distill_speed.py -c configs/fashion_mnist.yaml [--epochs 4 --rounds 2 --online-epochs 2] [key=value ...]
 
-All three are `raykd distill` runs (Ray Train, one worker): CE reads the cache's views without teacher
+All three are `raykd distill` runs (one worker, in the command's own process): CE reads the cache's views without teacher
 columns, cached KD reads the views and every teacher's fp16 logits, online KD renders the same views
 from the source images and runs every teacher inside the worker. The epoch time is the training
 loop's wall time per epoch (evaluation excluded). Epoch times of one run vary by +-10 % on this

@@ -117,7 +117,7 @@ def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
     if speed:
         rows = speed["modes"]
         ce = rows["ce"]["median_epoch_s"]
-        lines += [f"**Epoch time** (`{speed['command']}`): {speed['student']}, one Ray Train worker, median over "
+        lines += [f"**Epoch time** (`{speed['command']}`): {speed['student']}, one worker (in the command's own process), median over "
                   "every epoch but each run's first.", "", "| mode | median epoch | samples/s | ratio to CE |",
                   "|---|---|---|---|"]
         for mode, label in (("ce", "CE"), ("kd_cached", "KD from the cache"), ("kd_online", "KD, teachers online")):

@@ -1,4 +1,4 @@
-"""The benchmark suite: `make bench` (full profile, about 90 min on 2 CPU cores) or `make bench-quick`.
+"""The benchmark suite: `make bench` (full profile, about 30 min on 2 CPU cores) or `make bench-quick`.
 
     python bench/run.py [--profile full|quick] [--only accuracy cache_build distill_speed sweep_speed]
 

@@ -343,16 +343,16 @@ def _maybe_fail(fault: dict | None, rank: int, epoch: int, step: int) -> None:
 
 
 def set_threads(job: Job, ctx: Context) -> int:
-    """Torch threads: the job's share, else (on a cluster node) the CPUs Ray gave this process."""
+    """Torch threads: the job's share of the machine's cores (the driver's, on a local Ray), else under
+    Ray Train the node's cores split between its workers there, else the CPUs Ray gave this task."""
     n = job.torch_threads
+    if not n and isinstance(ctx, TrainContext):
+        n = (os.cpu_count() or 1) // max(1, ctx.local_world)
     if not n:
-        local = getattr(ctx, "local_world", 1)
-        n = max(1, (os.cpu_count() or 1) // max(1, local)) if isinstance(ctx, TrainContext) else 0
-        if not n:
-            import ray
+        import ray
 
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
-            n = max(1, int(cpus))
+        n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) if ray.is_initialized() else 0
+    n = max(1, n or os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
 
