@@ -18,19 +18,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.data import normalize
+from pipeline.data import as_tensor, normalize
 from pipeline.views import ViewPolicy, apply_views, make_views
 
 _ITEM_BYTES = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "halffloat": 2, "int32": 4, "float": 4, "int64": 8,
                "double": 8}
-
-
-def as_tensor(a) -> torch.Tensor:
-    """A numpy array as a tensor without copying when it may be shared (a read-only one is copied)."""
-    if isinstance(a, torch.Tensor):
-        return a
-    a = np.ascontiguousarray(a)
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 def read_view(fs, files: list[str], columns: list[str]) -> dict[str, np.ndarray]:

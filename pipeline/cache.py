@@ -163,9 +163,7 @@ class TeacherForward:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        from pipeline.data import normalize
-
-        from pipeline.batches import as_tensor
+        from pipeline.data import as_tensor, normalize
 
         x = normalize(as_tensor(batch["pixels"]).to(self.device), self.mean, self.std)
         logits, stages = self.model.forward_stages(x)

@@ -19,7 +19,7 @@ def _stage_parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raykd", description="Multi-teacher knowledge distillation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _stage_parser(sub, "teachers", "train the configured teachers on Ray Train (or evaluate given checkpoints)")
+    _stage_parser(sub, "teachers", "train the configured teachers, `teachers.parallel` at a time (or evaluate given checkpoints)")
     c = _stage_parser(sub, "cache", "run the teachers once over K views of every training sample into a Parquet cache")
     c.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs at cache.uri")
     i = sub.add_parser("inspect", help="summarise a cache: manifest, sizes, bytes per column, teacher accuracy")
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--s3-endpoint", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
     i.add_argument("--verify", action="store_true", help="also check every part file against its sha256")
     _stage_parser(sub, "professor", "train the CAAE professor on the cached teacher targets; add the refined column")
-    _stage_parser(sub, "distill", "distil one student on Ray Train from the cache (or with the teachers online)")
+    _stage_parser(sub, "distill", "distil one student from the cache (or with the teachers online)")
     r = _stage_parser(sub, "run", "teachers -> cache -> one student per run.compare entry, then the results table")
     r.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs at cache.uri")
     _stage_parser(sub, "sweep", "Ray Tune trials of `raykd distill` over sweep.space, every trial reading one cache")

@@ -36,7 +36,7 @@ class Section(BaseModel):
 class RunSection(Section):
     out_dir: str = Field("runs/default", description="where every stage writes (a local path)")
     storage_path: str | None = Field(
-        None, description="Ray Train's checkpoints and run state: a local path or a URI every node reaches "
+        None, description="the training jobs' checkpoints: a local path or a URI every node reaches "
         "(s3://bucket/prefix; S3 endpoint from cache.s3_endpoint / AWS_ENDPOINT_URL); None = <out_dir>/ray_train")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -110,7 +110,7 @@ class OptimSection(Section):
 
 
 class WorkersSection(Section):
-    """Ray Train workers of one training job."""
+    """The workers of one training job: one (a Ray task, or this process) or several (Ray Train, DDP)."""
 
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -143,7 +143,7 @@ class TeachersSection(Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     workers: WorkersSection = Field(default_factory=WorkersSection)
     min_val_acc: float = Field(0.0, ge=0, le=1, description="accuracy gate: a teacher below it may not be cached")
-    parallel: int | None = Field(None, gt=0, description="teachers trained at once (Ray Train jobs); None = all")
+    parallel: int | None = Field(None, gt=0, description="teachers trained at once; None = as run.parallel's default")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "TeachersSection":
@@ -298,7 +298,7 @@ class StudentSpec(Section):
 
 
 class DistillSection(Section):
-    """One student's distillation on Ray Train, from the cache or with the teachers online."""
+    """One student's distillation, from the cache or with the teachers online."""
 
     name: str | None = Field(None, description="output folder under <out_dir>/students; None = <method>-<arch>-s<seed>")
     student: StudentSpec = Field(default_factory=StudentSpec)

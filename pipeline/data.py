@@ -245,6 +245,17 @@ def _fingerprint(s: Splits, data_cfg) -> str:
     return h.hexdigest()
 
 
+def as_tensor(a):
+    """A numpy array as a torch tensor, without a copy unless it is read-only (then copied: torch would
+    warn, and writing to it would be undefined)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.ascontiguousarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def normalize(images_u8, mean, std):
     """uint8 (B, H, W, C) torch tensor -> float32 (B, C, H, W), standardised; works on any device."""
     import torch

@@ -1,7 +1,7 @@
 """`raykd professor`: train the CAAE professor on the cached teacher targets, then add a `refined` column.
 
-Training is a Ray Train job reading only the cache's labels and teacher logits (no teacher runs), one
-view partition per epoch. The refined column is then written by a Ray Data actor pool over the cache
+Training is a job of the shared harness (pipeline.harness) reading only the cache's labels and teacher
+logits (no teacher runs), one view partition per epoch. The refined column is then written by a Ray Data actor pool over the cache
 into its own files, `professor/view=k/*.parquet` (sample_id, view_id, refined), keyed by
 (sample_id, view_id); the teachers' part files are never rewritten. The manifest, rewritten last,
 records the professor (checkpoint sha256, config, fingerprint chained on the cache's, its files and
@@ -73,7 +73,8 @@ class ProfessorTask(Task):
     optim_key = "professor.optim"
 
     def __init__(self, job: ProfessorJob, ctx):
-        from pipeline.batches import MemoryEpochs, StreamEpochs, as_tensor, read_view, worker_share
+        from pipeline.batches import MemoryEpochs, StreamEpochs, read_view, worker_share
+        from pipeline.data import as_tensor
 
         lc = job.lc
         self.job, self.ctx, self.lc = job, ctx, lc

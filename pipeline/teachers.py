@@ -139,8 +139,8 @@ class TeacherTask(Task):
 def run_teachers(cfg: Config) -> list[dict]:
     """Train or load every configured teacher; returns their records (also written as teacher.json).
 
-    Teachers to train run as concurrent Ray Train jobs (`teachers.parallel` at a time), each launched
-    from a Ray task, so their start-up costs overlap; each record is written as soon as its job ends.
+    Teachers to train run as concurrent jobs (`teachers.parallel` at a time, each in a Ray task; a lone
+    one in this process); each record is written as soon as its job ends.
     """
     splits = load_splits(cfg.data)
     out = os.path.abspath(cfg.run.out_dir)
