@@ -69,13 +69,16 @@ class Method(nn.Module, metaclass=ABCMeta):
         return {}
 
     def columns(self) -> list[str]:
-        """Cache columns this method reads besides the view and its label (feature maps without their
-        int8 `.scale` companions, which the reader adds when the cache stores int8)."""
+        """What this method reads besides the view and its label, named as `pipeline.cache.columns` does:
+        `logits.<teacher>` (the cache serves them from its full logits or rebuilds them from its top-k),
+        feature maps (the reader adds their int8 `.scale`), `refined`."""
+        from pipeline.cache import columns as C
+
         if not self.uses_teachers:
             return []
-        cols = [f"logits.{t}" for t in self.ctx.teachers] if self.cfg.targets != "refined" and self.uses_logits else []
-        cols += [f"feat.{t}.{s}" for t, stages in self.feature_layers().items() for s in stages]
-        return cols + (["refined"] if self.cfg.targets != "teachers" else [])
+        cols = [C.logits(t) for t in self.ctx.teachers] if self.cfg.targets != "refined" and self.uses_logits else []
+        cols += [C.feat(t, s) for t, stages in self.feature_layers().items() for s in stages]
+        return cols + ([C.REFINED] if self.cfg.targets != "teachers" else [])
 
     # ---- hooks of the driver (`raykd distill`): the driver names no method
 

@@ -87,6 +87,9 @@ class IMF(Method):
         self.teacher = o.teacher or (ctx.teachers[0] if ctx.teachers else None)
         if self.teacher not in ctx.teachers:
             raise _error(f"method.imf.teacher={self.teacher!r} is not one of the distilled teachers {ctx.teachers}")
+        if self.teacher not in ctx.teacher_stages:
+            raise _error(f"method.imf.teacher={self.teacher!r} has no feature maps (a cache of the teachers' mean "
+                         f"top-k only names its targets {self.teacher!r}): distil from a cache with per-teacher targets")
         t_stages = ctx.teacher_stages[self.teacher]
         self.matched: dict[str, str] = {}
         self.ifds = nn.ModuleDict()

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from pipeline.cache import columns as C
 from pipeline.data import as_tensor, normalize
 from pipeline.views import ViewPolicy, apply_views, make_views
 
@@ -64,8 +65,8 @@ def row_bytes(manifest_columns: dict[str, str], columns: list[str]) -> int:
         else:
             item, size = t, 1
         nbytes = _ITEM_BYTES.get(item, 8)
-        if c == "pixels" or c.startswith("logits.") or c == "refined":
-            nbytes = 4
+        if c in (C.PIXELS, C.REFINED):
+            nbytes = 4  # normalised pixels, refined logits: float32
         total += size * nbytes
     return total
 
@@ -82,9 +83,10 @@ def memory_budget() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RowFormat:
-    """How raw view columns become training tensors: `x` (float32 NCHW, normalised), `y`, `sample_id`,
-    `logits.<t>` as float32, `feat.*` as stored (int8 with `.scale`, or fp16), `refined` as float32.
-    Without stored pixels, the view is rendered from the source images by its record."""
+    """How raw view columns become training tensors: `x` (float32 NCHW, normalised), `y`, `sample_id`;
+    targets as stored (fp16 logits, top-k, int8 or fp16 maps: a TargetReader and `to_device` decode them
+    per batch), `refined` as float32. Without stored pixels, the view is rendered from the source images
+    by its record."""
 
     mean: tuple
     std: tuple
@@ -94,18 +96,19 @@ class RowFormat:
     def prepare(self, raw: dict) -> dict[str, torch.Tensor]:
         t = {k: as_tensor(v) for k, v in raw.items()}
         out = {"sample_id": t["sample_id"].long(), "y": t["label"].long()}
-        if "pixels" in t:
-            pixels = t["pixels"]
+        if C.PIXELS in t:
+            pixels = t[C.PIXELS]
         else:
             split = resolve(self.train)
             images = split.images[np.searchsorted(split.ids, out["sample_id"].numpy())]
             pixels = as_tensor(apply_views(images, t["view_ox"].numpy(), t["view_oy"].numpy(),
                                                   t["view_flip"].numpy(), self.pad))
         out["x"] = normalize(pixels, self.mean, self.std).contiguous()
-        for k, v in t.items():
-            if k.startswith("logits.") or k == "refined":
+        for k, v in t.items():  # targets as stored (fp16 logits, top-k, int8 maps): compact in memory
+            kind = C.parse(k).kind
+            if k == C.REFINED:
                 out[k] = v.float()
-            elif k.startswith("feat."):
+            elif kind in ("logits", "topk", "feat"):
                 out[k] = v
         return out
 
@@ -200,7 +203,7 @@ class StreamEpochs:
                 local_shuffle_seed=self.seed * 1000 + epoch):
             rows = self.prepare_rows(raw)
             if self.refined is not None:
-                rows["refined"] = self.refined.lookup(k, rows["sample_id"])
+                rows[C.REFINED] = self.refined.lookup(k, rows["sample_id"])
             yield rows
 
 
@@ -213,7 +216,7 @@ def cache_view_loader(fs, files: dict[int, list[str]], columns: list[str], fmt: 
         share = worker_share(len(raw["sample_id"]), rank, world, seed)
         rows = fmt.prepare({c: v[share] for c, v in raw.items()})
         if refined is not None:
-            rows["refined"] = refined.lookup(k, rows["sample_id"])
+            rows[C.REFINED] = refined.lookup(k, rows["sample_id"])
         return rows
 
     return load
@@ -225,11 +228,12 @@ def to_device(rows: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
     out = {}
     for k, v in rows.items():
-        if k.endswith(".scale"):
+        col = C.parse(k)
+        if col.kind == "feat" and col.part == "scale":
             continue
         v = v.to(device, non_blocking=True)
-        if k.startswith("feat."):
-            scale = rows.get(k + ".scale")
+        if col.kind == "feat":
+            scale = rows.get(C.scale(k))
             v = dequantize_int8(v, scale.to(device)) if scale is not None else v.float()
         out[k] = v
     return out

@@ -140,6 +140,15 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+def resume_advice(args, argv: list[str]) -> str:
+    """What resumes an interrupted command: the same command, but without --overwrite (which would wipe
+    the views the interrupted build committed and start over)."""
+    if getattr(args, "overwrite", False):
+        again = " ".join(["raykd", *[a for a in argv if a != "--overwrite"]])
+        return f"to resume, run it again without --overwrite: {again}"
+    return "rerun the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"teachers": cmd_teachers, "cache": cmd_cache, "inspect": cmd_inspect, "config": cmd_config,
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raykd: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
-        print("raykd: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"raykd: interrupted; {resume_advice(args, argv if argv is not None else sys.argv[1:])}", file=sys.stderr)
         return 130
 
 

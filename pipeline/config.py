@@ -123,6 +123,14 @@ class WorkersSection(Section):
 
 class TeacherSpec(Section):
     name: str = Field(pattern=NAME_RE)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v == "ensemble":
+            raise ValueError("'ensemble' is the cache's name for the teachers' mean (cache.topk.of); name the teacher otherwise")
+        return v
+
     arch: Arch
     seed: int = 0
     checkpoint: str | None = Field(None, description="load and evaluate this state dict instead of training")
@@ -154,6 +162,15 @@ class TeachersSection(Section):
         return self
 
 
+class TopKSection(Section):
+    """Top-k soft targets (FKD's): the k largest probabilities at `temperature` and their classes."""
+
+    k: int = Field(gt=0, description="classes kept per row")
+    of: Literal["teachers", "ensemble"] = Field(
+        "teachers", description="each teacher's top-k, or one top-k of the teachers' mean probabilities")
+    temperature: float = Field(4.0, gt=0, description="tau of the stored probabilities (the methods' default)")
+
+
 class CacheSection(Section):
     """The teacher cache: K views of every training sample, each teacher's outputs as Parquet columns."""
 
@@ -161,7 +178,10 @@ class CacheSection(Section):
     views: int = Field(4, gt=0, description="K: views per training sample (epoch e of a student uses view e mod K)")
     teachers: list[str] | None = Field(None, description="teachers to cache (names); None = all of teachers.models")
     store_views: bool = Field(True, description="store each view's uint8 pixels (else replay them from the record)")
-    topk: int | None = Field(None, gt=0, description="also store each teacher's top-k logits (indices + values)")
+    logits: bool = Field(True, description="store every teacher's full logits (fp16, C values per row)")
+    topk: TopKSection | None = Field(
+        None, description="also (or, with logits: false, only) store top-k probabilities: {k, of, temperature}; "
+                          "a number is k")
     layers: dict[str, list[str]] = Field(default_factory=dict, description="teacher -> stage names to cache as features")
     feat_dtype: Literal["fp16", "int8"] = "fp16"
     batch_size: int = Field(256, gt=0)
@@ -175,6 +195,18 @@ class CacheSection(Section):
         None, description="S3-compatible endpoint for cache.uri and run.storage_path (else AWS_ENDPOINT_URL / AWS default)")
     views_per_pass: int | None = Field(
         None, gt=0, description="views built per Ray Data pass (actor pools start once per pass); None = all missing")
+
+    @field_validator("topk", mode="before")
+    @classmethod
+    def _topk_number(cls, v):
+        return {"k": v} if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _some_targets(self):
+        if not self.logits and self.topk is None:
+            raise ValueError("cache.logits is false and cache.topk unset: the cache would hold no teacher targets; "
+                             "set cache.topk (e.g. {k: 5}) or keep the logits")
+        return self
 
     @field_validator("actors_per_teacher")
     @classmethod

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from methods import METHODS, MethodContext, Targets, build_method
+from pipeline.cache import columns as C
 from pipeline.checkpoints import read_verified, save_state_dict, sha256_file
 from pipeline.config import Config, MethodSection, OptimSection, variant, write_resolved
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
@@ -94,6 +95,7 @@ class StudentJob(Job):
     cache_fs: Any = None  # cached mode: the cache's filesystem, files per view, columns read
     files: dict | None = None
     columns: tuple = ()
+    targets: Any = None  # a TargetReader: the cached teachers' targets (full logits or top-k) as logits
     refined_files: dict | None = None
     in_memory: bool = True
     shuffle_buffer: int = 0
@@ -190,6 +192,7 @@ class StudentTask(Task):
 
         b = to_device(batch, self.device)
         x, y = b["x"], b["y"]
+        cached = self.job.targets(b) if self.job.targets is not None else {}
         if self.teachers:
             targets = Targets()
             with torch.no_grad():
@@ -199,10 +202,10 @@ class StudentTask(Task):
                 if self.professor is not None:
                     targets.refined = self.professor.refine(list(targets.logits.values()), y)
         else:
-            targets = Targets(logits={n: b[f"logits.{n}"] for n in self.cached_teachers if f"logits.{n}" in b},
-                              features={n: {s: b[f"feat.{n}.{s}"] for s in ss} for n, ss in self.layers.items()})
-        if "refined" in b:
-            targets.refined = b["refined"]
+            targets = Targets(logits={n: cached[n] for n in self.cached_teachers if n in cached},
+                              features={n: {s: b[C.feat(n, s)] for s in ss} for n, ss in self.layers.items()})
+        if C.REFINED in b:
+            targets.refined = b[C.REFINED]
         logits, terms = self.model(x, targets, y, epoch + 1)
         optimizer_step(self.opt, self.sched, terms["loss"], self.model.parameters(), self.job.optim.grad_clip)
         return terms, len(y), (logits.argmax(1) == y).sum()
@@ -241,12 +244,6 @@ def _policy(d: dict):
 # driver: plan a student (no Ray), run its job, write its outputs
 
 
-def _column_teacher(col: str) -> str | None:
-    """The teacher a cache column belongs to (logits.<t>, feat.<t>.<stage>), else None."""
-    parts = col.split(".")
-    return parts[1] if parts[0] in ("logits", "feat", "topk") and len(parts) > 1 else None
-
-
 def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
     """(teacher names, their val accuracy, K, upstream fingerprint, cache or None, in-worker teacher entries)."""
     from pipeline.cache import Cache, cache_uri
@@ -259,7 +256,10 @@ def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
     if not online:
         cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
         cache.expect(data_fingerprint=splits.fingerprint)
-        names = (cfg.method.teachers or cache.teachers) if method_cls.uses_teachers else []
+        # the targets' names: the teachers, or `ensemble` for a cache of their mean's top-k only (feature
+        # methods read the teachers' maps, which are always per teacher)
+        default = cache.sources if method_cls.uses_logits else cache.teachers
+        names = (cfg.method.teachers or default) if method_cls.uses_teachers else []
         cache.expect(teachers=names)
         acc = {t["name"]: t["val_acc"] for t in cache.manifest["teachers"]}
         return names, acc, cache.manifest["views"], cache.manifest["fingerprint"], cache, []
@@ -370,12 +370,12 @@ def plan_student(cfg: Config, splits) -> Plan | dict:
     mctx = {"num_classes": splits.num_classes, "teachers": names, "teacher_val_acc": val_acc, "epochs": d.optim.epochs,
             "student_stages": {k: list(v) for k, v in student.stage_shapes(splits.image_size).items()},
             "teacher_stages": {n: {k: list(v) for k, v in build_model(archs[n], splits.num_classes, splits.in_chans)
-                                   .stage_shapes(splits.image_size).items()} for n in names}}
+                                   .stage_shapes(splits.image_size).items()} for n in names if n in archs}}
     method = build_method(cfg.method, MethodContext(**mctx))
     online_professor = None
-    if "refined" in method.columns():  # the professor is upstream too
+    if C.REFINED in method.columns():  # the professor is upstream too
         if cache is not None:
-            cache.expect(columns=["refined"])
+            cache.expect(columns=[C.REFINED])
             prof_fp = cache.manifest["professor"]["fingerprint"]
         else:
             online_professor = _professor_entry(cfg)
@@ -400,16 +400,20 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
     if p.cache is not None:
         cache = p.cache
         in_worker = {t["name"] for t in p.online_teachers}  # their outputs are computed, not read
-        cols = ["sample_id", "label", *[c for c in p.method.columns() if _column_teacher(c) not in in_worker]]
-        cols += ["pixels"] if cache.manifest["store_views"] else ["view_ox", "view_oy", "view_flip"]
+        wanted = [c for c in p.method.columns() if C.teacher_of(c) not in in_worker]
+        sources = [C.parse(c).source for c in wanted if C.parse(c).kind == "logits"]
+        reader = cache.target_reader(sources) if sources else None
+        cols = ["sample_id", "label", *(reader.all_columns if reader else []),
+                *[c for c in wanted if C.parse(c).kind != "logits"]]
+        cols += [C.PIXELS] if cache.manifest["store_views"] else list(C.RECORD)
         cache.expect(columns=cols)
-        cols += [c + ".scale" for c in cols if c.startswith("feat.") and c + ".scale" in cache.manifest["columns"]]
+        cols += [C.scale(c) for c in cols if C.parse(c).kind == "feat" and C.scale(c) in cache.manifest["columns"]]
         used = sorted({e % p.views for e in range(d.optim.epochs)})
         nbytes = row_bytes(cache.manifest["columns"], cols) * len(p.splits.train) * len(used) // d.workers.num_workers
         cache_kw = {
             "cache_fs": cache.fs, "files": {k: cache.view_files(k) for k in used},
-            "columns": tuple(c for c in cols if c != "refined"),
-            "refined_files": {k: cache.refined_files(k) for k in used} if "refined" in cols else None,
+            "columns": tuple(c for c in cols if c != C.REFINED), "targets": reader,
+            "refined_files": {k: cache.refined_files(k) for k in used} if C.REFINED in cols else None,
             "in_memory": in_memory_choice(d.in_memory, nbytes, memory_budget() // max(1, concurrent)),
             "train": None if cache.manifest["store_views"] else refs["train"],
         }
@@ -593,8 +597,12 @@ class _Students:
             self.device = resolve_device(cfg.run.device)
         d = cfg.distill
         threads = d.workers.torch_threads or self.threads_share
-        job = make_job(plan, self._refs(cfg, plan.splits), self.queue, threads, self.device,
-                       self.runner.parallel * self.concurrent)
+        try:
+            job = make_job(plan, self._refs(cfg, plan.splits), self.queue, threads, self.device,
+                           self.runner.parallel * self.concurrent)
+        except Exception as e:  # noqa: BLE001  (a cache without what this student reads)
+            self.errors[i] = e
+            return
         if not job.in_memory:  # streamed views: Ray Data reads them, in this process too
             init_ray(cfg.ray)
         plan.times["ray_init_s"] = time.perf_counter() - t

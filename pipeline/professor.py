@@ -2,7 +2,7 @@
 
 Training is a job of the shared harness (pipeline.harness) reading only the cache's labels and teacher
 logits (no teacher runs), one view partition per epoch. The refined column is then written by a Ray Data actor pool over the cache
-into its own files, `professor/view=k/*.parquet` (sample_id, view_id, refined), keyed by
+into its own files, `refined/view=k/*.parquet` (sample_id, view_id, refined), keyed by
 (sample_id, view_id); the teachers' part files are never rewritten. The manifest, rewritten last,
 records the professor (checkpoint sha256, config, fingerprint chained on the cache's, its files and
 the refined targets' accuracy). Outputs under <out_dir>/professor/: professor.safetensors,
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from methods.professor import Professor, professor_losses
-from pipeline.cache import (MANIFEST, Cache, CacheError, describe_files, write_json, cache_uri, column_array,
-                            load_refined)
+from pipeline.cache import columns as C
+from pipeline.cache import (MANIFEST, REFINED, Cache, CacheError, TargetReader, cache_uri, column_array,
+                            describe_files, load_refined, view_dir, write_json)
 from pipeline.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
 from pipeline.config import Config, write_resolved
 from pipeline.harness import Job, Task
 from pipeline.progress import Console, ProgressPrinter
 
-PROF_DIR = "professor"
 
 
 def professor_fingerprint(cache_fp: str, cfg: Config) -> str:
@@ -45,7 +45,8 @@ def _build(lc: dict) -> Professor:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProfessorJob(Job):
-    lc: dict  # the professor's sizes, teachers, loss weights and optimiser
+    lc: dict  # the professor's sizes, target sources (teachers), loss weights and optimiser
+    targets: TargetReader  # the sources' stored columns, and how they become logits
     cache_fs: Any
     files: dict  # view -> its part files
     in_memory: bool = True
@@ -63,7 +64,7 @@ class ProfessorJob(Job):
 
     @property
     def columns(self) -> list[str]:
-        return ["sample_id", "label", *[f"logits.{t}" for t in self.lc["teachers"]]]
+        return ["sample_id", "label", *self.targets.all_columns]
 
 
 class ProfessorTask(Task):
@@ -84,9 +85,8 @@ class ProfessorTask(Task):
         view_of = lambda e: e % lc["views"]  # noqa: E731
         cols = job.columns
 
-        def prepare(raw):
-            return {"y": as_tensor(raw["label"]).long(),
-                    **{c: as_tensor(raw[c]).float() for c in cols if c.startswith("logits.")}}
+        def prepare(raw):  # the targets as logits (top-k rebuilt), per source
+            return {"y": as_tensor(raw["label"]).long(), **{C.logits(s): z for s, z in job.targets(raw).items()}}
 
         if job.in_memory:
             def load(k):
@@ -121,7 +121,7 @@ class ProfessorTask(Task):
     def step(self, batch, epoch):
         dev = self.ctx.device
         y = batch["y"].to(dev)
-        terms, d_loss = professor_losses(self.prof, [batch[f"logits.{t}"].to(dev) for t in self.lc["teachers"]], y,
+        terms, d_loss = professor_losses(self.prof, [batch[C.logits(t)].to(dev) for t in self.lc["teachers"]], y,
                                          **self.lc["weights"])
         self.opt_g.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -149,19 +149,20 @@ class ProfessorTask(Task):
 class RefineForward:
     """The actor pool's callable: loads the professor once, adds the refined column (tau * r, fp16)."""
 
-    def __init__(self, lc: dict, path: str, weights: bytes, threads: int | None):
+    def __init__(self, lc: dict, targets: TargetReader, path: str, weights: bytes, threads: int | None):
         if threads:
             torch.set_num_threads(threads)
-        self.teachers = lc["teachers"]
+        self.teachers, self.targets = lc["teachers"], targets
         self.prof = _build(lc)
         load_into(self.prof, state_from_bytes(weights, path), path, "professor")
         self.prof.eval()
 
     def __call__(self, batch: dict) -> dict:
-        logits = [torch.from_numpy(np.ascontiguousarray(batch[f"logits.{t}"])) for t in self.teachers]
+        z = self.targets(batch)
+        logits = [z[t] for t in self.teachers]
         refined = self.prof.refine(logits, torch.from_numpy(batch["label"].astype(np.int64)))
         return {"sample_id": batch["sample_id"], "view_id": batch["view_id"], "view": batch["view_id"].copy(),
-                "refined": refined.half().numpy()}
+                C.REFINED: refined.half().numpy()}
 
 
 def run_professor(cfg: Config) -> dict:
@@ -183,7 +184,7 @@ def run_professor(cfg: Config) -> dict:
     os.makedirs(out, exist_ok=True)
     write_resolved(cfg, out)
     lc = {"num_classes": m["dataset"]["num_classes"], "latent_dim": p.latent_dim, "hidden": p.hidden,
-          "temperature": p.temperature, "teachers": cache.teachers, "views": m["views"],
+          "temperature": p.temperature, "teachers": cache.sources, "views": m["views"],
           "batch_size": p.optim.batch_size, "lr": p.optim.lr,
           "weights": {"w_rec": p.w_rec, "w_cls": p.w_cls, "w_z": p.w_z, "w_q": p.w_q}}
     rec = read_record(out)
@@ -192,22 +193,23 @@ def run_professor(cfg: Config) -> dict:
     if rec is None or rec.get("fingerprint") != fp or not _intact(out, rec):
         rec = _train(cfg, cache, lc, fp, out, device)
 
-    # the refine pass: a Ray Data actor pool over every view, into professor/view=k/
+    # the refine pass: a Ray Data actor pool over every view, into refined/view=k/
     t0 = time.time()
     fs, root = cache.fs, cache.root
-    pdir = posixpath.join(root, PROF_DIR)
+    pdir = posixpath.join(root, REFINED)
     if m.get("professor"):  # uncommit the professor this one replaces before deleting its files
         write_json(fs, posixpath.join(root, MANIFEST), _without_professor(m))
     if fs.exists(pdir):
         fs.rm(pdir, recursive=True)
     ray.data.DataContext.get_current().arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE
     files = [f for k in range(m["views"]) for f in cache.view_files(k)]
-    cols = ["sample_id", "view_id", "label", *[f"logits.{t}" for t in cache.teachers]]
+    targets = cache.target_reader()
+    cols = ["sample_id", "view_id", "label", *targets.all_columns]
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(cols)
     res = {"num_gpus": 1} if device == "cuda" else {}
     ds = ds.map_batches(RefineForward, batch_format="numpy", batch_size=1024,
                         compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.cpus_per_actor, **res,
-                        fn_constructor_kwargs={"lc": lc, "path": os.path.join(out, rec["file"]),
+                        fn_constructor_kwargs={"lc": lc, "targets": targets, "path": os.path.join(out, rec["file"]),
                                                "weights": read_verified(os.path.join(out, rec["file"]), rec["sha256"]),
                                                "threads": local_thread_share(cfg.ray, p.actors)})
     print(f"[professor] writing the refined column of {m['rows']} rows into {pdir}", flush=True)
@@ -216,7 +218,7 @@ def run_professor(cfg: Config) -> dict:
     fs.invalidate_cache()
     pfiles = []
     for k in range(m["views"]):
-        vf = describe_files(fs, root, posixpath.join(pdir, f"view={k}"))
+        vf = describe_files(fs, root, view_dir(root, k, REFINED))
         if sum(f["rows"] for f in vf) != m["dataset"]["train_samples"]:
             raise CacheError(f"professor: view {k} got {sum(f['rows'] for f in vf)} refined rows, expected "
                              f"{m['dataset']['train_samples']}; not committed")
@@ -226,7 +228,7 @@ def run_professor(cfg: Config) -> dict:
              "refine_seconds": round(time.time() - t0, 2), "train_seconds": rec["train_seconds"]}
     entry.update(_accuracy(cache, pfiles))
     manifest = dict(_without_professor(m), professor=entry)
-    manifest["columns"]["refined"] = f"tensor<halffloat>[{m['dataset']['num_classes']}]"
+    manifest["columns"][C.REFINED] = f"tensor<halffloat>[{m['dataset']['num_classes']}]"
     write_json(fs, posixpath.join(root, MANIFEST), manifest)  # the commit: the teachers' files are untouched
     rec.update(refined_acc=entry["refined_acc"], ensemble_acc=entry["ensemble_acc"])
     _write_record(out, rec)
@@ -243,9 +245,9 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
     p, m = cfg.professor, cache.manifest
     w = p.workers
     views = sorted({e % m["views"] for e in range(p.optim.epochs)})
-    cols = ["sample_id", "label", *[f"logits.{t}" for t in cache.teachers]]
-    nbytes = row_bytes(m["columns"], cols) * m["dataset"]["train_samples"] * len(views)
-    print(f"[professor] training on the cached targets of {cache.teachers}: {p.optim.epochs} epochs, "
+    targets = cache.target_reader()
+    nbytes = row_bytes(m["columns"], ["sample_id", "label", *targets.all_columns]) * m["dataset"]["train_samples"] * len(views)
+    print(f"[professor] training on the cached targets of {cache.sources}: {p.optim.epochs} epochs, "
           f"{w.num_workers} worker(s)", flush=True)
     t0 = time.time()
     inline = in_process(cfg, 1, w)
@@ -253,7 +255,7 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
         job = ProfessorJob(kind="professor", name="CAAE", run_name=f"professor-{fp[:12]}", seed=p.seed,
                            epochs=p.optim.epochs, workers=w, storage=train_storage(cfg), device=device,
                            torch_threads=w.torch_threads or local_thread_share(cfg.ray, w.num_workers),
-                           progress=getattr(progress, "queue", progress), lc=lc, cache_fs=cache.fs,
+                           progress=getattr(progress, "queue", progress), lc=lc, targets=targets, cache_fs=cache.fs,
                            files={k: cache.view_files(k) for k in views},
                            in_memory=in_memory_choice(cfg.distill.in_memory, nbytes // w.num_workers))
         res = fit(job, inline=inline)
@@ -276,12 +278,13 @@ def _without_professor(m: dict) -> dict:
 
 def _accuracy(cache: Cache, pfiles: list[dict]) -> dict:
     """Refined targets' and the teacher ensemble's accuracy on the cached views (keyed by sample, view)."""
-    t = cache.read_table(["sample_id", "view_id", "label", *[f"logits.{n}" for n in cache.teachers]])
+    from pipeline.cache.inspect import source_probs
+
+    t = cache.read_table(["sample_id", "view_id", "label", *cache.target_reader().all_columns])
     key = column_array(t, "view_id").astype(np.int64) * (1 << 40) + column_array(t, "sample_id")
     order = np.argsort(key)
     labels = column_array(t, "label")[order]
-    probs = sum(torch.from_numpy(column_array(t, f"logits.{n}")[order].astype(np.float32)).softmax(1)
-                for n in cache.teachers)
+    probs = sum(source_probs(cache, t, s) for s in cache.sources)[order]
     rkey, refined = load_refined(cache.fs, [posixpath.join(cache.root, f["path"]) for f in pfiles], by_view=True)
     if not np.array_equal(rkey, key[order]):
         raise CacheError("professor: the refined rows do not match the cache's (sample_id, view_id) rows")

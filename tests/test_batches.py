@@ -59,7 +59,7 @@ def test_epoch_sums_name_the_first_nonfinite_step():
 
 def test_the_memory_budget_decides_auto():
     cols = {"pixels": "tensor<uint8>[28, 28, 1]", "logits.a": "tensor<halffloat>[10]", "label": "int64"}
-    assert row_bytes(cols, ["pixels", "logits.a", "label"]) == 784 * 4 + 10 * 4 + 8  # as float32, ready to train
+    assert row_bytes(cols, ["pixels", "logits.a", "label"]) == 784 * 4 + 10 * 2 + 8  # pixels ready to train, logits as stored
     assert in_memory_choice("auto", 10, budget=100) and not in_memory_choice("auto", 1000, budget=100)
     assert in_memory_choice(True, 1000, budget=1) and not in_memory_choice(False, 1, budget=100)
 

@@ -37,15 +37,13 @@ def test_rows_and_columns(built, digits):
     assert m["columns"]["logits.a"] == "tensor<halffloat>[10]"
     assert m["columns"]["feat.b.stage3"] == "tensor<halffloat>[64, 2, 2]"
     assert m["columns"]["pixels"] == "tensor<uint8>[8, 8, 1]"
+    # layout 2: the rows under their own root, metadata beside it
     assert sorted(os.listdir(os.path.join(cfg.run.out_dir, "cache"))) == [
-        "_views", "config.resolved.yaml", "manifest.json", "view=0", "view=1"]
+        "_views", "config.resolved.yaml", "manifest.json", "views"]
+    assert sorted(os.listdir(os.path.join(cfg.run.out_dir, "cache", "views"))) == ["view=0", "view=1"]
+    assert m["schema_version"] == 2 and m["shapes"]["pixels"] == [8, 8, 1] and m["shapes"]["logits.a"] == [10]
+    assert m["targets"] == {"logits": True, "topk": None}
     assert "views: 2" in open(os.path.join(cfg.run.out_dir, "cache", "config.resolved.yaml")).read()
-    # readable without Ray: pyarrow's own dataset reader sees the Hive partitions and the tensor type
-    import pyarrow.dataset as pads
-    table = pads.dataset(os.path.join(cfg.run.out_dir, "cache"), format="parquet", partitioning="hive",
-                          exclude_invalid_files=True).to_table(
-        columns=["view", "logits.a"])
-    assert table.num_rows == m["rows"] and table.column("logits.a").type.shape == [10]
 
 
 def test_cached_outputs_equal_direct_forward_on_replayed_views(built, digits):
@@ -137,7 +135,7 @@ def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle,
     elif damage == "delete":
         os.remove(part)
     elif damage == "stray":
-        open(os.path.join(root, "view=1", "extra.parquet"), "wb").write(b"x")
+        open(os.path.join(root, "views", "view=1", "extra.parquet"), "wb").write(b"x")
     elif damage == "manifest_json":
         open(man, "a").write("}")
     elif damage in ("manifest_schema", "manifest_edit", "foreign_manifest"):
@@ -207,7 +205,7 @@ def test_s3_round_trip(built, s3_endpoint):
     assert m3["fingerprint"] == m["fingerprint"] and m3["rows"] == m["rows"]
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     assert fs.exists("raykd-test/caches/digits/manifest.json")
-    assert fs.exists("raykd-test/caches/digits/view=1")
+    assert fs.exists("raykd-test/caches/digits/views/view=1")
     cache = Cache(uri).expect(teachers=["a", "b"], views=2)
     cache.verify()
     assert cache.view_dataset(0, columns=["sample_id"]).count() == m["rows"] // 2
@@ -253,26 +251,23 @@ def test_killed_driver_then_rerun_completes_each_row_once(built, ray_session, tm
     t = Cache(uri).read_table(["sample_id", "view_id"])
     pairs = set(zip(column_array(t, "sample_id").tolist(), column_array(t, "view_id").tolist()))
     assert len(pairs) == t.num_rows == 3 * n
-    assert [f for f in m["files"] if f["path"].startswith("view=0/")] == kept["files"]  # view 0 was not rebuilt
-    assert not os.path.exists(os.path.join(uri, "_staging")) and not os.path.exists(os.path.join(uri, "_build.json"))
+    assert [f for f in m["files"] if f["path"].startswith("views/view=0/")] == kept["files"]  # view 0 was not rebuilt
+    assert not os.path.exists(os.path.join(uri, "_build.json")) and not os.path.exists(os.path.join(uri, "_build.lock"))
 
 
-def test_build_lock_one_of_two_simultaneous_builds_wins(tmp_path):
-    """Two builds taking the lock together: the last writer goes on, the other refuses; no Ray needed."""
+def _two_builds_at_once(fs, root):
+    """Two builds taking the lock of one cache together (threads, a barrier); the one that gets it holds it a
+    while, so the other's attempt can land at any point of the first's hold."""
     import threading
-
-    import fsspec
 
     from pipeline.cache import BuildLock
 
-    fs, root = fsspec.filesystem("file"), str(tmp_path / "c")
-    fs.makedirs(root, exist_ok=True)
     barrier, results = threading.Barrier(2), {}
 
     def take(name):
         barrier.wait()
         try:
-            with BuildLock(fs, root, root, "fp", settle_s=0.5):
+            with BuildLock(fs, root, root, settle_s=0.2):
                 results[name] = "built"
                 time.sleep(0.5)
         except CacheError as e:
@@ -281,27 +276,67 @@ def test_build_lock_one_of_two_simultaneous_builds_wins(tmp_path):
     threads = [threading.Thread(target=take, args=(n,)) for n in "ab"]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    return results
+
+
+def test_build_lock_only_one_of_two_simultaneous_builds(tmp_path):
+    """The lock is created atomically (link(2) on local disk): of two builds, one goes on, the other refuses
+    naming it."""
+    import fsspec
+
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "c")
+    fs.makedirs(root, exist_ok=True)
+    for _ in range(5):  # the two attempts interleave differently each time
+        results = _two_builds_at_once(fs, root)
+        assert sorted(v == "built" for v in results.values()) == [False, True], results
+        assert "another build of this cache is running" in next(v for v in results.values() if v != "built")
+        assert not os.path.exists(os.path.join(root, "_build.lock"))  # the winner finished: no lock left
+
+
+def test_build_lock_on_s3_is_a_conditional_put(s3_endpoint):
+    """On S3 the lock is a PUT with If-None-Match: * (moto's server honours it, as S3 does): the second
+    create of the same key fails, and of two builds one goes on."""
+    import boto3
+    import s3fs
+
+    from pipeline.cache.storage import create_json
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="raykd-lock")
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    assert create_json(fs, "raykd-lock/x/_build.lock", {"a": 1}) is True
+    assert create_json(fs, "raykd-lock/x/_build.lock", {"a": 2}) is False
+    assert json.loads(fs.cat("raykd-lock/x/_build.lock")) == {"a": 1}
+    results = _two_builds_at_once(fs, "raykd-lock/c")
     assert sorted(v == "built" for v in results.values()) == [False, True], results
-    assert "another build of this cache started at the same time" in next(v for v in results.values() if v != "built")
-    assert not os.path.exists(os.path.join(root, "_build.json"))  # the winner finished: no lock left
+    assert not fs.exists("raykd-lock/c/_build.lock")
 
 
-def test_a_live_build_is_refused_a_dead_one_resumed(tmp_path):
+def test_a_live_build_is_refused_a_dead_one_taken_over(tmp_path):
     import socket
 
-    from pipeline.cache import _refuse_if_running
+    import fsspec
+
+    from pipeline.cache import BuildLock, owner_alive
 
     here = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     fresh, stale = time.time(), time.time() - 3600
-    with pytest.raises(CacheError, match=r"another build of this cache is running \(pid \d+ on"):
-        _refuse_if_running("u", {"owner": {"host": here, "pid": os.getpid()}, "heartbeat": fresh})
-    with pytest.raises(CacheError, match="another build"):
-        _refuse_if_running("u", {"owner": {"host": "elsewhere", "pid": 1}, "heartbeat": fresh})
-    _refuse_if_running("u", {"owner": {"host": here, "pid": dead.pid}, "heartbeat": fresh})  # died here: resume
-    _refuse_if_running("u", {"owner": {"host": "elsewhere", "pid": 1}, "heartbeat": stale})  # silent too long
-    _refuse_if_running("u", {"fingerprint": "x"})  # a failed build leaves no owner
+    assert owner_alive({"owner": {"host": here, "pid": os.getpid()}, "heartbeat": fresh})
+    assert owner_alive({"owner": {"host": "elsewhere", "pid": 1}, "heartbeat": fresh})
+    assert not owner_alive({"owner": {"host": here, "pid": dead.pid}, "heartbeat": fresh})  # died here: at once
+    assert not owner_alive({"owner": {"host": "elsewhere", "pid": 1}, "heartbeat": stale})  # silent too long
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "c")
+    fs.makedirs(root, exist_ok=True)
+    lock = os.path.join(root, "_build.lock")
+    json.dump({"token": "t1", "owner": {"host": here, "pid": os.getpid()}, "heartbeat": fresh}, open(lock, "w"))
+    with pytest.raises(CacheError, match=rf"another build of this cache is running \(pid {os.getpid()} on"):
+        BuildLock(fs, root, root).__enter__()
+    json.dump({"token": "t2", "owner": {"host": here, "pid": dead.pid}, "heartbeat": fresh}, open(lock, "w"))
+    with BuildLock(fs, root, root) as taken:  # the dead build's lock is taken over
+        assert json.load(open(lock))["token"] == taken.rec["token"]
+    assert os.listdir(root) == []  # released, and the takeover's marker is gone
 
 
 def test_two_builds_of_one_uri_at_once(built, ray_session, tmp_path, digits):
@@ -326,7 +361,7 @@ def test_two_builds_of_one_uri_at_once(built, ray_session, tmp_path, digits):
     t = Cache(uri).read_table(["sample_id", "view_id"])
     pairs = set(zip(column_array(t, "sample_id").tolist(), column_array(t, "view_id").tolist()))
     assert len(pairs) == t.num_rows == 2 * len(digits.train)
-    assert not os.path.exists(os.path.join(uri, "_build.json"))
+    assert not os.path.exists(os.path.join(uri, "_build.json")) and not os.path.exists(os.path.join(uri, "_build.lock"))
 
 
 def test_teacher_actor_killed_mid_build(built, ray_session, tmp_path, digits):

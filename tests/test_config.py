@@ -145,3 +145,15 @@ def test_grad_clip_is_serialised_only_when_set():
     assert load_config(None, ["distill.optim.grad_clip=10"]).model_dump()["distill"]["optim"]["grad_clip"] == 10
     with pytest.raises(ConfigError, match="distill.optim.grad_clip"):
         load_config(None, ["distill.optim.grad_clip=-1"])
+
+
+def test_interrupted_overwrite_names_the_command_that_resumes():
+    """Ctrl-C during `raykd cache --overwrite`: running it again with --overwrite would wipe the views the
+    build committed; the advice is the same command without it."""
+    from pipeline.cli import build_parser, resume_advice
+
+    argv = ["cache", "-c", "configs/demo.yaml", "--overwrite", "cache.views=2"]
+    advice = resume_advice(build_parser().parse_args(argv), argv)
+    assert advice == "to resume, run it again without --overwrite: raykd cache -c configs/demo.yaml cache.views=2"
+    plain = ["distill", "-c", "configs/demo.yaml"]
+    assert resume_advice(build_parser().parse_args(plain), plain) == "rerun the same command to resume"

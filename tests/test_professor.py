@@ -61,7 +61,7 @@ def test_teacher_files_untouched_by_the_refined_column(professed):
     cache = Cache(uri).expect(columns=["refined"])
     assert _file_hashes(cache) == hashes  # every teacher part file: the same bytes
     assert _column_bytes(inspect_cache(uri)) == _column_bytes(text_before)
-    assert all(f["path"].startswith("professor/view=") for f in entry["files"])
+    assert all(f["path"].startswith("refined/view=") for f in entry["files"])
     assert cache.manifest["columns"]["refined"] == "tensor<halffloat>[10]"
 
 

@@ -1,0 +1,272 @@
+"""Reading a cache: open and check it, name what it holds, hand out its rows (Ray Dataset, Arrow, pandas)."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.cache import columns as C
+from pipeline.cache.storage import (MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, CacheError, open_fs, read_json,
+                                        storage_errors, storage_message, view_dir)
+
+
+def column_array(table, name: str) -> np.ndarray:
+    """A fixed-shape tensor (or plain) column as one numpy array (rows, *shape)."""
+    col = table.column(name).combine_chunks()
+    if hasattr(col, "to_numpy_ndarray"):
+        return col.to_numpy_ndarray()
+    return col.to_numpy(zero_copy_only=False)
+
+
+def tensor_shape(type_str: str) -> tuple[int, ...] | None:
+    """(8, 8, 1) from the manifest's 'tensor<uint8>[8, 8, 1]'; None for a plain column."""
+    if not type_str.startswith("tensor<"):
+        return None
+    return tuple(int(s) for s in type_str[type_str.index("[") + 1:-1].split(",") if s.strip())
+
+
+@dataclass(frozen=True)
+class TargetReader:
+    """How a job turns the raw target columns of a batch into {source: logits (B, C) float32}: fp16 logits
+    as they are, top-k rebuilt into full distributions (codecs.topk_decode)."""
+
+    columns: dict  # source -> [its logits column] or [its top-k probabilities, indices columns]
+    num_classes: int
+    temperature: float = 1.0  # of the stored top-k probabilities
+
+    @property
+    def all_columns(self) -> list[str]:
+        return [c for cols in self.columns.values() for c in cols]
+
+    def __call__(self, raw: dict) -> dict:
+        from pipeline.cache.codecs import topk_decode
+        from pipeline.data import as_tensor
+
+        out = {}
+        for source, cols in self.columns.items():
+            if len(cols) == 1:
+                out[source] = as_tensor(raw[cols[0]]).float()
+            else:
+                out[source] = topk_decode(as_tensor(raw[cols[0]]), as_tensor(raw[cols[1]]), self.num_classes,
+                                          self.temperature)
+        return out
+
+
+def load_refined(fs, paths: list[str], by_view: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The professor's refined targets in `paths`, sorted by key: (keys, refined float32 (N, C)).
+    The key is the sample id, or view_id * 2**40 + sample_id with `by_view` (several views)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=["sample_id", "view_id", C.REFINED]))
+    t = pa.concat_tables(tables)
+    keys = column_array(t, "sample_id").astype(np.int64)
+    if by_view:
+        keys = keys + column_array(t, "view_id").astype(np.int64) * (1 << 40)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], column_array(t, C.REFINED)[order].astype(np.float32)
+
+
+class Cache:
+    """An opened, validated cache: its manifest, what it holds, and its rows."""
+
+    def __init__(self, uri: str, s3_endpoint: str | None = None):
+        self.uri = uri
+        self.fs, self.root = open_fs(uri, s3_endpoint)
+        try:
+            manifest = read_json(self.fs, posixpath.join(self.root, MANIFEST))
+        except storage_errors() as e:
+            raise CacheError(storage_message(uri, e)) from None
+        if manifest is None:
+            raise CacheError(f"{uri} is not a cache: no {MANIFEST} (an unfinished build? rerun `raykd cache`)")
+        version = manifest.get("schema_version")
+        if version == 1:
+            raise CacheError(f"{uri} is a cache of raykd's first layout (schema_version 1, its rows beside its JSON "
+                             f"files); this raykd reads layout {SCHEMA_VERSION}: rebuild it with `raykd cache --overwrite` "
+                             "and the config that built it (its config.resolved.yaml; the teachers are reused, not "
+                             "retrained)")
+        if version != SCHEMA_VERSION:
+            raise CacheError(f"{uri}/{MANIFEST}: schema_version {version!r}, this raykd reads {SCHEMA_VERSION}")
+        self.manifest = manifest
+        self._check_files()
+
+    # ---- what it holds
+
+    @property
+    def teachers(self) -> list[str]:
+        return [t["name"] for t in self.manifest["teachers"]]
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["dataset"]["num_classes"]
+
+    @property
+    def targets(self) -> dict:
+        """{"logits": full fp16 logits stored, "topk": {k, of, temperature} or None}."""
+        return self.manifest["targets"]
+
+    @property
+    def sources(self) -> list[str]:
+        """The names teacher targets come under: the teachers, or `ensemble` when the cache holds only the
+        top-k of their mean."""
+        t = self.targets
+        if t["logits"] or (t["topk"] and t["topk"]["of"] == "teachers"):
+            return self.teachers
+        return [C.ENSEMBLE]
+
+    def target_columns(self, source: str) -> list[str]:
+        """The stored columns of one source's targets: its full logits, else its top-k."""
+        if self.targets["logits"] and source in self.teachers:
+            return [C.logits(source)]
+        if self.targets["topk"] and source in self.sources:
+            return list(C.topk(source))
+        held = "full logits" if self.targets["logits"] else f"top-{self.targets['topk']['k']} of {self.sources}"
+        raise CacheError(f"{self.uri}: no targets of {source!r} in the cache (it holds {held}); pick among "
+                         f"{self.sources} (method.teachers), or build a cache with them")
+
+    def target_reader(self, sources: list[str] | None = None) -> TargetReader:
+        """The reader of these sources' targets (default: all)."""
+        tk = self.targets["topk"]
+        return TargetReader({s: self.target_columns(s) for s in sources or self.sources}, self.num_classes,
+                            tk["temperature"] if tk else 1.0)
+
+    def expect(self, teachers: list[str] | None = None, views: int | None = None,
+               columns: list[str] | None = None, data_fingerprint: str | None = None) -> "Cache":
+        """Refuse a cache that is not what the caller needs, naming what differs."""
+        m = self.manifest
+        missing = [t for t in teachers or [] if t not in self.teachers and t not in self.sources]
+        if missing:
+            raise CacheError(f"{self.uri}: no teacher {missing[0]!r} in the cache (cached teachers: {self.teachers}); "
+                             f"build a cache with it (cache.teachers) or pick cached ones (method.teachers)")
+        if views is not None and views != m["views"]:
+            raise CacheError(f"{self.uri}: the cache has K={m['views']} views, expected {views}")
+        missing = [c for c in columns or [] if c not in m["columns"]]
+        if missing:
+            col = C.parse(missing[0])
+            if missing[0] == C.REFINED:
+                how = "run `raykd professor` on it"
+            elif col.kind == "feat":
+                how = (f"add `cache.layers: {{{col.source}: [{col.stage}]}}` and rebuild it (`raykd cache --overwrite`), "
+                       f"or distil with the teachers online (distill.teachers=online)")
+            else:
+                how = "rebuild it with what adds it"
+            raise CacheError(f"{self.uri}: no column {missing[0]!r} in the cache; {how}")
+        if data_fingerprint is not None and data_fingerprint != m["dataset"]["fingerprint"]:
+            raise CacheError(f"{self.uri}: built from other data (dataset fingerprint differs)")
+        return self
+
+    # ---- integrity
+
+    @property
+    def all_files(self) -> list[dict]:
+        """Every file the manifest lists: the teachers' rows, then the professor's (if any)."""
+        return [*self.manifest["files"], *(self.manifest.get("professor") or {}).get("files", [])]
+
+    def _check_files(self) -> None:
+        """The cheap check on open: every listed file exists with its recorded size; nothing unlisted."""
+        listed = {f["path"]: f for f in self.all_files}
+        for path, f in listed.items():
+            full = posixpath.join(self.root, path)
+            try:
+                size = self.fs.size(full)
+            except FileNotFoundError:
+                raise CacheError(f"{self.uri}: part file {path} is missing (listed in {MANIFEST})") from None
+            if size != f["bytes"]:
+                raise CacheError(f"{self.uri}: part file {path} has {size} bytes, {MANIFEST} says {f['bytes']}")
+        roots = [VIEWS] + ([REFINED] if self.manifest.get("professor") else [])  # else refined/ is a leftover
+        for data_root in roots:
+            folder = posixpath.join(self.root, data_root)
+            present = {posixpath.relpath(p, self.root) for p in self.fs.find(folder)} if self.fs.exists(folder) else set()
+            stray = sorted(present - set(listed))
+            if stray:
+                raise CacheError(f"{self.uri}: {stray[0]} is not listed in {MANIFEST} (a stray or foreign file)")
+
+    def verify(self) -> None:
+        """The full check: every part file's sha256 and row count against the manifest."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for f in self.all_files:
+            with self.fs.open(posixpath.join(self.root, f["path"]), "rb") as fh:
+                data = fh.read()
+            if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                raise CacheError(f"{self.uri}: part file {f['path']} does not match its sha256 in {MANIFEST} (corrupt)")
+            try:
+                rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+            except pa.ArrowException as e:
+                raise CacheError(f"{self.uri}: part file {f['path']} is not readable Parquet ({e})") from None
+            if rows != f["rows"]:
+                raise CacheError(f"{self.uri}: part file {f['path']} has {rows} rows, {MANIFEST} says {f['rows']}")
+
+    def column_bytes(self) -> dict[str, int]:
+        """Compressed bytes per column over every listed file, from the Parquet footers."""
+        import pyarrow.parquet as pq
+
+        per_col: dict[str, int] = {}
+        for f in self.all_files:
+            with self.fs.open(posixpath.join(self.root, f["path"]), "rb") as fh:
+                md = pq.ParquetFile(fh).metadata
+            for rg in range(md.num_row_groups):
+                for c in range(md.num_columns):
+                    col = md.row_group(rg).column(c)
+                    name = col.path_in_schema.split(".list")[0].split(".element")[0]
+                    per_col[name] = per_col.get(name, 0) + col.total_compressed_size
+        return per_col
+
+    # ---- rows
+
+    def view_files(self, k: int) -> list[str]:
+        if not 0 <= k < self.manifest["views"]:
+            raise CacheError(f"{self.uri}: no view {k} (K={self.manifest['views']})")
+        prefix = posixpath.relpath(view_dir(self.root, k), self.root) + "/"
+        return [posixpath.join(self.root, f["path"]) for f in self.manifest["files"] if f["path"].startswith(prefix)]
+
+    def refined_files(self, k: int) -> list[str]:
+        """The professor's files of view k (the `refined` column, keyed by sample_id)."""
+        prof = self.manifest.get("professor")
+        if not prof:
+            raise CacheError(f"{self.uri}: no refined column: run `raykd professor` on this cache first")
+        prefix = posixpath.relpath(view_dir(self.root, k, REFINED), self.root) + "/"
+        return [posixpath.join(self.root, f["path"]) for f in prof["files"] if f["path"].startswith(prefix)]
+
+    def view_dataset(self, k: int, columns: list[str] | None = None):
+        """A Ray Dataset of view partition k (one epoch's worth of rows), optionally only some columns."""
+        import ray
+
+        ds = ray.data.read_parquet(self.view_files(k), filesystem=self.fs)
+        return ds.select_columns(columns) if columns else ds
+
+    def read_table(self, columns: list[str] | None = None, views: list[int] | None = None):
+        """Teacher rows of some views (all by default) as one Arrow table, with pyarrow (no Ray)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = []
+        for k in views if views is not None else range(self.manifest["views"]):
+            for path in self.view_files(k):
+                with self.fs.open(path, "rb") as f:
+                    tables.append(pq.read_table(f, columns=columns))
+        return pa.concat_tables(tables)
+
+    def view(self, k: int, columns: list[str] | None = None, format: str = "arrow"):
+        """View k's teacher rows: an Arrow table (tensor columns as Arrow's fixed-shape tensors), or a pandas
+        DataFrame whose tensor cells are numpy arrays of their shape (`format="pandas"`)."""
+        table = self.read_table(columns, views=[k])
+        if format == "arrow":
+            return table
+        if format != "pandas":
+            raise ValueError(f"format must be 'arrow' or 'pandas', not {format!r}")
+        import pandas as pd
+
+        data = {}
+        for name in table.column_names:
+            shape = tensor_shape(self.manifest["columns"].get(name, ""))
+            values = column_array(table, name)
+            data[name] = list(values) if shape is not None else values
+        return pd.DataFrame(data)
