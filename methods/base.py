@@ -72,7 +72,7 @@ class Method(nn.Module, metaclass=ABCMeta):
         """What this method reads besides the view and its label, named as `pipeline.cache.columns` does:
         `logits.<teacher>` (the cache serves them from its full logits or rebuilds them from its top-k),
         feature maps (the reader adds their int8 `.scale`), `refined`."""
-        from pipeline.cache import columns as C
+        import pipeline.cache.columns as C
 
         if not self.uses_teachers:
             return []

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.cache import columns as C
+import pipeline.cache.columns as C
 from pipeline.data import as_tensor, normalize
 from pipeline.views import ViewPolicy, apply_views, make_views
 
@@ -31,7 +31,7 @@ def read_view(fs, files: list[str], columns: list[str]) -> dict[str, np.ndarray]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.cache import column_array
+    from pipeline.cache.reader import column_array
 
     tables = []
     for path in files:
@@ -138,7 +138,7 @@ class Refined:
         self.fs, self.files, self.loaded = fs, files, {}
 
     def lookup(self, view: int, ids: torch.Tensor) -> torch.Tensor:
-        from pipeline.cache import load_refined
+        from pipeline.cache.reader import load_refined
 
         if view not in self.loaded:
             self.loaded[view] = load_refined(self.fs, self.files[view])
@@ -224,7 +224,7 @@ def cache_view_loader(fs, files: dict[int, list[str]], columns: list[str], fmt: 
 
 def to_device(rows: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """A batch on the training device, int8 feature maps dequantised with their per-row scale."""
-    from pipeline.cache import dequantize_int8
+    from pipeline.cache.codecs import dequantize_int8
 
     out = {}
     for k, v in rows.items():

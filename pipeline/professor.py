@@ -167,9 +167,6 @@ class RefineForward:
 
 def run_professor(cfg: Config) -> dict:
     """Train (or reuse) the professor and add (or keep) the cache's refined column; returns the manifest entry."""
-    import ray
-    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat
-
     from pipeline.raysetup import init_ray, local_thread_share, resolve_device
 
     uri = cache_uri(cfg)
@@ -188,7 +185,10 @@ def run_professor(cfg: Config) -> dict:
           "batch_size": p.optim.batch_size, "lr": p.optim.lr,
           "weights": {"w_rec": p.w_rec, "w_cls": p.w_cls, "w_z": p.w_z, "w_q": p.w_q}}
     rec = read_record(out)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray)  # before ray.data is imported: it reads raykd's logging settings then
+    import ray
+    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat
+
     device = resolve_device(cfg.run.device)
     if rec is None or rec.get("fingerprint") != fp or not _intact(out, rec):
         rec = _train(cfg, cache, lc, fp, out, device)

@@ -120,6 +120,7 @@ def test_reader_refuses_what_the_caller_does_not_expect(built):
     ("stray", "not listed"),
     ("manifest_json", "not valid JSON"),
     ("manifest_schema", "schema_version"),
+    ("manifest_v1", r"first layout \(schema_version 1.*rebuild it with `raykd cache --overwrite`"),
     ("manifest_edit", "has .* bytes, manifest.json says"),
     ("no_manifest", "not a cache"),
     ("foreign_manifest", "is missing"),  # another build's manifest: its part files are not these
@@ -138,10 +139,12 @@ def test_damage_is_named_and_nothing_is_deleted(built, tmp_path, damage, needle,
         open(os.path.join(root, "views", "view=1", "extra.parquet"), "wb").write(b"x")
     elif damage == "manifest_json":
         open(man, "a").write("}")
-    elif damage in ("manifest_schema", "manifest_edit", "foreign_manifest"):
+    elif damage in ("manifest_schema", "manifest_v1", "manifest_edit", "foreign_manifest"):
         d = json.load(open(man))
         if damage == "manifest_schema":
             d["schema_version"] = 99
+        elif damage == "manifest_v1":  # a cache of the first layout: its rows at the top
+            d["schema_version"] = 1
         elif damage == "manifest_edit":
             d["files"][1]["bytes"] += 1
         else:  # the same layout written by another build: other part-file names, another fingerprint

@@ -215,15 +215,14 @@ def build_cache(cfg: Config, overwrite: bool = False) -> dict:
 
 
 def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> dict:
-    import ray
-
-    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
-
     from pipeline.raysetup import init_ray, local_thread_share, resolve_device
 
     c = cfg.cache
     targets = _targets(cfg, splits.num_classes)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray)  # before ray.data is imported: it reads raykd's logging settings then
+    import ray
+    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
+
     device = resolve_device(cfg.run.device)
     ctx = ray.data.DataContext.get_current()
     ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE  # pyarrow-native tensors
