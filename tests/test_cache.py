@@ -435,3 +435,16 @@ def test_credentials_never_written_or_printed(built, s3_endpoint, tmp_path, capf
     for needle in (key, secret):
         assert needle not in printed.out + printed.err
         assert not [p for p, b in blobs.items() if needle.encode() in b]
+
+
+def test_a_first_layout_cache_at_the_uri_says_how_to_rebuild(built, tmp_path):
+    cfg, _ = built
+    root = str(tmp_path / "old")
+    shutil.copytree(os.path.join(cfg.run.out_dir, "cache"), root)
+    man = os.path.join(root, "manifest.json")
+    d = json.load(open(man))
+    json.dump({**d, "schema_version": 1, "fingerprint": "f" * 64}, open(man, "w"))  # layout 1 had its own fingerprints
+    before = _listing(root)
+    with pytest.raises(CacheError, match=r"another layout \(schema_version 1, the first\): rebuild it here with --overwrite"):
+        build_cache(digits_cfg(cfg.run.out_dir, f"cache.uri={root}"))
+    assert _listing(root) == before

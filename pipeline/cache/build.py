@@ -192,15 +192,20 @@ def build_cache(cfg: Config, overwrite: bool = False) -> dict:
         building = read_json(fs, posixpath.join(root, BUILD))
     except storage_errors() as e:
         raise CacheError(storage_message(f"cache.uri={uri}", e)) from None
-    if manifest is not None and manifest.get("fingerprint") == fp and not overwrite:
+    if manifest is not None and manifest.get("fingerprint") == fp and manifest.get("schema_version") == SCHEMA_VERSION \
+            and not overwrite:
         print(f"[cache] {uri}: up to date (fingerprint {fp[:12]}), reused", flush=True)
         return manifest
     other = manifest or building
-    if other is not None and other.get("fingerprint") != fp and not overwrite:
-        what = "a finished cache" if manifest else "an unfinished build"
-        raise CacheError(
-            f"{uri} holds {what} of other inputs (fingerprint {other.get('fingerprint', '?')[:12]}, "
-            f"this config {fp[:12]}): use another cache.uri, or --overwrite to replace it")
+    if other is not None and not overwrite:
+        if manifest is not None and manifest.get("schema_version") != SCHEMA_VERSION:
+            raise CacheError(f"{uri} holds a cache of another layout (schema_version {manifest.get('schema_version')!r}"
+                             f"{', the first' if manifest.get('schema_version') == 1 else ''}): rebuild it here with "
+                             "--overwrite (the teachers are reused, not retrained), or use another cache.uri")
+        if other.get("fingerprint") != fp:
+            what = "a finished cache" if manifest else "an unfinished build"
+            raise CacheError(f"{uri} holds {what} of other inputs (fingerprint {other.get('fingerprint', '?')[:12]}, "
+                             f"this config {fp[:12]}): use another cache.uri, or --overwrite to replace it")
     fs.makedirs(root, exist_ok=True)
     with BuildLock(fs, root, uri) as lock:
         if overwrite:
