@@ -73,8 +73,8 @@ def test_a_topk_only_cache_holds_no_logits_and_says_what_it_holds(built, topk_ca
     assert all(abs(float(topk_acc[t][:-1]) - float(full_acc[t][:-1])) < 0.5 for t in topk_acc)
 
 
-@pytest.mark.parametrize("method", ["kd", "dkd"])
-def test_kd_and_dkd_train_from_top_k_only(topk_cache, method):
+@pytest.mark.parametrize("method", ["kd", "dkd", "aekt", "skd"])
+def test_logit_methods_train_from_top_k_only(topk_cache, method):
     from pipeline.distill import run_distill, student_dir
 
     cfg, _ = topk_cache
@@ -84,7 +84,8 @@ def test_kd_and_dkd_train_from_top_k_only(topk_cache, method):
     rec = run_distill(run)
     ms = [json.loads(x) for x in open(os.path.join(student_dir(run), "metrics.jsonl"))]
     assert rec["teachers"] == ["a", "b"] and [m["teachers_loaded"] for m in ms] == [0, 0, 0]
-    terms = ("train_kd",) if method == "kd" else ("train_tckd", "train_nckd")
+    terms = {"kd": ("train_kd",), "dkd": ("train_tckd", "train_nckd"), "aekt": ("train_explicit", "train_implicit"),
+             "skd": ("train_kd", "train_anchor")}[method]
     assert all(ms[0][t] > 0 for t in terms)  # the rebuilt targets are in the loss
     assert rec["test_acc"] > 0.3  # 3 epochs of a 1.7k-parameter CNN: far above chance (0.1)
 
@@ -118,3 +119,21 @@ def test_a_thousand_class_cache_costs_what_the_readme_says(ray_session, tmp_path
     assert 5000 < full < 7000  # 3 x 1,000 fp16 logits (6,000 B) barely compress
     assert per_teacher < 100 and ensemble < 40  # 3 x (5 fp16 + 5 int16) and 1 x (5 + 5): ~30 and ~10 B before Parquet's overhead
     assert sorted(out["per-teacher top-5"]["columns"]) == [f"topk.t{i}.{p}" for i in range(3) for p in ("indices", "probs")]
+
+
+def test_the_professor_refines_top_k_targets(topk_cache, tmp_path):
+    """The professor trains on the rebuilt top-k targets and writes its refined column; a student uses both."""
+    import shutil
+
+    from pipeline.distill import run_distill
+    from pipeline.professor import run_professor
+
+    cfg, _ = topk_cache
+    uri = str(tmp_path / "cache")
+    shutil.copytree(cfg.cache.uri, uri)
+    common = [f"cache.uri={uri}", "cache.logits=false", "cache.topk={k: 3}", "cache.layers={}"]
+    entry = run_professor(digits_cfg(str(tmp_path / "out"), *common, "professor.optim.epochs=2"))
+    assert entry["refined_acc"] > 0.2 and all(f["path"].startswith("refined/view=") for f in entry["files"])  # 2 epochs; chance 0.1
+    rec = run_distill(digits_cfg(str(tmp_path / "out"), *common, "method.name=kd", "method.targets=both",
+                                 "distill.student.arch=cnn4", "distill.optim.epochs=2", "distill.name=topk-both"))
+    assert rec["epochs"] == 2 and rec["teachers"] == ["a", "b"]
