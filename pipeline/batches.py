@@ -26,18 +26,15 @@ _ITEM_BYTES = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "halffloat": 2, "in
                "double": 8}
 
 
-def read_view(fs, files: list[str], columns: list[str]) -> dict[str, np.ndarray]:
-    """The rows of a view's Parquet files (the given columns) as numpy arrays, ordered by sample id."""
+def read_view(fs, files: list[str], columns: list[str], checks=None) -> dict[str, np.ndarray]:
+    """The rows of a view's Parquet files (the given columns) as numpy arrays, ordered by sample id; each
+    file checked against its sha256 in the manifest as it is read (`checks`, a cache.PartChecks)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from pipeline.cache.reader import column_array
+    from pipeline.cache.storage import read_parquet_part
 
-    tables = []
-    for path in files:
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    t = pa.concat_tables(tables)
+    t = pa.concat_tables([checks.read(fs, p, columns) if checks else read_parquet_part(fs, p, columns) for p in files])
     out = {c: column_array(t, c) for c in columns}
     order = np.argsort(out["sample_id"], kind="stable")
     return {c: v[order] for c, v in out.items()}
@@ -134,14 +131,14 @@ def render_view(split, share: np.ndarray, view: int, data_seed: int, policy: Vie
 class Refined:
     """The professor's column of each view, looked up by sample id (loaded once per view)."""
 
-    def __init__(self, fs, files: dict[int, list[str]]):
-        self.fs, self.files, self.loaded = fs, files, {}
+    def __init__(self, fs, files: dict[int, list[str]], checks=None):
+        self.fs, self.files, self.checks, self.loaded = fs, files, checks, {}
 
     def lookup(self, view: int, ids: torch.Tensor) -> torch.Tensor:
         from pipeline.cache.reader import load_refined
 
         if view not in self.loaded:
-            self.loaded[view] = load_refined(self.fs, self.files[view])
+            self.loaded[view] = load_refined(self.fs, self.files[view], checks=self.checks)
         keys, values = self.loaded[view]
         ids = ids.numpy()
         pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
@@ -188,13 +185,19 @@ class StreamEpochs:
     each batch is prepared by `prepare` (and the professor's column joined) as it arrives."""
 
     def __init__(self, source: Callable[[int], Any], view_of: Callable[[int], int], batch_size: int,
-                 shuffle_buffer: int, seed: int, prepare: Callable[[dict], dict], refined: Refined | None = None):
+                 shuffle_buffer: int, seed: int, prepare: Callable[[dict], dict], refined: Refined | None = None,
+                 check: Callable[[int], None] | None = None):
         self.source, self.view_of, self.batch_size, self.shuffle_buffer, self.seed = \
             source, view_of, batch_size, shuffle_buffer, seed
-        self.prepare_rows, self.refined = prepare, refined
+        self.prepare_rows, self.refined, self.check, self.checked = prepare, refined, check, set()
 
     def prepare(self, epoch: int) -> None:
-        pass
+        """Before a view's first epoch in this job: check its files (`check`), so a damaged one is named
+        rather than failing deep inside Ray Data's read."""
+        k = self.view_of(epoch)
+        if self.check is not None and k not in self.checked:
+            self.check(k)
+            self.checked.add(k)
 
     def __call__(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         k = self.view_of(epoch)
@@ -208,11 +211,12 @@ class StreamEpochs:
 
 
 def cache_view_loader(fs, files: dict[int, list[str]], columns: list[str], fmt: RowFormat, rank: int, world: int,
-                      seed: int, refined: Refined | None = None) -> Callable[[int], dict[str, torch.Tensor]]:
-    """`load(view)` for MemoryEpochs over a cache: read the view's files, keep this worker's share, prepare."""
+                      seed: int, refined: Refined | None = None, checks=None) -> Callable[[int], dict[str, torch.Tensor]]:
+    """`load(view)` for MemoryEpochs over a cache: read the view's files (checked), keep this worker's share,
+    prepare."""
 
     def load(k: int) -> dict[str, torch.Tensor]:
-        raw = read_view(fs, files[k], columns)
+        raw = read_view(fs, files[k], columns, checks)
         share = worker_share(len(raw["sample_id"]), rank, world, seed)
         rows = fmt.prepare({c: v[share] for c, v in raw.items()})
         if refined is not None:
@@ -247,3 +251,14 @@ def in_memory_choice(setting: str, nbytes: int, budget: int | None = None) -> bo
         return False
     return nbytes <= (memory_budget() if budget is None else budget)
 
+
+
+def check_view(fs, files: dict[int, list[str]], checks) -> Callable[[int], None]:
+    """`check(view)` for StreamEpochs: read each of the view's files once and compare its sha256."""
+    from pipeline.cache.storage import read_part
+
+    def check(k: int) -> None:
+        for path in files[k]:
+            read_part(fs, path, checks.sha256.get(path), checks.uri, checks.root)
+
+    return check

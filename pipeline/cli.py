@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "teachers", "train the configured teachers, `teachers.parallel` at a time (or evaluate given checkpoints)")
     c = _stage_parser(sub, "cache", "run the teachers once over K views of every training sample into a Parquet cache")
     c.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs at cache.uri")
+    c.add_argument("--repair", action="store_true",
+                   help="check every part file against its sha256 and rebuild the views with a damaged one")
     i = sub.add_parser("inspect", help="summarise a cache: manifest, sizes, bytes per column, teacher accuracy")
     i.add_argument("uri", help="cache path or URL (s3://bucket/prefix)")
     i.add_argument("--s3-endpoint", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
@@ -39,12 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING = ("teachers", "cache", "professor", "distill", "run", "sweep")
+
+
 def _load(args):
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "address", None):
         cfg.ray.address = args.address
+    if args.config is None and args.command in TRAINING:  # said before anything starts
+        teachers = "/".join(t.name for t in cfg.teachers.models)
+        print(f"raykd: no config given (-c): the built-in defaults — {cfg.data.name}, teachers {teachers}, student "
+              f"{cfg.distill.student.arch}, outputs in {cfg.run.out_dir} (configs/ holds ready-to-run ones)",
+              file=sys.stderr, flush=True)
     return cfg
 
 
@@ -61,7 +71,7 @@ def cmd_cache(args) -> int:
     from pipeline.cache import build_cache, cache_uri, inspect_cache
 
     cfg = _load(args)
-    build_cache(cfg, overwrite=args.overwrite)
+    build_cache(cfg, overwrite=args.overwrite, repair=args.repair)
     print()
     print(inspect_cache(cache_uri(cfg), cfg.cache.s3_endpoint))
     return 0

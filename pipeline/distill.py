@@ -96,6 +96,7 @@ class StudentJob(Job):
     files: dict | None = None
     columns: tuple = ()
     targets: Any = None  # a TargetReader: the cached teachers' targets (full logits or top-k) as logits
+    checks: Any = None  # a cache.PartChecks: each part file's sha256, checked as the job reads it
     refined_files: dict | None = None
     in_memory: bool = True
     shuffle_buffer: int = 0
@@ -136,8 +137,8 @@ def _load_professor(p: dict, num_classes: int, device):
 
 class StudentTask(Task):
     def __init__(self, job: StudentJob, ctx):
-        from pipeline.batches import (MemoryEpochs, Refined, RowFormat, StreamEpochs, cache_view_loader, render_view,
-                                      worker_share)
+        from pipeline.batches import (MemoryEpochs, Refined, RowFormat, StreamEpochs, cache_view_loader, check_view,
+                                      render_view, worker_share)
         from pipeline.batches import resolve
 
         self.job, self.device = job, ctx.device
@@ -158,10 +159,10 @@ class StudentTask(Task):
                                      view_of, job.optim.batch_size, shuffle, job.seed)
         else:
             fmt = RowFormat(job.mean, job.std, job.policy["pad"], job.train)
-            refined = Refined(job.cache_fs, job.refined_files) if job.refined_files else None
+            refined = Refined(job.cache_fs, job.refined_files, job.checks) if job.refined_files else None
             if job.in_memory:
                 load = cache_view_loader(job.cache_fs, job.files, list(job.columns), fmt, ctx.rank, ctx.world, job.seed,
-                                         refined)
+                                         refined, job.checks)
                 self.data = MemoryEpochs(load, view_of, job.optim.batch_size, shuffle, job.seed)
             else:
                 if ctx.world > 1:
@@ -171,7 +172,8 @@ class StudentTask(Task):
 
                     source = lambda k: ray.data.read_parquet(job.files[k], filesystem=job.cache_fs).select_columns(  # noqa: E731
                         list(job.columns))
-                self.data = StreamEpochs(source, view_of, job.optim.batch_size, job.shuffle_buffer, job.seed, fmt.prepare, refined)
+                self.data = StreamEpochs(source, view_of, job.optim.batch_size, job.shuffle_buffer, job.seed, fmt.prepare,
+                                         refined, check_view(job.cache_fs, job.files, job.checks))
         steps = max(1, math.ceil(rows / job.optim.batch_size))
         self.opt, self.sched = make_optimizer([*self.student.parameters(), *self.method.parameters()], job.optim, steps,
                                               job.epochs)
@@ -410,10 +412,13 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
         cols += [C.scale(c) for c in cols if C.parse(c).kind == "feat" and C.scale(c) in cache.manifest["columns"]]
         used = sorted({e % p.views for e in range(d.optim.epochs)})
         nbytes = row_bytes(cache.manifest["columns"], cols) * len(p.splits.train) * len(used) // d.workers.num_workers
+        files = {k: cache.view_files(k) for k in used}
+        refined_files = {k: cache.refined_files(k) for k in used} if C.REFINED in cols else None
         cache_kw = {
-            "cache_fs": cache.fs, "files": {k: cache.view_files(k) for k in used},
+            "cache_fs": cache.fs, "files": files,
+            "checks": cache.checks([p for ps in [*files.values(), *(refined_files or {}).values()] for p in ps]),
             "columns": tuple(c for c in cols if c != C.REFINED), "targets": reader,
-            "refined_files": {k: cache.refined_files(k) for k in used} if C.REFINED in cols else None,
+            "refined_files": refined_files,
             "in_memory": in_memory_choice(d.in_memory, nbytes, memory_budget() // max(1, concurrent)),
             "train": None if cache.manifest["store_views"] else refs["train"],
         }

@@ -19,7 +19,9 @@ import dataclasses
 import io
 import json
 import os
+import re
 import time
+import traceback
 from typing import Any, Callable, Iterable
 
 import torch
@@ -333,13 +335,16 @@ class CheckpointStore:
 
 
 def _maybe_fail(fault: dict | None, rank: int, epoch: int, step: int) -> None:
-    """Fault injection for the tests (RAYKD_FAULT): fail once, at (epoch, step), on rank 0."""
+    """Fault injection for the tests (RAYKD_FAULT): fail once, at (epoch, step), on rank 0 — the worker's
+    process exits (`exit`), a connection drops (`raise`, the default: transient), or code errs (`bug`)."""
     if not fault or rank != 0 or (epoch, step) != (fault["epoch"], fault["step"]) or os.path.exists(fault["marker"]):
         return
     open(fault["marker"], "w").close()
     if fault.get("kind") == "exit":
         os._exit(1)
-    raise RuntimeError(f"injected fault at epoch {epoch} step {step}")
+    if fault.get("kind") == "bug":
+        raise TypeError(f"injected bug at epoch {epoch} step {step}")
+    raise ConnectionError(f"injected fault at epoch {epoch} step {step}")
 
 
 def set_threads(job: Job, ctx: Context) -> int:
@@ -461,39 +466,74 @@ def run_train(job: Job, tune: bool = False) -> JobResult:
     )
     try:
         result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise JobFailed(job, failure_reason(e), retryable=True) from None
+    except ray.train.TrainingFailedError as e:  # after Ray Train's own restarts (FailureConfig)
+        raise JobFailed.of(job, e, job.workers.max_failures + 1) from None
     with result.checkpoint.as_directory() as d:
         state = _load_state(open(os.path.join(d, STATE_FILE), "rb").read())
     return JobResult(state, json.loads(state["history"]))
 
 
-def failure_reason(e: BaseException) -> str:
-    """One line saying why a job failed: a worker's own error when Ray gives one."""
+def _cause(e: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's wrappers (a task's error, a Ray Train worker's failure)."""
     for exc in (getattr(e, "worker_failures", None) or {}).values():
-        lines = [ln.strip() for ln in str(getattr(exc, "cause", None) or exc).splitlines() if ln.strip()]
-        if lines:
-            return lines[-1][:500]
+        return _cause(exc)
     cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        e = cause
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    if isinstance(e, (RaykdError, FloatingPointError)):
-        return " ".join(lines)[:1000]
-    return (lines[-1] if lines else e.__class__.__name__)[:500]
+    return _cause(cause) if isinstance(cause, BaseException) and cause is not e else e
+
+
+# Ray's errors for a worker, actor, node or object that went away: a restart can get past them
+_SYSTEM_ERRORS = {"WorkerCrashedError", "RayActorError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError",
+                  "LocalRayletDiedError", "ObjectLostError", "OwnerDiedError", "ObjectFetchTimedOutError",
+                  "OutOfMemoryError", "RaySystemError"}
+
+
+def transient(e: BaseException) -> bool:
+    """A failure that a restart can get past: the worker's process or node died, a read or a connection
+    failed. Bad input, a loss that is no longer finite, a damaged file and errors in code come back on
+    every attempt: they are not retried."""
+    c = _cause(e)
+    if isinstance(c, (RaykdError, FloatingPointError)):
+        return False
+    return isinstance(c, OSError) or type(c).__name__ in _SYSTEM_ERRORS
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def describe(e: BaseException, frames: int = 3) -> str:
+    """The worker's own error: its type and message, and for an error in code the last frames of its
+    traceback (file:line in function), wherever it was raised (this process, a Ray task, a Train worker)."""
+    c = _cause(e)
+    lines = [ln.strip() for ln in str(c).splitlines() if ln.strip()]
+    if isinstance(c, (RaykdError, FloatingPointError)):
+        return " ".join(lines)[:2000]
+    if c.__traceback__ is not None:
+        found = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(c.__traceback__)]
+    else:  # raised in another process: its traceback travelled as text
+        found = [(m.group(1), int(m.group(2)), m.group(3)) for m in _FRAME.finditer(str(e))]
+    message = next((ln for ln in lines if not ln.startswith(("File ", "Traceback", "ray::"))), "")
+    head = f"{type(c).__name__}: {message[:500]}" if message else type(c).__name__
+    if not found or transient(e):
+        return head
+    where = "; ".join(f"{_short(path)}:{line} in {fn}" for path, line, fn in found[-frames:])
+    return f"{head} (at {where})"
+
+
+def _short(path: str) -> str:
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
 
 
 class JobFailed(Exception):
-    def __init__(self, job: Job, reason: str, retryable: bool):
+    def __init__(self, job: Job, reason: str, retryable: bool, input_error: bool = False, attempts: int = 1):
         super().__init__(reason)
-        self.job, self.reason, self.retryable = job, reason, retryable
+        self.job, self.reason, self.retryable, self.input_error, self.attempts = \
+            job, reason, retryable, input_error, attempts
 
-
-def _not_retryable(e: BaseException) -> bool:
-    """Errors that the same job meets again when restarted: bad input, a diverging loss, a checkpoint
-    that cannot be read."""
-    cause = getattr(e, "cause", e)
-    return isinstance(cause, (RaykdError, FloatingPointError))
+    @classmethod
+    def of(cls, job: Job, e: BaseException, attempts: int = 1) -> "JobFailed":
+        c = _cause(e)
+        return cls(job, describe(e), transient(e), isinstance(c, (RaykdError, FloatingPointError)), attempts)
 
 
 class JobRunner:
@@ -532,16 +572,16 @@ class JobRunner:
             except JobFailed as e:
                 return e
             except Exception as e:  # noqa: BLE001  (the job's own error: reported, or retried)
-                if _not_retryable(e):
-                    return JobFailed(job, failure_reason(e), retryable=False)
+                if not transient(e):
+                    return JobFailed.of(job, e, attempt + 1)
                 if self.tune:
                     raise
                 if attempt >= job.workers.max_failures:
-                    return JobFailed(job, failure_reason(e), retryable=True)
+                    return JobFailed.of(job, e, attempt + 1)
                 attempt += 1
                 from pipeline.progress import emit
 
-                emit(job.progress, f"[{job.kind} {job.name}] failed ({failure_reason(e)}); restarting from its "
+                emit(job.progress, f"[{job.kind} {job.name}] failed ({describe(e)}); restarting from its "
                      f"newest checkpoint (attempt {attempt + 1} of {job.workers.max_failures + 1})")
 
     def run(self) -> None:
@@ -568,16 +608,16 @@ class JobRunner:
                 cause = getattr(e, "cause", None)
                 if isinstance(cause, JobFailed):
                     out = cause
-                elif job.workers.num_workers == 1 and attempt < job.workers.max_failures and not _not_retryable(e):
+                elif job.workers.num_workers == 1 and attempt < job.workers.max_failures and transient(e):
                     # a failed or killed one-worker job starts again from its newest checkpoint
                     from pipeline.progress import emit
 
-                    emit(job.progress, f"[{job.kind} {job.name}] failed ({failure_reason(e)}); restarting from its "
+                    emit(job.progress, f"[{job.kind} {job.name}] failed ({describe(e)}); restarting from its "
                          f"newest checkpoint (attempt {attempt + 2} of {job.workers.max_failures + 1})")
                     self._start(job, on_done, attempt + 1)
                     continue
                 else:
-                    out = JobFailed(job, failure_reason(e), retryable=not _not_retryable(e))
+                    out = JobFailed.of(job, e, attempt + 1)
             on_done(out)
 
 
@@ -593,8 +633,15 @@ def fit(job: Job, inline: bool = False, tune: bool = False) -> JobResult:
 
 
 def failure_message(f: JobFailed) -> str:
+    """The console's account of a failed job: the worker's own error, and the advice that fits it."""
     what = "distillation" if f.job.kind == "distill" else f"{f.job.kind} training"
-    if not f.retryable:
+    if f.input_error:  # bad input, a damaged file, a diverging loss: the message says what to do
         return f"{what} of {f.job.name} failed: {f.reason}"
-    return (f"{what} of {f.job.name} failed ({f.reason}); its checkpoints are kept: rerun the same command to "
-            "resume. Ray's logs: /tmp/ray/session_latest/logs")
+    if not f.retryable:
+        return (f"{what} of {f.job.name} failed: {f.reason}. Not retried: an error in code comes back on every "
+                "attempt; once it is fixed, the same command resumes from the checkpoints kept")
+    from pipeline.raysetup import logs_hint
+
+    tries = f" after {f.attempts} attempts" if f.attempts > 1 else ""
+    return (f"{what} of {f.job.name} failed{tries} ({f.reason}); its checkpoints are kept: rerun the same command "
+            f"to resume{logs_hint()}")

@@ -49,6 +49,7 @@ class ProfessorJob(Job):
     targets: TargetReader  # the sources' stored columns, and how they become logits
     cache_fs: Any
     files: dict  # view -> its part files
+    checks: Any = None  # their sha256, checked as the job reads them
     in_memory: bool = True
 
     def build(self, ctx):
@@ -74,7 +75,7 @@ class ProfessorTask(Task):
     optim_key = "professor.optim"
 
     def __init__(self, job: ProfessorJob, ctx):
-        from pipeline.batches import MemoryEpochs, StreamEpochs, read_view, worker_share
+        from pipeline.batches import MemoryEpochs, StreamEpochs, check_view, read_view, worker_share
         from pipeline.data import as_tensor
 
         lc = job.lc
@@ -90,7 +91,7 @@ class ProfessorTask(Task):
 
         if job.in_memory:
             def load(k):
-                raw = read_view(job.cache_fs, job.files[k], cols)
+                raw = read_view(job.cache_fs, job.files[k], cols, job.checks)
                 share = worker_share(len(raw["sample_id"]), ctx.rank, ctx.world, job.seed)
                 return prepare({c: v[share] for c, v in raw.items()})
 
@@ -102,7 +103,8 @@ class ProfessorTask(Task):
                 source = lambda k: ctx.shard(f"view{k}")  # noqa: E731
             else:
                 source = lambda k: ray.data.read_parquet(job.files[k], filesystem=job.cache_fs).select_columns(cols)  # noqa: E731
-            self.data = StreamEpochs(source, view_of, lc["batch_size"], 4096, job.seed, prepare)
+            self.data = StreamEpochs(source, view_of, lc["batch_size"], 4096, job.seed, prepare,
+                                     check=check_view(job.cache_fs, job.files, job.checks))
 
     def _sync(self, params) -> None:
         """Several workers: average their gradients (the professor is not wrapped in DDP)."""
@@ -257,6 +259,7 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
                            torch_threads=w.torch_threads or local_thread_share(cfg.ray, w.num_workers),
                            progress=getattr(progress, "queue", progress), lc=lc, targets=targets, cache_fs=cache.fs,
                            files={k: cache.view_files(k) for k in views},
+                           checks=cache.checks([p for k in views for p in cache.view_files(k)]),
                            in_memory=in_memory_choice(cfg.distill.in_memory, nbytes // w.num_workers))
         res = fit(job, inline=inline)
     state, history = res.state, res.history

@@ -1,7 +1,8 @@
 """Progress lines from Ray workers to the driver's console.
 
 Workers put short lines on a `ray.util.queue.Queue` (an actor holding no CPU); a driver thread prints
-them as they come. Workers may also put counts, `(key, n)`: the driver sums them and prints one line
+them as they come. Workers may also put counts, `(key, n)` or `(key, n, batch id)` (a batch a retry
+sends again is counted once): the driver sums them and prints one line
 of percentages against `totals` every `every` seconds (and once at the end). The console then shows
 raykd's own progress, not Ray's internal logs, which stay in the Ray session's log folder (Ray
 Data's own progress bars are off unless the console is a terminal).
@@ -25,6 +26,7 @@ class ProgressPrinter:
         self._stream = stream or sys.stdout
         self._totals, self._prefix, self._every = totals or {}, prefix, every
         self._counts = {k: 0 for k in self._totals}
+        self._seen: dict[str, set] = {}
         self._t0 = self._last = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -41,8 +43,13 @@ class ProgressPrinter:
                 return
 
     def _print(self, item) -> None:
-        if isinstance(item, tuple):  # a count from a worker
-            key, n = item
+        if isinstance(item, tuple):  # a count from a worker: (key, n[, the batch's identity])
+            key, n, *batch = item
+            if batch:  # a batch retried after its actor died is counted once
+                seen = self._seen.setdefault(key, set())
+                if batch[0] in seen:
+                    return
+                seen.add(batch[0])
             self._counts[key] = self._counts.get(key, 0) + n
             if time.time() - self._last >= self._every:
                 self._summary()
@@ -51,7 +58,7 @@ class ProgressPrinter:
 
     def _summary(self) -> None:
         self._last = time.time()
-        parts = [f"{k} {100 * self._counts.get(k, 0) / max(1, t):.0f}%" for k, t in self._totals.items()]
+        parts = [f"{k} {min(100.0, 100 * self._counts.get(k, 0) / max(1, t)):.0f}%" for k, t in self._totals.items()]
         done = min((self._counts.get(k, 0) for k in self._totals), default=0)
         rate = done / max(1e-9, self._last - self._t0)
         print(f"{self._prefix}{'  '.join(parts)}  ({rate:.0f} rows/s)", file=self._stream, flush=True)

@@ -38,16 +38,104 @@ def init_ray(ray_cfg) -> None:
         os.environ.setdefault(k, v)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        try:
-            # a remote cluster's workers do not inherit this process's environment: ship the settings
-            env = {k: os.environ[k] for k in _ENV_DEFAULTS if k != "RAY_DATA_LOGGING_CONFIG"}
-            ray.init(address=address, log_to_driver=LOG_TO_DRIVER, runtime_env={"env_vars": env})
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"cannot connect to the Ray cluster at {address} (ray.address / RAY_ADDRESS): {e}") from None
+        global _connected_address
+        # a remote cluster's workers do not inherit this process's environment: ship the settings
+        env = {k: os.environ[k] for k in _ENV_DEFAULTS if k != "RAY_DATA_LOGGING_CONFIG"}
+        with _held_stderr() as held:  # Ray's core logs every failed attempt (~20 lines): kept, shown on success
+            try:
+                ray.init(address=address, log_to_driver=LOG_TO_DRIVER, runtime_env={"env_vars": env})
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                held.drop = True
+                raise ConfigError(connection_message(address, e, held.text())) from None
+        _connected_address = address
         return
     num_cpus = ray_cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     store = ray_cfg.object_store_mb * 2**20 if ray_cfg.object_store_mb else None
     ray.init(num_cpus=num_cpus, object_store_memory=store, include_dashboard=False, log_to_driver=LOG_TO_DRIVER)
+
+
+class _held_stderr:
+    """Hold what this process (and its C++ core) writes to stderr meanwhile; replay it unless `drop`."""
+
+    def __enter__(self):
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        self.drop = False
+        return self
+
+    def text(self) -> str:
+        self.file.seek(0)
+        return self.file.read().decode(errors="replace")
+
+    def __exit__(self, *exc) -> None:
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        if not self.drop:
+            sys.stderr.write(self.text())
+        self.file.close()
+
+
+TOKEN_FILE = os.path.join("~", ".ray", "auth_token")
+
+
+def connection_message(address: str, error: BaseException, stderr: str, auth_mode: str | None = None,
+                       token_file: str | None = None) -> str:
+    """One line for a failed connection to a cluster, naming token authentication when it is the cause:
+    Ray 2.60 turns it on for a head started where a token exists, and then refuses a driver without
+    RAY_AUTH_MODE=token (its core logs `InvalidAuthToken`; the exception only says it failed to connect)."""
+    auth_mode = os.environ.get("RAY_AUTH_MODE") if auth_mode is None else auth_mode
+    token_file = os.path.expanduser(TOKEN_FILE) if token_file is None else token_file
+    where = f"cannot connect to the Ray cluster at {address} (ray.address / RAY_ADDRESS)"
+    if "InvalidAuthToken" in stderr or "Unauthenticated" in stderr or "InvalidAuthToken" in str(error):
+        if auth_mode != "token":
+            return (f"{where}: it requires Ray's token authentication and this process sends no token: set "
+                    f"RAY_AUTH_MODE=token (Ray then reads the token from RAY_AUTH_TOKEN or {TOKEN_FILE}; on another "
+                    "machine than the head, copy the head's token there)")
+        return (f"{where}: it refused this process's authentication token: RAY_AUTH_TOKEN or {TOKEN_FILE} must hold "
+                "the token the head uses (its ~/.ray/auth_token)")
+    hint = ""
+    if auth_mode != "token" and os.path.exists(token_file):
+        hint = (f"; if the cluster uses token authentication (this machine has a token in {TOKEN_FILE}), set "
+                "RAY_AUTH_MODE=token")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"{where}: {first}{hint}"
+
+
+def logs_dir() -> str | None:
+    """The log folder of the Ray session this process is connected to (None without Ray)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # private: Ray is pinned to 2.60
+    except AttributeError:
+        return None
+
+
+def logs_hint() -> str:
+    """'. Ray's logs: <this session's log folder>' for messages, or '' without Ray."""
+    d = logs_dir()
+    if d is None:
+        return ""
+    cluster = "" if is_local_session() else " (on each node of the cluster)"
+    return f". Ray's logs: {d}{cluster}"
+
+
+def is_local_session() -> bool:
+    return not os.environ.get("RAY_ADDRESS") and not _connected_address
+
+
+_connected_address: str | None = None
 
 
 def jobs_that_fit(cpus_per_job: float) -> int:

@@ -172,7 +172,11 @@ def _summarise(cfg: Config, name: str, out: str, grid, seconds: float) -> dict:
                      **{k: m.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")},
                      "teachers_loaded": m.get("teachers_loaded"), "error": type(r.error).__name__ if r.error else ""})
     if all(r[sw.metric] is None for r in rows):
-        raise StageFailed(f"sweep {name}: no trial reported a result; Ray's logs: /tmp/ray/session_latest/logs")
+        from pipeline.raysetup import logs_hint
+
+        errors = sorted({r["error"] for r in rows if r["error"]})
+        raise StageFailed(f"sweep {name}: no trial reported a result (errors: {', '.join(errors) or 'none'}; each "
+                          f"trial's own error is in its folder under {out}/tune){logs_hint()}")
     sign = -1 if sw.mode == "max" else 1
     rows.sort(key=lambda r: (r[sw.metric] is None, sign * (r[sw.metric] or 0), r["trial"]))  # ties: by trial
     best = grid.get_best_result(metric=sw.metric, mode=sw.mode, scope="last")

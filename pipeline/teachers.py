@@ -222,8 +222,7 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
             runner.submit(job, on_done, on_start)
         runner.run()
     if failed:
-        raise StageFailed(f"teacher training failed for {', '.join(failed)}; the others are saved. "
-                          "Ray's logs: /tmp/ray/session_latest/logs")
+        raise StageFailed(f"teacher training failed for {', '.join(failed)} (above); the others are saved")
     return records
 
 

@@ -367,9 +367,11 @@ def test_two_builds_of_one_uri_at_once(built, ray_session, tmp_path, digits):
     assert not os.path.exists(os.path.join(uri, "_build.json")) and not os.path.exists(os.path.join(uri, "_build.lock"))
 
 
-def test_teacher_actor_killed_mid_build(built, ray_session, tmp_path, digits):
+def test_teacher_actor_killed_mid_build(built, ray_session, tmp_path, digits, capsys):
     """SIGKILL one teacher's actor while it works: Ray Data restarts it and retries its batches; the build
-    completes with every (sample, view) row exactly once."""
+    completes with every (sample, view) row exactly once, and its progress never passes 100 %."""
+    import re
+
     import signal
     import threading
 
@@ -405,6 +407,9 @@ def test_teacher_actor_killed_mid_build(built, ray_session, tmp_path, digits):
     pairs = set(zip(column_array(t, "sample_id").tolist(), column_array(t, "view_id").tolist()))
     assert len(pairs) == t.num_rows == 6 * len(digits.train)
     Cache(uri).verify()
+    shares = [int(p) for ln in capsys.readouterr().out.splitlines() if ln.startswith("[cache] views")
+              for p in re.findall(r" (\d+)%", ln)]
+    assert shares and max(shares) == 100  # a retried batch is counted once
 
 
 def test_credentials_never_written_or_printed(built, s3_endpoint, tmp_path, capfd, monkeypatch):

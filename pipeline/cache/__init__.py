@@ -17,6 +17,6 @@ from pipeline.cache import columns  # noqa: F401
 from pipeline.cache.build import build_cache, cache_fingerprint, cache_uri, split_to_ray  # noqa: F401
 from pipeline.cache.codecs import dequantize_int8, quantize_int8, topk_decode, topk_encode  # noqa: F401
 from pipeline.cache.inspect import inspect_cache  # noqa: F401
-from pipeline.cache.reader import Cache, TargetReader, column_array, load_refined, tensor_shape  # noqa: F401
-from pipeline.cache.storage import (MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, BuildLock, CacheError,  # noqa: F401
+from pipeline.cache.reader import Cache, PartChecks, TargetReader, column_array, load_refined, tensor_shape  # noqa: F401
+from pipeline.cache.storage import (MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, BuildLock, CacheDamage, CacheError,  # noqa: F401
                                         describe_files, open_fs, owner_alive, view_dir, write_json)

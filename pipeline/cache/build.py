@@ -107,7 +107,8 @@ class TeacherForward:
                 out[col], out[C.scale(col)] = q.cpu().numpy(), scale.cpu().numpy()
             else:
                 out[col] = fmap.half().cpu().numpy()
-        emit(self.progress, (self.name, len(x)))
+        ids, vids = batch["sample_id"], batch["view_id"]  # a batch's identity: retried batches count once
+        emit(self.progress, (self.name, len(x), (int(ids[0]), int(vids[0]), int(ids[-1]), int(vids[-1]), len(x))))
         return out
 
 
@@ -177,8 +178,9 @@ def cache_fingerprint(splits, cfg: Config, teachers: list[dict]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def build_cache(cfg: Config, overwrite: bool = False) -> dict:
-    """Build (or finish, or reuse) the cache for `cfg`; returns its manifest."""
+def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> dict:
+    """Build (or finish, or reuse) the cache for `cfg`; returns its manifest. `repair`: check every part
+    file of a finished cache of this config against its sha256 and rebuild the views with a damaged one."""
     from pipeline.data import load_splits
 
     splits = load_splits(cfg.data)
@@ -192,6 +194,11 @@ def build_cache(cfg: Config, overwrite: bool = False) -> dict:
         building = read_json(fs, posixpath.join(root, BUILD))
     except storage_errors() as e:
         raise CacheError(storage_message(f"cache.uri={uri}", e)) from None
+    if repair:
+        if manifest is None or manifest.get("fingerprint") != fp or manifest.get("schema_version") != SCHEMA_VERSION:
+            raise CacheError(f"{uri}: --repair mends a finished cache of this config, and this is not one (no manifest, "
+                             "or other inputs); build it with `raykd cache`")
+        return _repair(cfg, splits, teachers, fp, uri, fs, root, manifest)
     if manifest is not None and manifest.get("fingerprint") == fp and manifest.get("schema_version") == SCHEMA_VERSION \
             and not overwrite:
         print(f"[cache] {uri}: up to date (fingerprint {fp[:12]}), reused", flush=True)
@@ -217,6 +224,52 @@ def build_cache(cfg: Config, overwrite: bool = False) -> dict:
         manifest = _build_views(cfg, splits, teachers, fp, uri, fs, root, lock)
         fs.rm(posixpath.join(root, BUILD))  # after the manifest: a build that dies before leaves its record
         return manifest
+
+
+def _damaged(fs, root: str, files: list[dict]) -> list[str]:
+    """The listed part files that are missing or do not match their size and sha256."""
+    bad = []
+    for f in files:
+        path = posixpath.join(root, f["path"])
+        try:
+            with fs.open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            bad.append(f["path"])
+            continue
+        if len(data) != f["bytes"] or hashlib.sha256(data).hexdigest() != f["sha256"]:
+            bad.append(f["path"])
+    return bad
+
+
+def _repair(cfg, splits, teachers, fp, uri, fs, root, manifest) -> dict:
+    """Rebuild the views that hold a damaged part file; keep every other view. A damaged (or orphaned) refined
+    column is dropped: `raykd professor` adds it again."""
+    import re
+
+    bad = _damaged(fs, root, [*manifest["files"], *(manifest.get("professor") or {}).get("files", [])])
+    if not bad:
+        print(f"[cache] {uri}: every part file matches its sha256; nothing to repair", flush=True)
+        return manifest
+    views = sorted({int(m.group(1)) for p in bad if (m := re.match(rf"{VIEWS}/view=(\d+)/", p))})
+    print(f"[cache] {uri}: {len(bad)} damaged part file(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+          f"rebuilding view(s) {views}" + (", dropping the refined column" if manifest.get("professor") else ""),
+          flush=True)
+    with BuildLock(fs, root, uri) as lock:
+        write_json(fs, posixpath.join(root, BUILD), {"fingerprint": fp, "started": time.time()})
+        fs.rm(posixpath.join(root, MANIFEST))  # uncommit first: a reader never sees a half-mended cache
+        for k in views:
+            if fs.exists(marker(root, k)):
+                fs.rm(marker(root, k))
+            if fs.exists(view_dir(root, k)):
+                fs.rm(view_dir(root, k), recursive=True)
+        if fs.exists(posixpath.join(root, REFINED)):
+            fs.rm(posixpath.join(root, REFINED), recursive=True)
+        repaired = _build_views(cfg, splits, teachers, fp, uri, fs, root, lock)
+        fs.rm(posixpath.join(root, BUILD))
+    if manifest.get("professor"):
+        print(f"[cache] {uri}: repaired; run `raykd professor` to add the refined column again", flush=True)
+    return repaired
 
 
 def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> dict:

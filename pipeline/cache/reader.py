@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.cache import columns as C
 from pipeline.cache.storage import (MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, CacheError, open_fs, read_json,
-                                        storage_errors, storage_message, view_dir)
+                                        read_parquet_part, storage_errors, storage_message, view_dir)
 
 
 def column_array(table, name: str) -> np.ndarray:
@@ -55,17 +55,26 @@ class TargetReader:
         return out
 
 
-def load_refined(fs, paths: list[str], by_view: bool = False) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class PartChecks:
+    """What a job checks each part file it reads against: its sha256 in the manifest, by path."""
+
+    uri: str
+    root: str
+    sha256: dict  # full path -> sha256
+
+    def read(self, fs, path: str, columns: list[str] | None = None):
+        return read_parquet_part(fs, path, columns, self.sha256.get(path), self.uri, self.root)
+
+
+def load_refined(fs, paths: list[str], by_view: bool = False, checks: PartChecks | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The professor's refined targets in `paths`, sorted by key: (keys, refined float32 (N, C)).
     The key is the sample id, or view_id * 2**40 + sample_id with `by_view` (several views)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    tables = []
-    for path in paths:
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=["sample_id", "view_id", C.REFINED]))
-    t = pa.concat_tables(tables)
+    cols = ["sample_id", "view_id", C.REFINED]
+    t = pa.concat_tables([checks.read(fs, p, cols) if checks else read_parquet_part(fs, p, cols) for p in paths])
     keys = column_array(t, "sample_id").astype(np.int64)
     if by_view:
         keys = keys + column_array(t, "view_id").astype(np.int64) * (1 << 40)
@@ -129,6 +138,11 @@ class Cache:
         held = "full logits" if self.targets["logits"] else f"top-{self.targets['topk']['k']} of {self.sources}"
         raise CacheError(f"{self.uri}: no targets of {source!r} in the cache (it holds {held}); pick among "
                          f"{self.sources} (method.teachers), or build a cache with them")
+
+    def checks(self, paths: list[str]) -> PartChecks:
+        """The manifest's sha256 of these part files, for a job to check them as it reads them."""
+        by_path = {posixpath.join(self.root, f["path"]): f["sha256"] for f in self.all_files}
+        return PartChecks(self.uri, self.root, {p: by_path[p] for p in paths})
 
     def target_reader(self, sources: list[str] | None = None) -> TargetReader:
         """The reader of these sources' targets (default: all)."""

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import socket
 import threading
 import time
@@ -34,6 +35,43 @@ def marker(root: str, k: int) -> str:
 
 class CacheError(RaykdError):
     """A cache is missing, corrupt, or not the cache the caller expects."""
+
+
+class CacheDamage(CacheError):
+    """A cache file that does not match its manifest when a job reads it."""
+
+
+def damage_message(uri: str, rel: str, what: str) -> str:
+    """One line for a damaged part file: which one, and the commands that list and repair the damage."""
+    m = re.search(r"^(views|refined)/view=(\d+)/", rel)
+    repair = ("rebuilds the views they belong to (view " + m.group(2) + " here) and keeps the others"
+              if m and m.group(1) == VIEWS else "drops the refined column, which `raykd professor` then adds again")
+    return (f"{uri}: part file {rel} {what}: it was damaged after the cache was built. `raykd inspect --verify {uri}` "
+            f"lists every damaged file; `raykd cache --repair -c CONFIG` {repair}. Nothing was deleted")
+
+
+def read_part(fs, path: str, sha256: str | None = None, uri: str = "", root: str = "") -> bytes:
+    """A part file's bytes, checked against its sha256 in the manifest when one is given."""
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CacheDamage(damage_message(uri, posixpath.relpath(path, root) if root else path,
+                                         "does not match its sha256 in manifest.json"))
+    return data
+
+
+def read_parquet_part(fs, path: str, columns: list[str] | None = None, sha256: str | None = None, uri: str = "",
+                      root: str = ""):
+    """A part file as an Arrow table, its bytes checked first; unreadable Parquet is named as damage too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = read_part(fs, path, sha256, uri, root)
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except pa.ArrowException as e:
+        raise CacheDamage(damage_message(uri, posixpath.relpath(path, root) if root else path,
+                                         f"is not readable Parquet ({str(e)[:200]})")) from None
 
 
 def open_fs(uri: str, s3_endpoint: str | None = None):
