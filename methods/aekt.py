@@ -1,17 +1,19 @@
-"""AEKT — adaptive explicit knowledge transfer (seed 002; full text unavailable, see docs/methods.md).
+"""AEKT — adaptive explicit knowledge transfer (seed 002; full text unavailable).
 
 Paper (abstract): logit-based distillation; implicit knowledge is the teacher's non-target
 distribution, explicit knowledge the teacher's confidence in the target class, transferred with an
 adaptively learned weight; classification and distillation are separated into two tasks, and that
 separation models inter-class relations.
-Our reading (each choice a `method.aekt` option, defaults from docs/methods.md):
-- a task-serialization layer W (C x C linear, identity weight, zero bias; `bias`) after the student's
-  classifier: z_cls (-> CE, and the only output at inference: the exported student has no extra
-  parameter) and z_kd = W(z_cls) (-> distillation); W lives in the method, so it is trained and
-  checkpointed with the student and saved apart (method.safetensors);
+Our reading (each choice a `method.aekt` option):
+- a task-serialization layer W = I + D (C x C, D zero at the start, zero bias; `bias`) after the
+  student's classifier: z_cls (-> CE, and the only output at inference: the exported student has no
+  extra parameter) and z_kd = W(z_cls) (-> distillation); W lives in the method, so it is trained and
+  checkpointed with the student and saved apart (method.safetensors). Weight decay acts on D, so it
+  pulls W towards the identity (no separation decays to "none"); a plain C x C weight under decay was
+  pulled towards 0, i.e. towards z_kd = 0 and a uniform distillation head (version 1);
 - explicit term L_ek = w * TCKD(z_t, z_kd) with the adaptive weight
   w = stopgrad(clamp(p_t,target / p_s,target, 0, w_max)), per sample, probabilities at tau (`w_max`),
-  divided by its batch mean (`normalize`, our addition to docs/methods.md: without it w sits near
+  divided by its batch mean (`normalize`, our addition: without it w sits near
   w_max early on, the explicit term is ~5x DKD's TCKD, and students collapsed — digits demo, cnn4:
   10 % test accuracy vs 94.7 % normalised, DKD 94.7 %);
 - implicit term L_ik = NCKD(z_t, z_kd);
@@ -23,9 +25,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
 from methods.base import METHODS, Method
-from methods.dkd import dkd_terms, warmup_factor
+from methods.dkd import DKDOptions, dkd_terms, warmup_factor
+from pipeline.schema import Section
 
 
 def adaptive_weight(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,
@@ -49,23 +53,48 @@ def aekt_terms(z_kd: torch.Tensor, logits_teacher: torch.Tensor, target: torch.T
     return (w * tckd).mean(), nckd.mean(), mean_w
 
 
+class AEKTOptions(DKDOptions):
+    """DKD's options and defaults, plus the adaptive weight's and the serialization layer's."""
+
+    w_max: float = Field(5.0, gt=0, description="cap of the adaptive weight p_t,target / p_s,target")
+    normalize: bool = Field(True, description="divide the adaptive weights by their batch mean (else students collapse)")
+    bias: bool = Field(True, description="the task-serialization layer has a bias (initialised to 0)")
+
+
+class Serialization(nn.Module):
+    """z -> z + z D^T + b: the identity plus a learned deviation D (zero at the start), so that weight decay
+    (on D and b) pulls the layer towards the identity."""
+
+    def __init__(self, num_classes: int, bias: bool):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(num_classes, num_classes))
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W = I + D."""
+        return torch.eye(self.delta.shape[0], device=self.delta.device, dtype=self.delta.dtype) + self.delta
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + F.linear(z, self.delta, self.bias)
+
+
 @METHODS.register("aekt")
 class AEKT(Method):
+    Options = AEKTOptions
+
+    version = 2  # 2: W = I + D, weight decay towards the identity
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        c = ctx.num_classes
-        self.serialize = nn.Linear(c, c, bias=cfg.aekt.bias)
-        with torch.no_grad():
-            self.serialize.weight.copy_(torch.eye(c))
-            if self.serialize.bias is not None:
-                self.serialize.bias.zero_()
+        self.serialize = Serialization(ctx.num_classes, cfg.aekt.bias)
 
     def forward(self, logits, stages, targets, labels, epoch):
         o = self.cfg.aekt
         ce = F.cross_entropy(logits, labels)
         z_kd = self.serialize(logits)
         ek = ik = w_mean = 0.0
-        for w, z in self.soft_targets(targets, o.temperature):
+        for w, z in self.soft_targets(targets, o.temperature, labels, z_kd):
             e, i, m = aekt_terms(z_kd, z, labels, o.temperature, o.w_max, o.normalize)
             ek, ik, w_mean = ek + w * e, ik + w * i, w_mean + w * m
         warm = warmup_factor(epoch, o.warmup)

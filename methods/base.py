@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from methods.ensemble import PER_SAMPLE, mix_logits, teacher_weights
 from pipeline.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -45,15 +46,24 @@ class Targets:
 def ensemble_logits(zs: list[torch.Tensor], temperature: float, weights: list[float] | None = None) -> torch.Tensor:
     """z~ = tau * log(sum_t w_t softmax(z_t / tau)): logits whose softmax at tau is exactly the (weighted)
     mean of the teachers' probabilities, so one loss function serves one teacher and an ensemble alike."""
-    z = torch.stack(zs)  # (N, B, C)
-    w = torch.tensor(weights or [1.0 / len(zs)] * len(zs), dtype=z.dtype, device=z.device)
-    return temperature * torch.logsumexp(F.log_softmax(z / temperature, dim=2) + w.log().view(-1, 1, 1), dim=0)
+    w = torch.tensor(weights or [1.0 / len(zs)] * len(zs), device=zs[0].device)
+    return mix_logits(zs, temperature, w)
+
+
+def label_mix(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """tau * log((softmax(z / tau) + onehot(y)) / 2): the target half teacher, half label."""
+    p = F.softmax(z / temperature, 1)
+    mixed = 0.5 * (p + F.one_hot(labels, z.shape[1]).to(p.dtype))
+    return temperature * mixed.clamp_min(1e-30).log()
 
 
 class Method(nn.Module, metaclass=ABCMeta):
     """Base class. `uses_teachers = False` for methods that need no teacher output (the CE baseline)."""
 
     uses_teachers = True
+    # this method's own options, `method.<name>.*`: a pipeline.schema.Section subclass declared in the
+    # method's file (config builds method.<name> from it); None = no options of its own
+    Options = None
     # bump when a change to the method's maths makes its earlier students stale: it enters the students'
     # fingerprints (from 2 on, so version-1 students keep theirs), and a rerun trains them again
     version = 1
@@ -61,6 +71,7 @@ class Method(nn.Module, metaclass=ABCMeta):
     def __init__(self, cfg, ctx: MethodContext):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
+        self.logged: dict[str, torch.Tensor] = {}  # per-step values to log beside the loss terms (the weights)
 
     uses_logits = True  # False for feature-only methods (FEED): no logits column is read
 
@@ -78,7 +89,7 @@ class Method(nn.Module, metaclass=ABCMeta):
             return []
         cols = [C.logits(t) for t in self.ctx.teachers] if self.cfg.targets != "refined" and self.uses_logits else []
         cols += [C.feat(t, s) for t, stages in self.feature_layers().items() for s in stages]
-        return cols + ([C.REFINED] if self.cfg.targets != "teachers" else [])
+        return cols + ([C.REFINED] if self.cfg.targets in ("refined", "both") else [])
 
     # ---- hooks of the driver (`raykd distill`): the driver names no method
 
@@ -115,34 +126,57 @@ class Method(nn.Module, metaclass=ABCMeta):
         """`epoch` counts from 1. Returns {"loss": total, <term>: value, ...}."""
 
     def teacher_weights(self) -> dict[str, float]:
-        """Per-teacher weights of `method.ensemble=weighted` (normalised): fixed, or by validation accuracy."""
+        """Per-teacher weights of `method.ensemble=weighted` (normalised): fixed, or from validation accuracy
+        (proportional, or softmax(acc / T) with `method.weight_temperature`)."""
         w = self.cfg.teacher_weights
         if w is None or w == "val_acc":
-            w = {t: self.ctx.teacher_val_acc.get(t, 1.0) for t in self.ctx.teachers}
+            acc = torch.tensor([self.ctx.teacher_val_acc.get(t, 1.0) for t in self.ctx.teachers], dtype=torch.float64)
+            t = self.cfg.weight_temperature
+            v = torch.softmax(acc / t, 0) if t is not None else acc / acc.sum()
+            return dict(zip(self.ctx.teachers, v.tolist()))
         total = sum(w[t] for t in self.ctx.teachers)
         return {t: w[t] / total for t in self.ctx.teachers}
 
-    def soft_target(self, targets: Targets, temperature: float) -> list[torch.Tensor]:
-        """The teachers' logits to distil from, per `method.ensemble`: `mean_prob` / `weighted` one
-        `ensemble_logits` tensor, `mean_logit` the mean logits, `per_teacher` every teacher's own."""
+    def soft_target(self, targets: Targets, temperature: float, labels: torch.Tensor | None = None,
+                    student: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The teachers' logits to distil from, per `method.ensemble` (methods/ensemble.py): one mixture for
+        mean_prob, weighted, ca_mkd, entropy and ae_kd (`labels` for ca_mkd, the `student`'s logits being
+        distilled for ae_kd), the mean logits for mean_logit, every teacher's own for per_teacher. The
+        weights of a mixture that is not uniform are logged: w.<teacher> (batch mean), w_sd.<teacher>
+        (the spread over the batch's samples)."""
         zs = [targets.logits[t].detach() for t in self.ctx.teachers]  # teachers are frozen
         mode = self.cfg.ensemble
         if mode == "per_teacher" or len(zs) == 1:
             return zs
         if mode == "mean_logit":
             return [torch.stack(zs).mean(0)]
-        w = self.teacher_weights() if mode == "weighted" else None
-        return [ensemble_logits(zs, temperature, [w[t] for t in self.ctx.teachers] if w else None)]
+        fixed = None
+        if mode == "weighted":
+            tw = self.teacher_weights()
+            fixed = [tw[t] for t in self.ctx.teachers]
+        w = teacher_weights(mode, zs, temperature, labels, student, fixed)
+        if mode != "mean_prob":
+            for i, t in enumerate(self.ctx.teachers):
+                self.logged[f"w.{t}"] = w[:, i].mean()
+                self.logged[f"w_sd.{t}"] = w[:, i].std(unbiased=False)
+        return [mix_logits(zs, temperature, w)]
 
-    def soft_targets(self, targets: Targets, temperature: float) -> list[tuple[float, torch.Tensor]]:
+    def soft_targets(self, targets: Targets, temperature: float, labels: torch.Tensor | None = None,
+                     student: torch.Tensor | None = None) -> list[tuple[float, torch.Tensor]]:
         """(weight, logits) pairs whose weighted sum of losses is the method's distillation term, per
         `method.targets`: the teachers (split evenly over `per_teacher`), the professor's refined targets
-        (`refined`, the `replace` strategy), or both (`both`, the `combine` strategy, `method.combine`)."""
+        (`refined`, the `replace` strategy), both (`both`, the `combine` strategy, `method.combine`), or the
+        teachers' target mixed half and half with the label (`label_mix`, a baseline for the professor).
+        `labels` and the `student`'s logits reach the per-sample ensembles (ca_mkd, ae_kd)."""
+        if self.cfg.ensemble in PER_SAMPLE and (labels is None or (student is None and self.cfg.ensemble == "ae_kd")):
+            raise ValueError(f"ensemble {self.cfg.ensemble} needs the labels and the student's logits")
         out: list[tuple[float, torch.Tensor]] = []
         mode = self.cfg.targets
-        if mode in ("teachers", "both"):
-            zs = self.soft_target(targets, temperature)
-            w = 1.0 if mode == "teachers" else self.cfg.combine.teachers
+        if mode in ("teachers", "both", "label_mix"):
+            zs = self.soft_target(targets, temperature, labels, student)
+            if mode == "label_mix":
+                zs = [label_mix(z, labels, temperature) for z in zs]
+            w = self.cfg.combine.teachers if mode == "both" else 1.0
             out += [(w / len(zs), z) for z in zs]
         if mode in ("refined", "both"):
             w = 1.0 if mode == "refined" else self.cfg.combine.professor

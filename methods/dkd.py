@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from methods.base import METHODS, Method
+from pipeline.schema import Section
 
 
 def _binary_log_probs(logits: torch.Tensor, gt: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -53,13 +55,23 @@ def warmup_factor(epoch: int, warmup: int) -> float:
     return 1.0 if warmup <= 0 else min(epoch / warmup, 1.0)
 
 
+class DKDOptions(Section):
+    temperature: float = Field(4.0, gt=0)
+    w_ce: float = Field(1.0, ge=0)
+    alpha: float = Field(1.0, ge=0, description="weight of TCKD")
+    beta: float = Field(8.0, ge=0, description="weight of NCKD (2 for resnet56->resnet20, 6 for wrn40-2 pairs)")
+    warmup: int = Field(20, ge=0, description="epochs over which the KD terms ramp up linearly (0 = none)")
+
+
 @METHODS.register("dkd")
 class DKD(Method):
+    Options = DKDOptions
+
     def forward(self, logits, stages, targets, labels, epoch):
         o = self.cfg.dkd
         ce = F.cross_entropy(logits, labels)
         tckd = nckd = 0.0
-        for w, z in self.soft_targets(targets, o.temperature):
+        for w, z in self.soft_targets(targets, o.temperature, labels, logits):
             t, n = dkd_terms(logits, z, labels, o.temperature)
             tckd, nckd = tckd + w * t, nckd + w * n
         warm = warmup_factor(epoch, o.warmup)

@@ -25,13 +25,17 @@ Our reading (each a `method.imf.*` option):
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
 from methods.base import METHODS, Method
 from methods.feed import match_size
 from methods.kd import kd_loss
+from pipeline.schema import Section
 
 
 def ifd_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -72,8 +76,27 @@ def _error(msg: str):
     return ConfigError(msg)
 
 
+class IMFOptions(Section):
+    """IMF: IFD branches on student stages matched to teacher stages, combined by an attentive logit."""
+
+    alpha: float = Field(10.0, ge=0, description="weight of the matched-feature MSE")
+    beta: float = Field(10.0, ge=0, description="weight of tau^2 KL(teacher || attentive logit)")
+    temperature: float = Field(4.0, gt=0)
+    student_layers: list[str] | None = Field(None, description="stages that get an IFD; None = the last two but the last")
+    teacher: str | None = Field(None, description="the teacher whose stages are matched; None = the first distilled one")
+    teacher_layers: dict[str, str] = Field(
+        default_factory=dict, description="student stage -> teacher stage; default the stage of the same name")
+    width: Literal["student", "teacher"] = Field(
+        "student", description="IFD channels: the next student stage's (+ a training-only 1x1 connector) or the teacher's")
+
+
+
+
+
 @METHODS.register("imf")
 class IMF(Method):
+    Options = IMFOptions
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         o = cfg.imf
@@ -122,7 +145,7 @@ class IMF(Method):
         fmaps = targets.features[self.teacher]
         feat = sum(channel_normalised_mse(self.connectors[s](f), fmaps[self.matched[s]])
                    for f, s in zip(feats, self.student_layers))
-        kd = sum(w * kd_loss(z_att, z, o.temperature) for w, z in self.soft_targets(targets, o.temperature))
+        kd = sum(w * kd_loss(z_att, z, o.temperature) for w, z in self.soft_targets(targets, o.temperature, labels, z_att))
         return {"loss": ce_att + ce + o.alpha * feat + o.beta * kd, "ce_att": ce_att, "ce": ce, "feat": feat, "kd": kd}
 
     def export(self, student, out_dir, splits, files):

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from methods.base import METHODS, Method
+from pipeline.schema import Section
 
 
 def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature: float,
@@ -25,10 +27,18 @@ def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperat
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
+class KDOptions(Section):
+    temperature: float = Field(4.0, gt=0)
+    w_ce: float = Field(0.1, ge=0)
+    w_kd: float = Field(0.9, ge=0)
+
+
 @METHODS.register("kd")
 class KD(Method):
+    Options = KDOptions
+
     def forward(self, logits, stages, targets, labels, epoch):
         o = self.cfg.kd
         ce = F.cross_entropy(logits, labels)
-        kd = sum(w * kd_loss(logits, z, o.temperature) for w, z in self.soft_targets(targets, o.temperature))
+        kd = sum(w * kd_loss(logits, z, o.temperature) for w, z in self.soft_targets(targets, o.temperature, labels, logits))
         return {"loss": o.w_ce * ce + o.w_kd * kd, "ce": ce, "kd": kd}

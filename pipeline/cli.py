@@ -107,7 +107,7 @@ def cmd_run(args) -> int:
     print(format_table(run_teachers(cfg)), flush=True)
     build_cache(cfg, overwrite=args.overwrite)
     runs = [variant(cfg, c, f"run.compare.{i}") for i, c in enumerate(cfg.run.compare)] or [cfg]
-    if any(r.method.targets != "teachers" for r in runs):
+    if any(r.method.targets in ("refined", "both") for r in runs):
         from pipeline.professor import run_professor
 
         run_professor(cfg)

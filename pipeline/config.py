@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from pipeline.errors import ConfigError
 
-NAME_RE = r"^[A-Za-z][A-Za-z0-9_-]*$"
+from pipeline.schema import NAME_RE, Section  # noqa: F401  (Section: the base of every section, methods' too)
 
 
 def _known_arch(v: str) -> str:
@@ -25,12 +25,6 @@ def _known_arch(v: str) -> str:
 
 
 Arch = Annotated[str, AfterValidator(_known_arch)]  # a model zoo name
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class RunSection(Section):
@@ -229,87 +223,32 @@ class CacheSection(Section):
         return v
 
 
-class KDOptions(Section):
-    temperature: float = Field(4.0, gt=0)
-    w_ce: float = Field(0.1, ge=0)
-    w_kd: float = Field(0.9, ge=0)
-
-
-class DKDOptions(Section):
-    temperature: float = Field(4.0, gt=0)
-    w_ce: float = Field(1.0, ge=0)
-    alpha: float = Field(1.0, ge=0, description="weight of TCKD")
-    beta: float = Field(8.0, ge=0, description="weight of NCKD (2 for resnet56->resnet20, 6 for wrn40-2 pairs)")
-    warmup: int = Field(20, ge=0, description="epochs over which the KD terms ramp up linearly (0 = none)")
-
-
-class AEKTOptions(DKDOptions):
-    """DKD's options and defaults, plus the adaptive weight's and the serialization layer's."""
-
-    w_max: float = Field(5.0, gt=0, description="cap of the adaptive weight p_t,target / p_s,target")
-    normalize: bool = Field(True, description="divide the adaptive weights by their batch mean (else students collapse)")
-    bias: bool = Field(True, description="the task-serialization layer has a bias (initialised to 0)")
-
-
-class SKDOptions(KDOptions):
-    """KD's options and defaults, plus the simplifier's."""
-
-    w_sc: float = Field(0.1, ge=0, description="CE of the simplified target on the label (guards against collapse)")
-    w_anchor: float = Field(1.0, ge=0, description="tau^2 KL(teacher || simplified target): keeps the target near the teacher")
-    dim: int = Field(32, gt=0, description="embedding width of the simplifier's class tokens")
-
-
-class FEEDOptions(Section):
-    """FEED: one non-linear transformation (NTL) per teacher from the student's final map to the teacher's."""
-
-    beta: float = Field(500.0, ge=0, description="weight of the feature term (the Factor Transfer default)")
-    w_ce: float = Field(1.0, ge=0)
-    student_layer: str | None = Field(None, description="student stage the NTLs read; None = its last stage")
-    teacher_layers: dict[str, str] = Field(
-        default_factory=dict, description="teacher -> stage to match; a teacher not listed: its last stage")
-    negative_slope: float = Field(0.1, ge=0, description="LeakyReLU slope inside the NTLs")
-    generations: int = Field(1, ge=1, description="sequential FEED: generation g>1 distils from generation g-1's student")
-    from_student: str | None = Field(
-        None, pattern=NAME_RE, description="a finished student (<out_dir>/students/<name>) as the only teacher, run "
-                                           "in the workers on the cached views; set by sequential FEED for g>1")
-
-
-class IMFOptions(Section):
-    """IMF: IFD branches on student stages matched to teacher stages, combined by an attentive logit."""
-
-    alpha: float = Field(10.0, ge=0, description="weight of the matched-feature MSE")
-    beta: float = Field(10.0, ge=0, description="weight of tau^2 KL(teacher || attentive logit)")
-    temperature: float = Field(4.0, gt=0)
-    student_layers: list[str] | None = Field(None, description="stages that get an IFD; None = the last two but the last")
-    teacher: str | None = Field(None, description="the teacher whose stages are matched; None = the first distilled one")
-    teacher_layers: dict[str, str] = Field(
-        default_factory=dict, description="student stage -> teacher stage; default the stage of the same name")
-    width: Literal["student", "teacher"] = Field(
-        "student", description="IFD channels: the next student stage's (+ a training-only 1x1 connector) or the teacher's")
-
-
 class CombineWeights(Section):
     teachers: float = Field(0.5, ge=0)
     professor: float = Field(0.5, ge=0)
 
 
-class MethodSection(Section):
-    """The distillation method: `name` picks it, its own options live under its name (method.dkd.beta)."""
+ENSEMBLES = ("mean_prob", "mean_logit", "weighted", "per_teacher", "ca_mkd", "entropy", "ae_kd")
+
+
+class MethodBase(Section):
+    """The distillation method: `name` picks it; what every logit method shares is here (the teachers'
+    ensemble, the targets); each method's own options live under its name (method.dkd.beta), declared by
+    the method itself (`Method.Options`, in its file under methods/)."""
 
     name: str = "kd"
     teachers: list[str] | None = Field(None, description="teachers to distil from; None = all cached ones")
-    ensemble: Literal["mean_prob", "mean_logit", "weighted", "per_teacher"] = "mean_prob"
+    ensemble: Literal[ENSEMBLES] = Field(  # type: ignore[valid-type]
+        "mean_prob", description="how several teachers make one target (methods/ensemble.py): mean_prob, mean_logit, "
+                                 "weighted, per_teacher, or per sample ca_mkd, entropy (EBKD), ae_kd (min-norm)")
     teacher_weights: dict[str, float] | Literal["val_acc"] | None = Field(
         None, description="for ensemble=weighted: fixed weights per teacher, or val_acc (the default)")
-    targets: Literal["teachers", "refined", "both"] = Field(
-        "teachers", description="distil from the teachers, the professor's refined targets (replace), or both (combine)")
+    weight_temperature: float | None = Field(
+        None, gt=0, description="ensemble=weighted by val_acc: weights softmax(val_acc / T); None = proportional")
+    targets: Literal["teachers", "refined", "both", "label_mix"] = Field(
+        "teachers", description="distil from the teachers, the professor's refined targets (replace), both (combine), "
+                                "or label_mix: the teachers' target mixed half and half with the one-hot label (a baseline)")
     combine: CombineWeights = Field(default_factory=CombineWeights, description="weights of targets=both")
-    kd: KDOptions = Field(default_factory=KDOptions)
-    dkd: DKDOptions = Field(default_factory=DKDOptions)
-    aekt: AEKTOptions = Field(default_factory=AEKTOptions)
-    skd: SKDOptions = Field(default_factory=SKDOptions)
-    feed: FEEDOptions = Field(default_factory=FEEDOptions)
-    imf: IMFOptions = Field(default_factory=IMFOptions)
 
     @field_validator("name")
     @classmethod
@@ -318,6 +257,32 @@ class MethodSection(Section):
 
         METHODS.check(v)
         return v
+
+    @model_validator(mode="after")
+    def _weight_temperature_use(self):
+        if self.weight_temperature is not None and self.ensemble != "weighted":
+            raise ValueError(f"weight_temperature applies only to ensemble: weighted (ensemble is {self.ensemble})")
+        return self
+
+    def own(self) -> dict:
+        """The fingerprinted part: the shared fields and the chosen method's own options only (a change to
+        method.dkd.* does not make a KD student stale)."""
+        d = self.model_dump(mode="json")
+        return {k: v for k, v in d.items() if k in MethodBase.model_fields or k == self.name}
+
+
+def _method_section() -> type[MethodBase]:
+    """MethodBase plus one field per registered method that declares options: `method.<name>`."""
+    from pydantic import create_model
+
+    from methods import METHODS
+
+    fields = {name: (cls.Options, Field(default_factory=cls.Options, description=(cls.Options.__doc__ or "").strip()))
+              for name, cls in METHODS.items() if cls.Options is not None}
+    return create_model("MethodSection", __base__=MethodBase, **fields)
+
+
+MethodSection = _method_section()
 
 
 def _default_distill_optim() -> OptimSection:
@@ -349,20 +314,25 @@ class DistillSection(Section):
 
 class ProfessorOptim(Section):
     epochs: int = Field(8, gt=0)
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0, description="Adam, for the refiner and the discriminators alike")
 
 
 class ProfessorSection(Section):
-    """The CAAE professor: trained on the cached teacher targets, then adds the cache's `refined` column."""
+    """The CAAE professor (methods/professor.py): trained on the cached teacher targets, then adds the cache's
+    `refined` column."""
 
     temperature: float = Field(4.0, gt=0, description="tau of the teachers' soft targets q_t")
-    latent_dim: int = Field(16, gt=0)
+    ensemble: Literal["mean_prob", "ca_mkd", "entropy"] = Field(
+        "mean_prob", description="how the teachers' probabilities make q (methods/ensemble.py)")
+    latent_dim: int | None = Field(None, gt=0, description="latent width, narrower than the classes; None = classes // 2")
     hidden: int = Field(64, gt=0)
-    w_rec: float = Field(1.0, ge=0)
-    w_cls: float = Field(1.0, ge=0)
-    w_z: float = Field(0.01, ge=0)
-    w_q: float = Field(0.01, ge=0)
+    w_rec: float = Field(1.0, ge=0, description="KL(q || softmax r) on the samples the teachers got right")
+    w_cls: float = Field(0.0, ge=0, description="CE(r, y); above 0 it pulls the optimum towards the label mix")
+    w_z: float = Field(0.1, ge=0, description="adversarial weight of the latent prior (per class)")
+    w_q: float = Field(0.1, ge=0, description="adversarial weight of the output discriminator")
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of the training samples kept out of the professor's "
+                                                       "training, to measure its refined targets on")
     seed: int = 0
     optim: ProfessorOptim = Field(default_factory=ProfessorOptim)
     workers: WorkersSection = Field(default_factory=WorkersSection)

@@ -68,7 +68,8 @@ class Distiller(nn.Module):
 
     def forward(self, x, targets: Targets, labels, epoch: int):
         logits, stages = self.student.forward_stages(x)
-        return logits, self.method(logits, stages, targets, labels, epoch)
+        terms = self.method(logits, stages, targets, labels, epoch)
+        return logits, {**terms, **self.method.logged}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def _load_professor(p: dict, num_classes: int, device):
     from methods.professor import Professor
     from pipeline.checkpoints import load_into, state_from_bytes
 
-    prof = Professor(num_classes, p["latent_dim"], p["hidden"], p["temperature"])
+    prof = Professor(num_classes, p["latent_dim"], p["hidden"], p["temperature"], p["ensemble"])
     load_into(prof, state_from_bytes(p["weights"], p["path"]), p["path"], "professor")
     return prof.to(device).eval()
 
@@ -231,7 +232,7 @@ class StudentTask(Task):
 
     def line(self, m):
         parts = " ".join(f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("train_") and k not in
-                         ("train_loss", "train_acc"))
+                         ("train_loss", "train_acc") and not k.startswith("train_w"))  # teacher weights: metrics only
         return (f"view {m['view']} loss {m['train_loss']:.3f} ({parts}) train {m['train_acc']:.4f} "
                 f"val {m['val_acc']:.4f} test {m['test_acc']:.4f}")
 
@@ -320,7 +321,7 @@ def _professor_entry(cfg: Config) -> dict:
     if not os.path.isfile(path) or sha256_file(path) != rec["sha256"]:
         raise CheckpointError(f"professor checkpoint {path} is missing or does not match its recorded sha256")
     p = cfg.professor
-    return {"path": path, "sha256": rec["sha256"], "latent_dim": p.latent_dim, "hidden": p.hidden,
+    return {"path": path, "sha256": rec["sha256"], "latent_dim": p.latent_dim, "hidden": p.hidden, "ensemble": p.ensemble,
             "temperature": p.temperature}
 
 
@@ -329,7 +330,7 @@ def distill_fingerprint(cfg: Config, data_fp: str, upstream: str) -> str:
     payload = {"data": data_fp, "upstream": upstream, "mode": d.teachers, "student": d.student.arch,
                "seed": student_seed(cfg), "optim": d.optim.model_dump(mode="json"),
                "shuffle": d.shuffle_buffer, "workers": d.workers.num_workers,
-               "method": cfg.method.model_dump(mode="json")}
+               "method": cfg.method.own()}
     version = METHODS.get(cfg.method.name).version
     if version > 1:
         payload["method_version"] = version
@@ -467,7 +468,8 @@ def finish_student(p: Plan, res) -> dict:
     cfg = p.cfg
     rec = {
         "name": p.name, "method": cfg.method.name, "arch": cfg.distill.student.arch,
-        "params": p.student.num_params(), "seed": student_seed(cfg), "teachers": p.teachers,
+        "params": p.student.num_params(), "method_params": sum(x.numel() for x in p.method.parameters()),
+        "seed": student_seed(cfg), "teachers": p.teachers,
         "mode": "online" if p.online else "cache", "epochs": len(history), "val_acc": last["val_acc"],
         "test_acc": last["test_acc"], "best_val_acc": max(m["val_acc"] for m in history),
         "epoch_time_s": round(float(np.median(times)), 3), "files": files, "fingerprint": p.fp, "upstream": p.upstream,

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from methods.professor import Professor, professor_losses
 from pipeline.cache import columns as C
@@ -40,7 +41,19 @@ def professor_fingerprint(cache_fp: str, cfg: Config) -> str:
 
 
 def _build(lc: dict) -> Professor:
-    return Professor(lc["num_classes"], lc["latent_dim"], lc["hidden"], lc["temperature"])
+    return Professor(lc["num_classes"], lc["latent_dim"], lc["hidden"], lc["temperature"], lc["ensemble"])
+
+
+def held_out(sample_ids: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Which samples the professor never trains on (`professor.holdout`): a seeded hash of the sample id
+    (splitmix64), so every worker, batch and view agrees without a list."""
+    x = np.asarray(sample_ids).astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < share
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,7 +84,7 @@ class ProfessorJob(Job):
 class ProfessorTask(Task):
     """The professor's training: cached teacher logits and labels only, one view partition per epoch."""
 
-    prefix = ""  # its metrics are loss, rec, cls, adv_z, adv_q, refined_acc, d_loss
+    prefix = ""  # its metrics are loss, rec, cls, adv_z, adv_q, refined_acc, fixed_acc, d_loss
     optim_key = "professor.optim"
 
     def __init__(self, job: ProfessorJob, ctx):
@@ -86,7 +99,9 @@ class ProfessorTask(Task):
         view_of = lambda e: e % lc["views"]  # noqa: E731
         cols = job.columns
 
-        def prepare(raw):  # the targets as logits (top-k rebuilt), per source
+        def prepare(raw):  # the targets as logits (top-k rebuilt), per source; held-out samples dropped
+            keep = ~held_out(np.asarray(raw["sample_id"]), lc["holdout"], lc["seed"])
+            raw = {c: np.asarray(v)[keep] for c, v in raw.items()}
             return {"y": as_tensor(raw["label"]).long(), **{C.logits(s): z for s, z in job.targets(raw).items()}}
 
         if job.in_memory:
@@ -145,7 +160,8 @@ class ProfessorTask(Task):
 
     def line(self, m):
         return (f"loss {m['loss']:.4f} (rec {m['rec']:.4f} cls {m['cls']:.4f} adv_z {m['adv_z']:.3f} "
-                f"adv_q {m['adv_q']:.3f} d {m['d_loss']:.3f}) refined acc {m['refined_acc']:.4f}")
+                f"adv_q {m['adv_q']:.3f} d {m['d_loss']:.3f}) refined acc {m['refined_acc']:.4f} "
+                f"(teacher-wrong fixed {m['fixed_acc']:.4f})")
 
 
 class RefineForward:
@@ -183,7 +199,8 @@ def run_professor(cfg: Config) -> dict:
     os.makedirs(out, exist_ok=True)
     write_resolved(cfg, out)
     lc = {"num_classes": m["dataset"]["num_classes"], "latent_dim": p.latent_dim, "hidden": p.hidden,
-          "temperature": p.temperature, "teachers": cache.sources, "views": m["views"],
+          "temperature": p.temperature, "ensemble": p.ensemble, "holdout": p.holdout, "seed": p.seed,
+          "teachers": cache.sources, "views": m["views"],
           "batch_size": p.optim.batch_size, "lr": p.optim.lr,
           "weights": {"w_rec": p.w_rec, "w_cls": p.w_cls, "w_z": p.w_z, "w_q": p.w_q}}
     rec = read_record(out)
@@ -228,14 +245,21 @@ def run_professor(cfg: Config) -> dict:
     entry = {"fingerprint": fp, "checkpoint_sha256": rec["sha256"], "config": cfg.professor.model_dump(mode="json"),
              "cache_fingerprint": m["fingerprint"], "files": pfiles, "bytes": sum(f["bytes"] for f in pfiles),
              "refine_seconds": round(time.time() - t0, 2), "train_seconds": rec["train_seconds"]}
-    entry.update(_accuracy(cache, pfiles))
+    entry.update(_measure(cache, pfiles, lc))
     manifest = dict(_without_professor(m), professor=entry)
     manifest["columns"][C.REFINED] = f"tensor<halffloat>[{m['dataset']['num_classes']}]"
     write_json(fs, posixpath.join(root, MANIFEST), manifest)  # the commit: the teachers' files are untouched
-    rec.update(refined_acc=entry["refined_acc"], ensemble_acc=entry["ensemble_acc"])
+    rec.update(refined_acc=entry["refined_acc"], ensemble_acc=entry["ensemble_acc"], heldout=entry["heldout"])
     _write_record(out, rec)
+    h = entry["heldout"]
     print(f"[professor] refined targets: {100 * entry['refined_acc']:.2f}% accurate on the cached views "
           f"(teacher ensemble {100 * entry['ensemble_acc']:.2f}%), {entry['bytes'] / 2**20:.2f} MiB", flush=True)
+    if h["rows"]:
+        print(f"[professor] on {h['rows']} held-out rows: refined {100 * h['refined_acc']:.2f}% vs teachers "
+              f"{100 * h['teacher_acc']:.2f}% ({100 * h['fixed']:.1f}% of the teachers' errors fixed, "
+              f"{100 * h['broken']:.1f}% of their right answers broken); distance to the teachers "
+              f"{h['tv_teachers']:.3f}, to the label mix {h['tv_label_mix']:.3f}; non-target correlation "
+              f"{h['nontarget_corr']:.3f}", flush=True)
     return entry
 
 
@@ -279,11 +303,34 @@ def _without_professor(m: dict) -> dict:
             "columns": {k: v for k, v in m["columns"].items() if k != "refined"}}
 
 
-def _accuracy(cache: Cache, pfiles: list[dict]) -> dict:
-    """Refined targets' and the teacher ensemble's accuracy on the cached views (keyed by sample, view)."""
+def refinement_stats(q: torch.Tensor, p: torch.Tensor, labels: torch.Tensor) -> dict:
+    """What refined targets p did to the teachers' q (both (N, C) probabilities at the professor's tau):
+    accuracy of each, the share of the teachers' errors fixed and of their right answers broken, mean
+    total-variation distance of p to q and to the label mix (q + e_y) / 2, mean entropies, and the mean
+    Pearson correlation of p's and q's non-target probabilities (per sample, over the C - 1 others)."""
+    n, c = q.shape
+    onehot = F.one_hot(labels, c).to(q.dtype)
+    right_q, right_p = q.argmax(1) == labels, p.argmax(1) == labels
+    tv = lambda a, b: 0.5 * (a - b).abs().sum(1).mean().item()  # noqa: E731
+    ent = lambda a: -(a * a.clamp_min(1e-12).log()).sum(1).mean().item()  # noqa: E731
+    mask = ~onehot.bool()
+    qo, po = q[mask].view(n, c - 1), p[mask].view(n, c - 1)
+    qo, po = qo - qo.mean(1, keepdim=True), po - po.mean(1, keepdim=True)
+    corr = (qo * po).sum(1) / (qo.norm(dim=1) * po.norm(dim=1)).clamp_min(1e-12)
+    return {"rows": n, "teacher_acc": right_q.float().mean().item(), "refined_acc": right_p.float().mean().item(),
+            "fixed": (right_p & ~right_q).sum().item() / max(1, int((~right_q).sum())),
+            "broken": (~right_p & right_q).sum().item() / max(1, int(right_q.sum())),
+            "tv_teachers": tv(p, q), "tv_label_mix": tv(p, 0.5 * (q + onehot)),
+            "entropy_refined": ent(p), "entropy_teachers": ent(q), "nontarget_corr": corr.mean().item()}
+
+
+def _measure(cache: Cache, pfiles: list[dict], lc: dict) -> dict:
+    """Refined targets' and the teacher ensemble's accuracy on the cached views (keyed by sample, view), and
+    `refinement_stats` on the samples the professor did not train on (`heldout`)."""
     from pipeline.cache.inspect import source_probs
 
-    t = cache.read_table(["sample_id", "view_id", "label", *cache.target_reader().all_columns])
+    reader = cache.target_reader()
+    t = cache.read_table(["sample_id", "view_id", "label", *reader.all_columns])
     key = column_array(t, "view_id").astype(np.int64) * (1 << 40) + column_array(t, "sample_id")
     order = np.argsort(key)
     labels = column_array(t, "label")[order]
@@ -291,8 +338,19 @@ def _accuracy(cache: Cache, pfiles: list[dict]) -> dict:
     rkey, refined = load_refined(cache.fs, [posixpath.join(cache.root, f["path"]) for f in pfiles], by_view=True)
     if not np.array_equal(rkey, key[order]):
         raise CacheError("professor: the refined rows do not match the cache's (sample_id, view_id) rows")
-    return {"refined_acc": float((refined.argmax(1) == labels).mean()),
-            "ensemble_acc": float((probs.argmax(1).numpy() == labels).mean())}
+    out = {"refined_acc": float((refined.argmax(1) == labels).mean()),
+           "ensemble_acc": float((probs.argmax(1).numpy() == labels).mean())}
+    held = held_out(column_array(t, "sample_id")[order], lc["holdout"], lc["seed"])
+    idx = np.flatnonzero(held)
+    if len(idx) == 0:
+        return {**out, "heldout": {"rows": 0}}
+    raw = {c: column_array(t, c)[order][idx] for c in reader.all_columns}
+    z = reader(raw)
+    y = torch.from_numpy(labels[idx].astype(np.int64))
+    q = _build(lc).teacher_probs([z[s] for s in lc["teachers"]], y)
+    p = torch.softmax(torch.from_numpy(refined[idx].astype(np.float32)) / lc["temperature"], 1)
+    return {**out, "heldout": {k: round(v, 5) if isinstance(v, float) else v for k, v in
+                               refinement_stats(q, p, y).items()}}
 
 
 def read_record(out: str) -> dict | None:

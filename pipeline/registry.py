@@ -30,6 +30,9 @@ class Registry(Generic[T]):
         self.check(name)
         return self._items[name]
 
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._items.items())
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

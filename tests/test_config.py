@@ -99,7 +99,7 @@ def test_cli_config_prints_resolved(cli):
 
 def test_shipped_configs_load():
     names = sorted(os.listdir(os.path.join(ROOT, "configs")))
-    assert {"demo.yaml", "fashion_mnist.yaml", "bench.yaml", "cifar100_resnet32x4_resnet8x4.yaml",
+    assert {"demo.yaml", "fashion_mnist.yaml", "bench.yaml", "bench_speed.yaml", "cifar100_resnet32x4_resnet8x4.yaml",
             "cifar100_wrn40_2_wrn16_2.yaml"} <= set(names)
     for name in names:
         load_config(os.path.join(ROOT, "configs", name))

@@ -172,35 +172,61 @@ def test_registry_names_the_known_methods():
 
 
 def test_skd_at_initialisation_is_kd():
-    """The simplifier's output projection starts at zero: its target is the teacher's softened logits."""
+    """The simplifier's output projection starts at zero: its target is the teacher at tau itself."""
     torch.manual_seed(0)
     t = Targets(logits={"a": ZT, "b": ZS.flip(0)})
     skd = _method("skd")(ZS, {}, t, Y, 1)
     kd = _method("kd")(ZS, {}, t, Y, 1)
     assert skd["kd"].item() == pytest.approx(kd["kd"].item(), rel=1e-6)
-    no_guard = _method("skd", skd={"w_sc": 0.0})(ZS, {}, t, Y, 1)
-    assert no_guard["loss"].item() == pytest.approx(kd["loss"].item(), rel=1e-6)
+    assert skd["loss"].item() == pytest.approx(kd["loss"].item() + skd["simplifier_ce"].item(), rel=1e-6)
+    assert skd["tau"].item() == pytest.approx(4.0)
 
 
-def test_skd_simplifier_learns_through_the_distillation_loss():
+def test_skd_simplifier_learns_from_its_own_objective_only():
+    """The simplifier's gradient comes from CE(target, y), none from the student's KD term; trained on
+    teacher outputs that rank the label first its target sharpens (tau(x) falls towards tau / r), on
+    outputs that rank it last it softens."""
     torch.manual_seed(0)
-    m = _method("skd", skd={"w_sc": 0.0})
+    m = _method("skd", teachers=("a",))
     zs = ZS.clone().requires_grad_()
-    m(zs, {}, Targets(logits={"a": ZT, "b": ZS.flip(0)}), Y, 1)["loss"].backward()
-    assert m.simplifier.out.weight.grad.abs().sum() > 0  # the zero-initialised projection gets a gradient
+    terms = m(zs, {}, Targets(logits={"a": ZT}), Y, 1)
+    terms["kd"].backward(retain_graph=True)
+    assert m.simplifier.out.weight.grad is None or m.simplifier.out.weight.grad.abs().sum() == 0
+    terms["simplifier_ce"].backward()
+    assert m.simplifier.out.bias.grad.abs().sum() > 0  # the zero-initialised projection gets a gradient
+    from methods.skd import simplified_logits
+
+    # teacher logits with the label first, and with the label ranked last
+    right = ZT.clone()
+    right[torch.arange(4), Y] = ZT.max(1).values + 3.0
+    wrong = ZT.clone()
+    wrong[torch.arange(4), Y] = ZT.min(1).values - 1.0
+    for zt, sharper in ((right, True), (wrong, False)):  # the per-sample optimum: tau / r or softer
+        simp = _method("skd", teachers=("a",)).simplifier
+        opt = torch.optim.SGD(simp.parameters(), lr=0.5)
+        for _ in range(30):
+            opt.zero_grad()
+            z_hat, _ = simplified_logits(simp, zt, 4.0, 2.0)
+            F.cross_entropy(z_hat / 4.0, Y).backward()
+            opt.step()
+        _, tau_x = simplified_logits(simp, zt, 4.0, 2.0)
+        assert ((tau_x < 3.0) if sharper else (tau_x > 5.0)).all()
 
 
-def test_skd_anchor_is_on_the_kd_terms_scale():
-    """Once the simplifier moves the target, the anchor is tau^2 KL(p_t^tau || target), like the KD term."""
-    torch.manual_seed(0)
-    m = _method("skd", teachers=("a",), skd={"temperature": 2.0})
-    torch.nn.init.normal_(m.simplifier.out.weight)
-    torch.nn.init.normal_(m.simplifier.out.bias)
-    terms = m(ZS, {}, Targets(logits={"a": ZT}), Y, 1)
-    target = m.simplifier(ZT / 2.0)
-    expected = 4.0 * F.kl_div(F.log_softmax(target, 1), F.log_softmax(ZT / 2.0, 1), log_target=True, reduction="batchmean")
-    assert terms["anchor"].item() > 0.01
-    assert terms["anchor"].item() == pytest.approx(expected.item(), rel=1e-5)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_skd_target_is_the_teacher_at_a_bounded_per_sample_temperature(seed):
+    """Whatever the simplifier's weights, its target keeps the teacher's ranking and is the teacher's
+    softmax at a temperature within [tau / r, tau * r]: it cannot become the student's prediction."""
+    from methods.skd import simplified_logits
+
+    torch.manual_seed(seed)
+    m = _method("skd", teachers=("a",), skd={"temperature": 2.0, "max_ratio": 3.0})
+    torch.nn.init.normal_(m.simplifier.out.weight, std=5.0)
+    torch.nn.init.normal_(m.simplifier.out.bias, std=5.0)
+    z_hat, tau_x = simplified_logits(m.simplifier, ZT, 2.0, 3.0)
+    assert (tau_x >= 2.0 / 3.0 - 1e-6).all() and (tau_x <= 6.0 + 1e-6).all() and tau_x.std() > 0
+    assert torch.equal(z_hat.argsort(1), ZT.argsort(1))
+    torch.testing.assert_close(F.softmax(z_hat / 2.0, 1), F.softmax(ZT / tau_x[:, None], 1))
 
 
 def test_aekt_adds_no_parameter_to_the_exported_student():
@@ -212,10 +238,12 @@ def test_aekt_adds_no_parameter_to_the_exported_student():
     assert sum(p.numel() for p in model.student.parameters()) == plain.num_params()
     assert sum(p.numel() for p in model.method.parameters()) == 5 * 5 + 5  # the C x C layer, outside the student
     torch.testing.assert_close(model.method.serialize.weight, torch.eye(5))
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(model.method.serialize(x), x)  # the identity at the start
     logits, terms = model(torch.randn(8, 1, 8, 8), Targets(logits={"a": torch.randn(8, 5), "b": torch.randn(8, 5)}),
                           torch.randint(0, 5, (8,)), 20)
     terms["loss"].backward()
-    assert model.method.serialize.weight.grad.abs().sum() > 0  # trained with the student
+    assert model.method.serialize.delta.grad.abs().sum() > 0  # trained with the student
     assert {"ce", "explicit", "implicit", "adaptive_w"} <= set(terms)
 
 
@@ -262,3 +290,33 @@ def test_a_methods_version_enters_its_students_fingerprints(monkeypatch):
     kd_fp = distill_fingerprint(kd, "data", "up")
     monkeypatch.setattr(METHODS.get("kd"), "version", 2)
     assert distill_fingerprint(kd, "data", "up") != kd_fp
+
+
+def test_a_method_declares_its_own_options_and_only_they_enter_its_fingerprint():
+    """A new method is one class: its Options become method.<name>.*, validated; the fingerprinted part of
+    the method section is the shared fields and the chosen method's options only."""
+    from pydantic import Field
+
+    from methods.base import METHODS as REG
+    from pipeline.config import _method_section
+    from pipeline.schema import Section
+
+    class ToyOptions(Section):
+        gamma: float = Field(2.0, gt=0)
+
+    @REG.register("toy_method")
+    class Toy(METHODS.get("kd")):
+        Options = ToyOptions
+
+    try:
+        section = _method_section()
+        cfg = section(name="toy_method", toy_method={"gamma": 3.0})
+        assert cfg.toy_method.gamma == 3.0
+        with pytest.raises(Exception, match="greater than 0"):
+            section(name="toy_method", toy_method={"gamma": -1})
+        own = cfg.own()
+        assert own["toy_method"] == {"gamma": 3.0} and "dkd" not in own and "kd" not in own
+        assert MethodSection(name="dkd").own().keys() == MethodSection(name="dkd", kd={"w_ce": 0.5}).own().keys()
+        assert MethodSection(name="dkd").own() == MethodSection(name="dkd", kd={"w_ce": 0.5}).own()
+    finally:
+        REG._items.pop("toy_method")

@@ -33,7 +33,7 @@ def professed(built, tmp_path_factory):
     cfg0, _ = built
     uri = str(tmp_path_factory.mktemp("prof") / "cache")
     shutil.copytree(os.path.join(cfg0.run.out_dir, "cache"), uri)
-    cfg = digits_cfg(cfg0.run.out_dir, f"cache.uri={uri}", "professor.optim.epochs=6")
+    cfg = digits_cfg(cfg0.run.out_dir, f"cache.uri={uri}", "professor.optim.epochs=8")
     before = Cache(uri)
     hashes, text_before = _file_hashes(before), inspect_cache(uri)
     with pytest.raises(CacheError, match="run `raykd professor`"):
@@ -45,13 +45,19 @@ def professed(built, tmp_path_factory):
 def test_professor_training_lowers_its_loss(professed):
     cfg, _, entry, _, _ = professed
     hist = [json.loads(x) for x in open(os.path.join(cfg.run.out_dir, "professor", "metrics.jsonl"))]
-    assert len(hist) == 6 and hist[-1]["loss"] < hist[0]["loss"]
-    assert {"rec", "cls", "adv_z", "adv_q", "d_loss", "refined_acc"} <= set(hist[0])
+    assert len(hist) == 8 and hist[-1]["rec"] < hist[0]["rec"]
+    assert {"rec", "cls", "adv_z", "adv_q", "d_loss", "refined_acc", "fixed_acc"} <= set(hist[0])
 
 
-def test_refined_targets_beat_the_teacher_ensemble(professed):
+def test_refined_targets_refine_on_held_out_samples(professed):
+    """On samples the professor never trained on: more accurate than the teachers, few right answers
+    broken, much nearer the teachers' targets than the label mix (q + e_y) / 2, and the non-target
+    probabilities still shaped like the teachers'."""
     _, uri, entry, _, _ = professed
-    assert entry["refined_acc"] >= entry["ensemble_acc"]
+    h = entry["heldout"]
+    assert h["rows"] > 100
+    assert h["refined_acc"] > h["teacher_acc"] and h["fixed"] > 0.3 and h["broken"] < 0.15
+    assert h["tv_teachers"] < 0.5 * h["tv_label_mix"] and h["nontarget_corr"] > 0.3  # (digits: 0.05 / 0.43, 0.54)
     text = inspect_cache(uri, verify=True)  # the professor's files are verified too
     assert "professor" in text and f"{100 * entry['refined_acc']:.2f}%" in text
 

@@ -85,7 +85,7 @@ def test_logit_methods_train_from_top_k_only(topk_cache, method):
     ms = [json.loads(x) for x in open(os.path.join(student_dir(run), "metrics.jsonl"))]
     assert rec["teachers"] == ["a", "b"] and [m["teachers_loaded"] for m in ms] == [0, 0, 0]
     terms = {"kd": ("train_kd",), "dkd": ("train_tckd", "train_nckd"), "aekt": ("train_explicit", "train_implicit"),
-             "skd": ("train_kd", "train_anchor")}[method]
+             "skd": ("train_kd", "train_tau")}[method]
     assert all(ms[0][t] > 0 for t in terms)  # the rebuilt targets are in the loss
     assert rec["test_acc"] > 0.3  # 3 epochs of a 1.7k-parameter CNN: far above chance (0.1)
 
