@@ -1,13 +1,17 @@
-"""Test accuracy of every method over several seeds, all students distilled from one cache.
+"""Test accuracy of every method over paired seeds, all students distilled from the same caches.
 
-    python bench/accuracy.py -c configs/fashion_mnist.yaml [--seeds 0 1 2] [--methods ce kd ...] [key=value ...]
+    python bench/accuracy.py -c configs/bench.yaml [--seeds 0 1 2 3 4] [--methods ce kd ...]
+                             [--teachers-on-all-data] [key=value ...]
 
-Teachers, cache and (when a method needs it) the professor are built first or reused; then one
-student per (method, seed) with `raykd distill` (students `run.parallel` at a time), the seed being the
-student's initialisation and shuffling seed (the cache, hence the views, stays the same). Prints a
-Markdown table (mean +- sample std over seeds) and writes bench/results/accuracy_<dataset>.json.
-With `--into FILE`, the rows of the methods run replace theirs in an earlier result FILE (the rest of it
-is kept), and FILE's `reruns` list records this command: how one method is rerun after a change to it.
+Teachers (with `--teachers-on-all-data`: trained on every training image, then loaded by checkpoint
+for the students' subset), two caches — logits only with K = the students' epochs (every epoch a new
+view, so cached and online KD are the same experiment: the A/A row), and K = `cache.views` with the
+feature maps FEED and IMF read — and (when a method needs it) the professor are built first or reused;
+then one student per (method, seed) with `raykd distill` (`run.parallel` at a time), the seed being
+the student's initialisation and shuffling seed. Each row: mean, sample std and 95 % confidence
+interval (Student's t) over seeds, and the paired difference to CE and to KD (per seed, then its mean
+and 95 % CI). Writes bench/results/accuracy_<dataset>.json (or --out). With `--into FILE`, the rows of
+the methods run replace theirs in an earlier result FILE, and FILE's `reruns` records this command.
 """
 
 from __future__ import annotations
@@ -27,35 +31,70 @@ from pipeline.config import load_config, variant  # noqa: E402
 from pipeline.distill import run_students, student_dir  # noqa: E402
 from pipeline.teachers import run_teachers  # noqa: E402
 
-# method -> config changes; "<best>" is the teacher with the best validation accuracy
+# method -> (config changes, the cache it reads); "<best>" is the teacher with the best validation accuracy,
+# "<smallest>" the one with the fewest parameters (the A/A pair: its online forward is the cheapest)
+LOGITS, FEATURES = "logits", "features"
 VARIANTS = {
-    "ce": {"method.name": "ce"},
-    "kd_best": {"method.name": "kd", "method.teachers": "<best>"},
-    "kd": {"method.name": "kd"},
-    "kd_online": {"method.name": "kd", "distill.teachers": "online"},
-    "dkd": {"method.name": "dkd"},
-    "aekt": {"method.name": "aekt"},
-    "skd": {"method.name": "skd"},
-    "professor_kd": {"method.name": "kd", "method.targets": "both"},
-    "pfeed": {"method.name": "feed"},
-    "sfeed": {"method.name": "feed", "method.feed.generations": 2},
-    "imf": {"method.name": "imf"},
+    "ce": ({"method.name": "ce"}, LOGITS),
+    "kd_best": ({"method.name": "kd", "method.teachers": "<best>"}, LOGITS),
+    "kd_aa_cached": ({"method.name": "kd", "method.teachers": "<smallest>"}, LOGITS),
+    "kd_aa_online": ({"method.name": "kd", "method.teachers": "<smallest>", "distill.teachers": "online"}, LOGITS),
+    "kd": ({"method.name": "kd"}, LOGITS),
+    "kd_weighted": ({"method.name": "kd", "method.ensemble": "weighted", "method.weight_temperature": 0.01}, LOGITS),
+    "kd_ca_mkd": ({"method.name": "kd", "method.ensemble": "ca_mkd"}, LOGITS),
+    "kd_entropy": ({"method.name": "kd", "method.ensemble": "entropy"}, LOGITS),
+    "kd_ae_kd": ({"method.name": "kd", "method.ensemble": "ae_kd"}, LOGITS),
+    "kd_wce1": ({"method.name": "kd", "method.kd.w_ce": 1.0}, LOGITS),
+    "label_mix": ({"method.name": "kd", "method.targets": "label_mix"}, LOGITS),
+    "professor_kd": ({"method.name": "kd", "method.targets": "both"}, LOGITS),
+    "professor_refined": ({"method.name": "kd", "method.targets": "refined"}, LOGITS),
+    "dkd": ({"method.name": "dkd"}, LOGITS),
+    "aekt": ({"method.name": "aekt"}, LOGITS),
+    "aekt_no_norm": ({"method.name": "aekt", "method.aekt.normalize": False}, LOGITS),
+    "skd": ({"method.name": "skd"}, LOGITS),
+    "pfeed": ({"method.name": "feed"}, FEATURES),
+    "sfeed": ({"method.name": "feed", "method.feed.generations": 2}, FEATURES),
+    "imf": ({"method.name": "imf"}, FEATURES),
+    # IMF's controls: its inference architecture trained without the matched features (alpha 0), from the
+    # labels alone (beta 0 too) or with KD at IMF's beta on the attentive logit
+    "imf_ce": ({"method.name": "imf", "method.imf.alpha": 0.0, "method.imf.beta": 0.0}, FEATURES),
+    "imf_kd": ({"method.name": "imf", "method.imf.alpha": 0.0}, FEATURES),
 }
-SLOW = ("kd_online",)  # started first so that they do not run alone at the end
+SLOW = ("kd_aa_online", "pfeed", "sfeed", "imf", "imf_ce", "imf_kd")  # started first: none runs alone at the end
 
 
-def _stat(xs: list[float]) -> tuple[float, float]:
-    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+def _t95(n: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
+def ci(xs: list[float]) -> tuple[float, float, float]:
+    """(mean, sample std, half-width of the 95 % confidence interval of the mean, Student's t)."""
+    n = len(xs)
+    mean = statistics.mean(xs)
+    sd = statistics.stdev(xs) if n > 1 else 0.0
+    return mean, sd, (_t95(n) * sd / n ** 0.5 if n > 1 else 0.0)
 
 
 def _row(recs: list[dict], seeds: list[int], key=lambda r: r) -> dict:
-    """Mean and std over seeds of test (and, when recorded, val) accuracy."""
+    """Mean, std and 95 % CI over seeds of test (and, when recorded, val) accuracy; the per-seed values."""
     row = {"per_seed": {s: key(r)["test_acc"] for s, r in zip(seeds, recs)}}
     for split in ("test", "val"):
         if all(f"{split}_acc" in key(r) for r in recs):
-            mean, std = _stat([key(r)[f"{split}_acc"] for r in recs])
-            row.update({f"{split}_acc_mean": round(mean, 5), f"{split}_acc_std": round(std, 5)})
+            mean, sd, half = ci([key(r)[f"{split}_acc"] for r in recs])
+            row.update({f"{split}_acc_mean": round(mean, 5), f"{split}_acc_std": round(sd, 5),
+                        f"{split}_acc_ci95": round(half, 5)})
     return row
+
+
+def paired(row: dict, base: dict) -> dict | None:
+    """The per-seed test-accuracy difference row - base over their common seeds: mean and 95 % CI."""
+    seeds = [s for s in row["per_seed"] if s in base["per_seed"]]
+    if not seeds:
+        return None
+    mean, _, half = ci([row["per_seed"][s] - base["per_seed"][s] for s in seeds])
+    return {"mean": round(mean, 5), "ci95": round(half, 5), "seeds": len(seeds)}
 
 
 def _curve(cfg, rec: dict) -> list[float]:
@@ -67,7 +106,9 @@ def _curve(cfg, rec: dict) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-c", "--config", default="configs/fashion_mnist.yaml")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--teachers-on-all-data", action="store_true",
+                    help="train the teachers on every training image (data.train_subset only for the students)")
     ap.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default=None, help="default bench/results/accuracy_<dataset>.json")
     ap.add_argument("--into", default=None, help="replace these methods' rows in this earlier result file")
@@ -76,22 +117,45 @@ def main() -> None:
     cmd = "python bench/accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     cfg = load_config(args.config, args.overrides)
     t0 = time.time()
+    if args.teachers_on_all_data:  # every training image for the teachers, then their checkpoints for the rest
+        tcfg = variant(cfg, {"data.train_subset": None, "run.out_dir": cfg.run.out_dir + "-teachers"}, "bench teachers")
+        run_teachers(tcfg)
+        from pipeline.teachers import teacher_dir
+
+        cfg = variant(cfg, {f"teachers.models.{i}.checkpoint": os.path.join(teacher_dir(
+            os.path.abspath(tcfg.run.out_dir), t.name), "best.safetensors") for i, t in enumerate(cfg.teachers.models)},
+            "bench teachers")
     teachers = run_teachers(cfg)
     t_teachers = time.time() - t0
-    manifest = build_cache(cfg)
-    t_cache = time.time() - t0 - t_teachers
+    epochs = cfg.distill.optim.epochs
+    caches = {  # the logits-only cache: K = epochs; the features cache: the config's own
+        LOGITS: {"cache.uri": os.path.join(os.path.abspath(cfg.run.out_dir), "cache-logits"),
+                 "cache.views": max(epochs, cfg.cache.views), "cache.layers": {}},
+        FEATURES: {},
+    }
     best = max(teachers, key=lambda t: t["val_acc"])["name"]
+    smallest = min(teachers, key=lambda t: t["params"])["name"]
+    methods = [m for m in args.methods]
+    needed = {VARIANTS[m][1] for m in methods}
+    manifests = {}
+    for kind in (LOGITS, FEATURES):
+        if kind in needed:
+            manifests[kind] = build_cache(variant(cfg, caches[kind], f"bench {kind} cache"))
+    t_cache = time.time() - t0 - t_teachers
 
     def changes(m: str, s: int) -> dict:
-        ch = {k: ([best] if v == "<best>" else v) for k, v in VARIANTS[m].items()}
-        return {**ch, "distill.student.seed": s, "distill.name": f"acc-{m}-s{s}"}
+        ch = {k: {"<best>": [best], "<smallest>": [smallest]}.get(v, v) if isinstance(v, str) else v
+              for k, v in VARIANTS[m][0].items()}
+        return {**caches[VARIANTS[m][1]], **ch, "distill.student.seed": s, "distill.name": f"acc-{m}-s{s}"}
 
-    runs = {m: [variant(cfg, changes(m, s), f"bench method {m}") for s in args.seeds] for m in args.methods}
+    runs = {m: [variant(cfg, changes(m, s), f"bench method {m}") for s in args.seeds] for m in methods}
     prof = None
-    if any(r.method.targets != "teachers" for rs in runs.values() for r in rs):
-        from pipeline.professor import run_professor
+    profs = {}
+    for m, rs in runs.items():
+        if rs[0].method.targets in ("refined", "both") and VARIANTS[m][1] not in profs:
+            from pipeline.professor import run_professor
 
-        prof = run_professor(cfg)
+            profs[VARIANTS[m][1]] = prof = run_professor(rs[0])
     order = sorted(runs, key=lambda m: m not in SLOW)
     flat = [r for m in order for r in runs[m]]
     t1 = time.time()
@@ -99,15 +163,16 @@ def main() -> None:
     t_students = time.time() - t1
     recs = {m: [next(records) for _ in runs[m]] for m in order}
     rows = {}
-    for m in args.methods:
+    for m in methods:
         rs = recs[m]
-        rows[m] = {**_row(rs, args.seeds), "params": rs[0]["params"],
+        rows[m] = {**_row(rs, args.seeds), "params": rs[0]["params"], "method_params": rs[0].get("method_params"),
+                   "cache": VARIANTS[m][1],
                    # wall time per student, students sharing the cores (run.parallel at a time)
                    "train_time_s": round(statistics.median(r["wall_time_s"] for r in rs), 1),
                    "epoch_time_s": round(statistics.median(r["epoch_time_s"] for r in rs), 2),
                    "val_curve": [round(statistics.mean(c), 5) for c in zip(*(_curve(cfg, r) for r in rs))]}
-        if m == "kd_best":
-            rows[m]["teacher"] = best
+        if m == "kd_best" or m.startswith("kd_aa"):
+            rows[m]["teacher"] = best if m == "kd_best" else smallest
         if "inference" in rs[0]:  # IMF: the exported inference model
             inf = [r["inference"] for r in rs]
             rows[m]["inference"] = {**_row(inf, args.seeds), "params": inf[0]["params"], "flops": inf[0]["flops"],
@@ -115,6 +180,14 @@ def main() -> None:
         if "generations" in rs[0]:  # sequential FEED: every generation
             rows[m]["generations"] = [_row(rs, args.seeds, key=lambda r, g=g: r["generations"][g])
                                       for g in range(len(rs[0]["generations"]))]
+    for m, r in rows.items():  # paired differences to CE and to KD (the teachers' mean probability)
+        for base in ("ce", "kd"):
+            if base in rows and base != m:
+                r[f"vs_{base}"] = paired(r, rows[base])
+            if base in rows and "inference" in r:
+                r["inference"][f"vs_{base}"] = paired(r["inference"], rows[base])
+    manifest = manifests.get(FEATURES) or manifests[LOGITS]
+    cfg = variant(cfg, caches[FEATURES if FEATURES in manifests else LOGITS], "bench cache")
     cols = Cache(cache_uri(cfg), cfg.cache.s3_endpoint).column_bytes()
     feat = sum(b for c, b in cols.items() if c.startswith("feat."))
     n = manifest["dataset"]["train_samples"]
@@ -126,6 +199,10 @@ def main() -> None:
         "teachers": {t["name"]: {"arch": t["arch"], "params": t.get("params"), "val_acc": t["val_acc"],
                                  "test_acc": t["test_acc"]} for t in teachers},
         "best_teacher": best, "professor_refined_acc": prof["refined_acc"] if prof else None,
+        "professor": {k: {"refined_acc": p["refined_acc"], "ensemble_acc": p["ensemble_acc"], "heldout": p.get("heldout")}
+                      for k, p in profs.items()},
+        "teachers_on_all_data": args.teachers_on_all_data,
+        "views_per_cache": {k: mf["views"] for k, mf in manifests.items()},
         "cache": {"bytes": manifest["bytes"], "feat_dtype": cfg.cache.feat_dtype, "layers": cfg.cache.layers,
                   "bytes_per_sample": round(manifest["bytes"] / n, 1),
                   "bytes_per_sample_without_features": round((manifest["bytes"] - feat) / n, 1),
@@ -145,11 +222,12 @@ def main() -> None:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=2)
-    print(f"\n| method | test acc (mean ± std, {len(args.seeds)} seeds) | val acc | student params |")
+    print(f"\n| method | test acc (mean ± 95 % CI, {len(args.seeds)} seeds) | vs CE | vs KD |")
     print("|---|---|---|---|")
+    d = lambda x: "—" if not x else f"{100 * x['mean']:+.2f} ± {100 * x['ci95']:.2f}"  # noqa: E731
     for m, r in rows.items():
-        print(f"| {m} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | "
-              f"{100 * r['val_acc_mean']:.2f} ± {100 * r['val_acc_std']:.2f} | {r['params']:,} |")
+        print(f"| {m} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_ci95']:.2f} | {d(r.get('vs_ce'))} | "
+              f"{d(r.get('vs_kd'))} |")
     print(f"\nwritten {out} ({(time.time() - t0) / 60:.1f} min)")
 
 

@@ -1,7 +1,7 @@
 """Where the time of one `raykd distill` goes, beside the floor: a bare PyTorch loop doing the same work.
 
     python bench/overhead.py -c configs/demo.yaml --epochs 12 --out bench/results/overhead/digits.json
-    python bench/overhead.py -c configs/bench.yaml --views 2 --epochs 4 --out ... teachers.optim.epochs=1 'cache.layers={}'
+    python bench/overhead.py -c configs/bench_speed.yaml --views 2 --epochs 4 --out ... teachers.optim.epochs=1 'cache.layers={}'
 
 The floor (`--floor`, run as its own process) is the same student (same zoo model, seed and method
 loss, SGD with the same schedule, batch size and torch threads) trained on the same cached views and

@@ -17,11 +17,17 @@ import re
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NAMES = {
-    "ce": "CE (no teacher)", "kd_best": "KD, best single teacher", "kd": "KD, 3-teacher ensemble",
-    "kd_online": "KD, teachers online", "dkd": "DKD", "aekt": "AEKT", "skd": "SKD",
-    "professor_kd": "professor + KD (`targets: both`)", "pfeed": "pFEED (3 teachers)",
-    "sfeed": "sFEED (2 generations)", "imf": "IMF (full student)",
+    "ce": "CE (no teacher)", "kd_best": "KD, best single teacher", "kd_aa_cached": "KD, one teacher, cached (A/A)",
+    "kd_aa_online": "KD, the same teacher online (A/A)",
+    "kd": "KD, teachers' mean probability", "kd_weighted": "KD, weighted by val acc (T = 0.01)",
+    "kd_ca_mkd": "KD, CA-MKD weights", "kd_entropy": "KD, entropy weights (EBKD)", "kd_ae_kd": "KD, AE-KD (min-norm)",
+    "kd_wce1": "KD with w_ce = 1", "label_mix": "KD on the label mix (q + e_y) / 2",
+    "professor_kd": "professor + KD (`targets: both`)", "professor_refined": "KD on the professor's targets",
+    "kd_online": "KD, teachers online", "dkd": "DKD", "aekt": "AEKT", "aekt_no_norm": "AEKT, `normalize: false`",
+    "skd": "SKD", "pfeed": "pFEED (3 teachers)", "sfeed": "sFEED (2 generations)", "imf": "IMF (full student)",
+    "imf_ce": "IMF architecture, CE only (control)", "imf_kd": "IMF architecture, KD at IMF's beta (control)",
 }
+ENSEMBLES = ("kd_ca_mkd", "kd_entropy", "kd_ae_kd")
 
 
 def _load(folder: str, name: str) -> dict | None:
@@ -33,11 +39,35 @@ def _pm(m: float, s: float | None) -> str:
     return f"{100 * m:.2f}" if s is None else f"{100 * m:.2f} ± {100 * s:.2f}"
 
 
+def diff(a: dict, b: dict) -> dict | None:
+    """Paired test-accuracy difference a - b over their common seeds: mean and 95 % CI half-width."""
+    import statistics
+
+    from scipy.stats import t
+
+    seeds = [s for s in a["per_seed"] if s in b["per_seed"]]
+    if not seeds:
+        return None
+    d = [a["per_seed"][s] - b["per_seed"][s] for s in seeds]
+    half = float(t.ppf(0.975, len(d) - 1)) * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0
+    return {"mean": statistics.mean(d), "ci95": half, "seeds": len(d)}
+
+
+def _d(x: dict | None) -> str:
+    return "—" if not x else f"{100 * x['mean']:+.2f} ± {100 * x['ci95']:.2f}"
+
+
+def flat_gain(curve: list[float]) -> float:
+    """Val accuracy gained over the last quarter of the epochs (mean over seeds): ~0 when trained to a plateau."""
+    k = max(1, len(curve) // 4)
+    return curve[-1] - curve[-1 - k] if len(curve) > k else 0.0
+
+
 def accuracy_rows(acc: dict) -> list[tuple[str, dict]]:
     """(label, row) for the table: every method, sFEED's generations and IMF's exported model."""
     rows = []
     for m, r in acc["methods"].items():
-        label = NAMES.get(m, m) + (f" ({r['teacher']})" if m == "kd_best" else "")
+        label = NAMES.get(m, m) + (f" ({r['teacher']})" if "teacher" in r else "")
         if "generations" in r:
             for g, gr in enumerate(r["generations"][:-1], 1):
                 rows.append((f"{NAMES.get(m, m)}, generation {g}", {**r, **gr, "train_time_s": None}))
@@ -50,20 +80,34 @@ def accuracy_rows(acc: dict) -> list[tuple[str, dict]]:
 
 
 def targets(acc, speed, build, sweep) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) for every target of the benchmark issue."""
+    """(target, measured, met) for every target of the benchmark issues; differences are paired by seed."""
     out = []
     if acc:
         ms = acc["methods"]
-        ce = ms["ce"]["test_acc_mean"]
-        below = {m: r["test_acc_mean"] - ce for m, r in ms.items() if m != "ce" and r["test_acc_mean"] < ce}
-        out.append(("every method's mean ≥ CE's", "all ≥ CE" if not below else "below CE: " + ", ".join(
-            f"{NAMES.get(m, m)} {100 * d:+.2f} pp" for m, d in below.items()), not below))
-        if "kd" in ms and "kd_best" in ms:
-            d = ms["kd"]["test_acc_mean"] - ms["kd_best"]["test_acc_mean"]
-            out.append(("ensemble KD ≥ best single-teacher KD", f"{100 * d:+.2f} pp", d >= 0))
-        if "kd" in ms and "kd_online" in ms:
-            d = ms["kd"]["test_acc_mean"] - ms["kd_online"]["test_acc_mean"]
-            out.append(("cached KD = online KD within 0.3 pp", f"{100 * d:+.2f} pp", abs(d) <= 0.003))
+        if "ce" in ms:
+            below = {m: diff(r, ms["ce"]) for m, r in ms.items() if m not in ("ce", "imf_ce")}
+            below = {m: d for m, d in below.items() if d and d["mean"] - d["ci95"] <= 0}
+            out.append(("every method above CE (paired 95 % CI above 0)", "all" if not below else "not: " + ", ".join(
+                f"{NAMES.get(m, m)} {_d(d)} pp" for m, d in below.items()), not below))
+        ens = [m for m in ENSEMBLES if m in ms]
+        if ens and "kd_best" in ms and "kd" in ms:
+            best = max(ens, key=lambda m: ms[m]["test_acc_mean"])
+            for base in ("kd_best", "kd"):
+                d = diff(ms[best], ms[base])
+                out.append((f"best per-sample ensemble ({NAMES[best]}) ≥ {NAMES[base]}", f"{_d(d)} pp",
+                            d["mean"] >= 0))
+        if "professor_kd" in ms and "label_mix" in ms:
+            d = diff(ms["professor_kd"], ms["label_mix"])
+            out.append(("professor + KD > label-mix KD", f"{_d(d)} pp", d["mean"] - d["ci95"] > 0))
+        if "kd_aa_cached" in ms and "kd_aa_online" in ms:
+            d = diff(ms["kd_aa_cached"], ms["kd_aa_online"])
+            out.append(("cached KD (K ≥ epochs) = online KD (0 inside the paired 95 % CI)", f"{_d(d)} pp",
+                        abs(d["mean"]) <= d["ci95"]))
+        if all("val_curve" in r for r in ms.values()):
+            worst = max(ms, key=lambda m: flat_gain(ms[m]["val_curve"]))
+            g = flat_gain(ms[worst]["val_curve"])
+            out.append(("students trained to a plateau (val gain over the last quarter of epochs ≤ 0.3 pp)",
+                        f"largest {100 * g:+.2f} pp ({NAMES.get(worst, worst)})", g <= 0.003))
     if speed:
         out.append(("cached-KD / CE epoch time ≤ 1.05", f"{speed['kd_cached_over_ce']:.3f}",
                     speed["kd_cached_over_ce"] <= 1.05))
@@ -85,34 +129,52 @@ def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
     if acc:
         t = acc["teachers"]
         c = acc["cache"]
-        spread = "one seed" if len(acc["seeds"]) == 1 else f"mean ± std, {len(acc['seeds'])} seeds"
+        n = len(acc["seeds"])
+        ms = acc["methods"]
+        where = "every training image" if acc.get("teachers_on_all_data") else "the students' images"
+        views = acc.get("views_per_cache") or {"features": acc["views"]}
         lines += [
-            f"**Accuracy per method** — {acc['dataset']}, {acc['train_samples']:,} training images (seeded subset), "
-            f"teachers " + ", ".join(f"{n} {100 * v['test_acc']:.1f} %" for n, v in t.items())
-            + f" test; K={acc['views']} cached views; student {acc['student']}, {acc['epochs']} epochs, batch "
-            f"{acc['batch_size']}; seeds {', '.join(map(str, acc['seeds']))} (initialisation and shuffling; one cache);"
-            f" students {acc.get('parallel') or 'as many as fit'} at a time, so train time is per student on shared cores.",
+            f"**Accuracy per method** — {acc['dataset']}: teachers trained on {where} ("
+            + ", ".join(f"{k} {100 * v['test_acc']:.2f} %" for k, v in t.items())
+            + f" test), students on {acc['train_samples']:,} of them; caches of K = "
+            + " / ".join(f"{v} ({k})" for k, v in views.items())
+            + f" views; student {acc['student']}, {acc['epochs']} epochs, batch {acc['batch_size']}; "
+            f"{n} paired seed{'s' if n > 1 else ''} ({', '.join(map(str, acc['seeds']))}: initialisation and "
+            f"shuffling, the same caches). Test accuracy mean ± 95 % CI (Student's t) over seeds; **vs CE / vs KD**: "
+            f"the paired difference per seed, mean ± 95 % CI, in points (KD = the teachers' mean probability).",
             "",
-            f"| method | test acc ({spread}) "
-            "| val acc | deployed params | train time |",
-            "|---|---|---|---|---|",
+            "| method | test acc | vs CE | vs KD | val acc | deployed params | method params | train time |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        one = len(acc["seeds"]) == 1  # no spread to show
+        one = n == 1
         for label, r in accuracy_rows(acc):
             tt = f"{r['train_time_s']:.0f} s" if r.get("train_time_s") else "—"
-            val = _pm(r["val_acc_mean"], None if one else r["val_acc_std"]) if "val_acc_mean" in r else "—"
-            test = _pm(r["test_acc_mean"], None if one else r["test_acc_std"])
-            lines.append(f"| {label} | {test} | {val} | {r['params']:,} | {tt} |")
-        imf = acc["methods"].get("imf", {}).get("inference")
+            val = _pm(r["val_acc_mean"], None if one else r.get("val_acc_ci95", r["val_acc_std"])) if "val_acc_mean" in r else "—"
+            test = _pm(r["test_acc_mean"], None if one else r.get("test_acc_ci95", r["test_acc_std"]))
+            vs = [_d(diff(r, ms[b])) if b in ms and r is not ms[b] and "per_seed" in r else "—" for b in ("ce", "kd")]
+            mp = f"{r['method_params']:,}" if r.get("method_params") else "—"
+            lines.append(f"| {label} | {test} | {vs[0]} | {vs[1]} | {val} | {r['params']:,} | {mp} | {tt} |")
+        imf = ms.get("imf", {}).get("inference")
         if imf:
             lines.append(f"\nIMF's exported model: {imf['params']:,} parameters and {imf['flops']:,} FLOPs per image "
-                         f"against the full student's {acc['methods']['imf']['params']:,} and {imf['student_flops']:,}.")
+                         f"against the full student's {ms['imf']['params']:,} and {imf['student_flops']:,}.")
+        for kind, p in (acc.get("professor") or {}).items():
+            h = p.get("heldout") or {}
+            if h.get("rows"):
+                lines.append(
+                    f"\nProfessor (on the {kind} cache), on {h['rows']:,} held-out view rows it never trained on: refined "
+                    f"targets {100 * h['refined_acc']:.2f} % correct against the teachers' {100 * h['teacher_acc']:.2f} % "
+                    f"({100 * h['fixed']:.1f} % of the teachers' errors fixed, {100 * h['broken']:.1f} % of their right "
+                    f"answers broken); total-variation distance to the teachers' targets {h['tv_teachers']:.3f}, to "
+                    f"the label mix {h['tv_label_mix']:.3f}; entropy {h['entropy_refined']:.3f} (teachers "
+                    f"{h['entropy_teachers']:.3f}); correlation of the non-target probabilities with the teachers' "
+                    f"{h['nontarget_corr']:.3f}.")
         lines.append(
-            f"\nCache: {c['bytes'] / 2**20:.1f} MiB, **{c['bytes_per_sample']:,.0f} B per training sample** over the "
-            f"K views with the {c['feat_dtype']} feature maps ({', '.join(f'{k}: {v}' for k, v in c['layers'].items())}),"
+            f"\nFeature cache: {c['bytes'] / 2**20:.1f} MiB, **{c['bytes_per_sample']:,.0f} B per training sample** over "
+            f"its views with the {c['feat_dtype']} feature maps ({', '.join(f'{k}: {v}' for k, v in c['layers'].items())}),"
             f" {c['bytes_per_sample_without_features']:,.0f} B without them; built in {c['build_s']:.0f} s. "
-            f"Professor's refined targets: {100 * (acc['professor_refined_acc'] or 0):.1f} % correct on the cached views. "
-            f"Times: teachers {acc['time_s']['teachers'] / 60:.1f} min, students {acc['time_s']['students'] / 60:.1f} min.")
+            f"Times: teachers {acc['time_s']['teachers'] / 60:.1f} min, caches {acc['time_s']['cache'] / 60:.1f} min, "
+            f"students {acc['time_s']['students'] / 60:.1f} min.")
         lines.append(f"\n![accuracy per method]({folder}/accuracy.png) ![val accuracy per epoch]({folder}/accuracy_vs_epoch.png)\n")
     if speed:
         rows = speed["modes"]
@@ -150,14 +212,15 @@ def plots(folder: str, acc, speed) -> None:
         rows = accuracy_rows(acc)
         fig, ax = plt.subplots(figsize=(9, 4.5))
         y = range(len(rows))
-        ax.barh(y, [100 * r["test_acc_mean"] for _, r in rows], xerr=[100 * r["test_acc_std"] for _, r in rows],
+        err = [100 * r.get("test_acc_ci95", r["test_acc_std"]) for _, r in rows]
+        ax.barh(y, [100 * r["test_acc_mean"] for _, r in rows], xerr=err,
                 color="tab:blue", alpha=0.8, capsize=3)
         ax.axvline(100 * acc["methods"]["ce"]["test_acc_mean"], color="k", ls="--", lw=1, label="CE")
         ax.set_yticks(list(y), [label.replace("`", "") for label, _ in rows], fontsize=8)
         ax.invert_yaxis()
-        lo = min(100 * r["test_acc_mean"] - 100 * r["test_acc_std"] for _, r in rows)
+        lo = min(100 * r["test_acc_mean"] - e for (_, r), e in zip(rows, err))
         ax.set_xlim(lo - 1, None)
-        ax.set_xlabel(f"test accuracy % (mean ± std over {len(acc['seeds'])} seeds)")
+        ax.set_xlabel(f"test accuracy % (mean ± 95 % CI over {len(acc['seeds'])} seeds)")
         ax.set_title(f"{acc['dataset']}, {acc['train_samples']:,} train images, {acc['student']}")
         ax.legend()
         fig.tight_layout()
@@ -202,9 +265,10 @@ def main() -> None:
     if args.readme:
         path = os.path.join(ROOT, "README.md")
         readme = open(path).read()
-        pat = re.compile(r"(<!-- bench:start -->\n).*?(<!-- bench:end -->)", re.S)
+        tag = "bench" if args.profile == "full" else f"bench-{args.profile}"
+        pat = re.compile(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", re.S)
         if not pat.search(readme):
-            raise SystemExit("README.md has no <!-- bench:start --> ... <!-- bench:end --> markers")
+            raise SystemExit(f"README.md has no <!-- {tag}:start --> ... <!-- {tag}:end --> markers")
         open(path, "w").write(pat.sub(lambda mt: mt.group(1) + text + mt.group(2), readme))
         print("README.md: benchmark section rewritten")
 

@@ -1,6 +1,6 @@
 """Top-k soft targets: KD and DKD from a top-k-only cache against the full logits, and what each costs per row.
 
-    python bench/topk.py -c configs/bench.yaml --k 3 --seeds 0 1 2 --out bench/results/topk.json [key=value ...]
+    python bench/topk.py -c configs/bench_speed.yaml --k 3 --seeds 0 1 2 --out bench/results/topk.json [key=value ...]
 
 Part 1 (Fashion-MNIST, the config's teachers, reused when trained): two caches of the same views, one
 with every teacher's full fp16 logits, one with only each teacher's top-k probabilities at tau
@@ -84,7 +84,7 @@ def class_bytes(out_dir: str, num_classes: int = 1000, teachers: int = 3, rows: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-c", "--config", default="configs/bench.yaml")
+    ap.add_argument("-c", "--config", default="configs/bench_speed.yaml")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["kd", "dkd"])
