@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.cache import Cache, build_cache, cache_uri  # noqa: E402
 from pipeline.config import load_config, variant  # noqa: E402
-from pipeline.distill import run_students, student_dir  # noqa: E402
+from pipeline.distill import read_student, run_students, student_dir, student_name  # noqa: E402
+from pipeline.errors import StageFailed  # noqa: E402
 from pipeline.teachers import run_teachers  # noqa: E402
 
 # method -> (config changes, the cache it reads); "<best>" is the teacher with the best validation accuracy,
@@ -97,6 +98,20 @@ def paired(row: dict, base: dict) -> dict | None:
     return {"mean": round(mean, 5), "ci95": round(half, 5), "seeds": len(seeds)}
 
 
+def _finished(c) -> dict | None:
+    """The record of a student (or of its whole chain: sequential FEED) that finished, read from its folder."""
+    from methods import METHODS
+
+    method = METHODS.get(c.method.name)
+    base = student_name(c)
+    names = [ch.get("distill.name", base) for ch in method.chain(c, base)]
+    folder = os.path.dirname(student_dir(c))
+    recs = [read_student(os.path.join(folder, n)) for n in names]
+    if any(r is None for r in recs):
+        return None
+    return method.summarise(recs, os.path.join(folder, names[-1]))
+
+
 def _curve(cfg, rec: dict) -> list[float]:
     """Validation accuracy per epoch of a finished student (its metrics.jsonl)."""
     path = os.path.join(student_dir(variant(cfg, {"distill.name": rec["name"]}, "bench")), "metrics.jsonl")
@@ -159,13 +174,24 @@ def main() -> None:
     order = sorted(runs, key=lambda m: m not in SLOW)
     flat = [r for m in order for r in runs[m]]
     t1 = time.time()
-    records = iter(run_students(flat, cfg.run.parallel))
+    failed: dict[str, str] = {}
+    try:
+        records = run_students(flat, cfg.run.parallel)
+    except StageFailed as e:  # a student that diverged is a result too: its row says so, the others stand
+        failed = e.failed
+        records = [None if student_name(c) in failed else _finished(c) for c in flat]
     t_students = time.time() - t1
+    records = iter(records)
     recs = {m: [next(records) for _ in runs[m]] for m in order}
     rows = {}
     for m in methods:
-        rs = recs[m]
-        rows[m] = {**_row(rs, args.seeds), "params": rs[0]["params"], "method_params": rs[0].get("method_params"),
+        seeds = [s for s, r in zip(args.seeds, recs[m]) if r is not None]
+        rs = [r for r in recs[m] if r is not None]
+        lost = {s: failed.get(student_name(c), "failed") for s, c, r in zip(args.seeds, runs[m], recs[m]) if r is None}
+        if not rs:
+            rows[m] = {"failed": lost, "cache": VARIANTS[m][1]}
+            continue
+        rows[m] = {**_row(rs, seeds), **({"failed": lost} if lost else {}), "params": rs[0]["params"], "method_params": rs[0].get("method_params"),
                    "cache": VARIANTS[m][1],
                    # wall time per student, students sharing the cores (run.parallel at a time)
                    "train_time_s": round(statistics.median(r["wall_time_s"] for r in rs), 1),
@@ -175,16 +201,18 @@ def main() -> None:
             rows[m]["teacher"] = best if m == "kd_best" else smallest
         if "inference" in rs[0]:  # IMF: the exported inference model
             inf = [r["inference"] for r in rs]
-            rows[m]["inference"] = {**_row(inf, args.seeds), "params": inf[0]["params"], "flops": inf[0]["flops"],
+            rows[m]["inference"] = {**_row(inf, seeds), "params": inf[0]["params"], "flops": inf[0]["flops"],
                                     "student_flops": inf[0]["student_flops"]}
         if "generations" in rs[0]:  # sequential FEED: every generation
-            rows[m]["generations"] = [_row(rs, args.seeds, key=lambda r, g=g: r["generations"][g])
+            rows[m]["generations"] = [_row(rs, seeds, key=lambda r, g=g: r["generations"][g])
                                       for g in range(len(rs[0]["generations"]))]
     for m, r in rows.items():  # paired differences to CE and to KD (the teachers' mean probability)
         for base in ("ce", "kd"):
-            if base in rows and base != m:
+            if "per_seed" not in r or "per_seed" not in rows.get(base, {}):
+                continue
+            if base != m:
                 r[f"vs_{base}"] = paired(r, rows[base])
-            if base in rows and "inference" in r:
+            if "inference" in r:
                 r["inference"][f"vs_{base}"] = paired(r["inference"], rows[base])
     manifest = manifests.get(FEATURES) or manifests[LOGITS]
     cfg = variant(cfg, caches[FEATURES if FEATURES in manifests else LOGITS], "bench cache")
@@ -226,8 +254,11 @@ def main() -> None:
     print("|---|---|---|---|")
     d = lambda x: "—" if not x else f"{100 * x['mean']:+.2f} ± {100 * x['ci95']:.2f}"  # noqa: E731
     for m, r in rows.items():
+        if "test_acc_mean" not in r:
+            print(f"| {m} | failed in every seed | — | — |")
+            continue
         print(f"| {m} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_ci95']:.2f} | {d(r.get('vs_ce'))} | "
-              f"{d(r.get('vs_kd'))} |")
+              f"{d(r.get('vs_kd'))} |" + (f" failed in seeds {sorted(r['failed'])}" if r.get("failed") else ""))
     print(f"\nwritten {out} ({(time.time() - t0) / 60:.1f} min)")
 
 

@@ -75,7 +75,8 @@ def accuracy_rows(acc: dict) -> list[tuple[str, dict]]:
         rows.append((label, r))
         if "inference" in r:
             inf = {k: v for k, v in r.items() if not k.startswith("val_acc")}
-            rows.append(("IMF, exported inference model", {**inf, **r["inference"], "train_time_s": None}))
+            rows.append((f"{NAMES.get(m, m).split(' (')[0]}, exported inference model",
+                         {**inf, **r["inference"], "train_time_s": None}))
     return rows
 
 

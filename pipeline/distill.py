@@ -681,11 +681,12 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
     if len(cfgs) == 1 and s.errors:
         raise s.errors[0]
     if s.errors:
-        lines = []
+        failed = {}
         for i, e in sorted(s.errors.items()):
-            msg = str(e) if isinstance(e, RaykdError) else (str(e).strip().splitlines() or [type(e).__name__])[-1]
-            lines.append(f"{student_name(cfgs[i])}: {msg}")
-        raise StageFailed("some students failed (the others are saved):\n  " + "\n  ".join(lines))
+            failed[student_name(cfgs[i])] = (str(e) if isinstance(e, RaykdError) else
+                                             (str(e).strip().splitlines() or [type(e).__name__])[-1])
+        raise StageFailed("some students failed (the others are saved):\n  " + "\n  ".join(
+            f"{n}: {msg}" for n, msg in failed.items()), failed)
     return s.records
 
 

@@ -21,6 +21,11 @@ class CheckpointError(RaykdError):
 
 
 class StageFailed(RaykdError):
-    """A stage ran but some of its work failed (e.g. a training job); what succeeded is kept. Exit 1."""
+    """A stage ran but some of its work failed (e.g. a training job); what succeeded is kept. Exit 1.
+    `failed`: what failed, by name, and why."""
 
     exit_code = 1
+
+    def __init__(self, message: str, failed: dict[str, str] | None = None):
+        super().__init__(message)
+        self.failed = failed or {}
