@@ -1,4 +1,4 @@
-"""AEKT — adaptive explicit knowledge transfer (seed 002; full text unavailable).
+"""AEKT — adaptive explicit knowledge transfer (Park & Lee, arXiv:2409.01679, 2024; abstract only).
 
 Paper (abstract): logit-based distillation; implicit knowledge is the teacher's non-target
 distribution, explicit knowledge the teacher's confidence in the target class, transferred with an

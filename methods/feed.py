@@ -1,4 +1,4 @@
-"""FEED — feature-level ensemble distillation (seed 004).
+"""FEED — feature-level ensemble knowledge distillation (Park & Kwak, ECAI 2020).
 
 Paper (equations recovered from a secondary summary): L = CE(z_s, y) + beta * sum_n
 || x_t,n / ||x_t,n||_2 - NTL_n(x_s) / ||NTL_n(x_s)||_2 ||_1, with x_t,n teacher n's final feature map,

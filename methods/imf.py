@@ -1,4 +1,4 @@
-"""IMF — integrating matched features with attentive logits (seed 000; docs/methods.md).
+"""IMF — integrating matched features with attentive logits (Kim, Lee & Woo, IJCAI 2023; abstract only).
 
 Paper: intermediate feature distillers (IFD) are branches on student blocks, trained from the teacher;
 their outputs are combined by an attentive logit; at inference only the first student blocks and the

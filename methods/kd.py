@@ -3,7 +3,7 @@
 Paper: L = w_ce * CE(z_s, y) + w_kd * tau^2 * KL(p_t^tau || p_s^tau); the tau^2 keeps the soft term's
 gradients on the scale of the hard term's. Defaults tau=4, w_ce=0.1, w_kd=0.9 are the CIFAR-100
 convention of RepDistiller/mdistiller.
-Our reading (multi-teacher, docs/methods.md): the teacher target is the mean of the teachers'
+Our reading (multi-teacher, methods/ensemble.py): the teacher target is the mean of the teachers'
 probabilities (`method.ensemble=mean_prob`), or their mean logits, fixed or accuracy weights, or the
 mean of per-teacher losses (`per_teacher`).
 """

@@ -1,4 +1,5 @@
-"""Professor — a CAAE refiner of the teachers' soft targets (seed 001; full text unavailable).
+"""Professor — "Distilling from professors: enhancing the knowledge distillation of teachers" (Information
+Sciences 576, 2021; abstract only): a CAAE refiner of the teachers' soft targets.
 
 Paper (abstract): a professor model refines the teacher's soft target so that it is (1) more accurate
 and (2) faithful to the teacher's inter-class correlations; it is built by reformulating a

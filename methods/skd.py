@@ -1,4 +1,4 @@
-"""SKD — student-friendly knowledge distillation (seed 003; full text unavailable).
+"""SKD — student-friendly knowledge distillation (arXiv:2305.10893, 2023; abstract only).
 
 Paper (abstract): soften the teacher's logits with a temperature, then a "learning simplifier" (an
 attention mechanism) turns them into a simpler target for the student; the simplifier is trained

@@ -16,8 +16,18 @@ def _stage_parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raykd")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raykd", description="Multi-teacher knowledge distillation on Ray.")
+    parser.add_argument("--version", action="version", version=f"raykd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _stage_parser(sub, "teachers", "train the configured teachers, `teachers.parallel` at a time (or evaluate given checkpoints)")
     c = _stage_parser(sub, "cache", "run the teachers once over K views of every training sample into a Parquet cache")

@@ -1,7 +1,7 @@
 """Connect to Ray once per command: an existing cluster (`--address` / RAY_ADDRESS) or a local one.
 
 A local Ray gets more logical CPUs than cores (default 2x, at least 4): Ray Data's read tasks need
-CPUs that Train workers would otherwise hold, and on 2 cores the read never starts (docs/ray-2.60.md).
+CPUs that Train workers would otherwise hold, and on 2 cores the read never starts.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ _connected_address: str | None = None
 
 def jobs_that_fit(cpus_per_job: float) -> int:
     """Training jobs (students, sweep trials) that fit the cluster at once, one CPU left for Ray Data's
-    reads (without it they never start beside the Train workers: docs/ray-2.60.md)."""
+    reads (without it they never start beside the Train workers)."""
     import ray
 
     return max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // cpus_per_job))

@@ -2,8 +2,7 @@
 
 Its parameters are a small record (crop offset `ox`, `oy` into the padded image and a `flip` bit)
 that the cache stores per row, so the exact pixels can be rebuilt later with `apply_views`.
-Everything is vectorised over a batch: the per-sample Python crop loop was the slow part of the
-calibration run (docs/calibration.md).
+Everything is vectorised over a batch: a per-sample Python crop loop is slow.
 """
 
 from __future__ import annotations

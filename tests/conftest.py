@@ -1,4 +1,5 @@
-"""One Ray session per test session (docs/ray-2.60.md): more logical CPUs than cores, small object store."""
+"""One Ray session per test session: more logical CPUs than cores (Ray Data's reads need CPUs beside the
+Train workers), a small object store."""
 
 import os
 

@@ -157,3 +157,11 @@ def test_interrupted_overwrite_names_the_command_that_resumes():
     assert advice == "to resume, run it again without --overwrite: raykd cache -c configs/demo.yaml cache.views=2"
     plain = ["distill", "-c", "configs/demo.yaml"]
     assert resume_advice(build_parser().parse_args(plain), plain) == "rerun the same command to resume"
+
+
+def test_version(cli, capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        cli("--version")
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"raykd {version('raykd')}"
