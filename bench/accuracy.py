@@ -28,8 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.cache import Cache, build_cache, cache_uri  # noqa: E402
 from pipeline.config import load_config, variant  # noqa: E402
-from pipeline.distill import read_student, run_students, student_dir, student_name  # noqa: E402
+from pipeline.distill import run_students, student_dir, student_name  # noqa: E402
 from pipeline.errors import StageFailed  # noqa: E402
+from stats import ci, paired  # noqa: E402  (bench/stats.py, beside this script)
 from pipeline.teachers import run_teachers  # noqa: E402
 
 # method -> (config changes, the cache it reads); "<best>" is the teacher with the best validation accuracy,
@@ -64,18 +65,8 @@ VARIANTS = {
 SLOW = ("kd_aa_online", "pfeed", "sfeed", "imf", "imf_ce", "imf_kd")  # started first: none runs alone at the end
 
 
-def _t95(n: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
-
-
-def ci(xs: list[float]) -> tuple[float, float, float]:
-    """(mean, sample std, half-width of the 95 % confidence interval of the mean, Student's t)."""
-    n = len(xs)
-    mean = statistics.mean(xs)
-    sd = statistics.stdev(xs) if n > 1 else 0.0
-    return mean, sd, (_t95(n) * sd / n ** 0.5 if n > 1 else 0.0)
+def _rounded(d: dict | None) -> dict | None:
+    return d and {k: round(v, 5) if isinstance(v, float) else v for k, v in d.items()}
 
 
 def _row(recs: list[dict], seeds: list[int], key=lambda r: r) -> dict:
@@ -87,29 +78,6 @@ def _row(recs: list[dict], seeds: list[int], key=lambda r: r) -> dict:
             row.update({f"{split}_acc_mean": round(mean, 5), f"{split}_acc_std": round(sd, 5),
                         f"{split}_acc_ci95": round(half, 5)})
     return row
-
-
-def paired(row: dict, base: dict) -> dict | None:
-    """The per-seed test-accuracy difference row - base over their common seeds: mean and 95 % CI."""
-    seeds = [s for s in row["per_seed"] if s in base["per_seed"]]
-    if not seeds:
-        return None
-    mean, _, half = ci([row["per_seed"][s] - base["per_seed"][s] for s in seeds])
-    return {"mean": round(mean, 5), "ci95": round(half, 5), "seeds": len(seeds)}
-
-
-def _finished(c) -> dict | None:
-    """The record of a student (or of its whole chain: sequential FEED) that finished, read from its folder."""
-    from methods import METHODS
-
-    method = METHODS.get(c.method.name)
-    base = student_name(c)
-    names = [ch.get("distill.name", base) for ch in method.chain(c, base)]
-    folder = os.path.dirname(student_dir(c))
-    recs = [read_student(os.path.join(folder, n)) for n in names]
-    if any(r is None for r in recs):
-        return None
-    return method.summarise(recs, os.path.join(folder, names[-1]))
 
 
 def _curve(cfg, rec: dict) -> list[float]:
@@ -178,8 +146,7 @@ def main() -> None:
     try:
         records = run_students(flat, cfg.run.parallel)
     except StageFailed as e:  # a student that diverged is a result too: its row says so, the others stand
-        failed = e.failed
-        records = [None if student_name(c) in failed else _finished(c) for c in flat]
+        failed, records = e.failed, e.records
     t_students = time.time() - t1
     records = iter(records)
     recs = {m: [next(records) for _ in runs[m]] for m in order}
@@ -211,9 +178,9 @@ def main() -> None:
             if "per_seed" not in r or "per_seed" not in rows.get(base, {}):
                 continue
             if base != m:
-                r[f"vs_{base}"] = paired(r, rows[base])
+                r[f"vs_{base}"] = _rounded(paired(r, rows[base]))
             if "inference" in r:
-                r["inference"][f"vs_{base}"] = paired(r["inference"], rows[base])
+                r["inference"][f"vs_{base}"] = _rounded(paired(r["inference"], rows[base]))
     manifest = manifests.get(FEATURES) or manifests[LOGITS]
     cfg = variant(cfg, caches[FEATURES if FEATURES in manifests else LOGITS], "bench cache")
     cols = Cache(cache_uri(cfg), cfg.cache.s3_endpoint).column_bytes()

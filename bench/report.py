@@ -13,8 +13,11 @@ import argparse
 import json
 import os
 import re
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from stats import paired  # noqa: E402  (bench/stats.py)
 ROOT = os.path.dirname(HERE)
 NAMES = {
     "ce": "CE (no teacher)", "kd_best": "KD, best single teacher", "kd_aa_cached": "KD, one teacher, cached (A/A)",
@@ -39,20 +42,6 @@ def _load(folder: str, name: str) -> dict | None:
 
 def _pm(m: float, s: float | None) -> str:
     return f"{100 * m:.2f}" if s is None else f"{100 * m:.2f} ± {100 * s:.2f}"
-
-
-def diff(a: dict, b: dict) -> dict | None:
-    """Paired test-accuracy difference a - b over their common seeds: mean and 95 % CI half-width."""
-    import statistics
-
-    from scipy.stats import t
-
-    seeds = [s for s in a["per_seed"] if s in b["per_seed"]]
-    if not seeds:
-        return None
-    d = [a["per_seed"][s] - b["per_seed"][s] for s in seeds]
-    half = float(t.ppf(0.975, len(d) - 1)) * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0
-    return {"mean": statistics.mean(d), "ci95": half, "seeds": len(d)}
 
 
 def _d(x: dict | None) -> str:
@@ -88,7 +77,7 @@ def targets(acc, speed, build, sweep) -> list[tuple[str, str, bool | None]]:
     if acc:
         ms = acc["methods"]
         if "ce" in ms:
-            below = {m: diff(r, ms["ce"]) for m, r in ms.items() if m not in CONTROLS and "per_seed" in r}
+            below = {m: paired(r, ms["ce"]) for m, r in ms.items() if m not in CONTROLS and "per_seed" in r}
             below = {m: d for m, d in below.items() if d and d["mean"] - d["ci95"] <= 0}
             out.append(("every method above CE (paired 95 % CI above 0)", "all" if not below else "not: " + ", ".join(
                 f"{NAMES.get(m, m)} {_d(d)} pp" for m, d in below.items()), not below))
@@ -96,14 +85,14 @@ def targets(acc, speed, build, sweep) -> list[tuple[str, str, bool | None]]:
         if ens and "kd_best" in ms and "kd" in ms:
             best = max(ens, key=lambda m: ms[m]["test_acc_mean"])
             for base in ("kd_best", "kd"):
-                d = diff(ms[best], ms[base])
+                d = paired(ms[best], ms[base])
                 out.append((f"best per-sample ensemble ({NAMES[best]}) ≥ {NAMES[base]}", f"{_d(d)} pp",
                             d["mean"] >= 0))
         if "professor_kd" in ms and "label_mix" in ms:
-            d = diff(ms["professor_kd"], ms["label_mix"])
+            d = paired(ms["professor_kd"], ms["label_mix"])
             out.append(("professor + KD > label-mix KD", f"{_d(d)} pp", d["mean"] - d["ci95"] > 0))
         if "kd_aa_cached" in ms and "kd_aa_online" in ms:
-            d = diff(ms["kd_aa_cached"], ms["kd_aa_online"])
+            d = paired(ms["kd_aa_cached"], ms["kd_aa_online"])
             out.append(("cached KD (K ≥ epochs) = online KD (0 inside the paired 95 % CI)", f"{_d(d)} pp",
                         abs(d["mean"]) <= d["ci95"]))
         if all("val_curve" in r for r in ms.values()):
@@ -154,7 +143,7 @@ def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
             tt = f"{r['train_time_s']:.0f} s" if r.get("train_time_s") else "—"
             val = _pm(r["val_acc_mean"], None if one else r.get("val_acc_ci95", r["val_acc_std"])) if "val_acc_mean" in r else "—"
             test = _pm(r["test_acc_mean"], None if one else r.get("test_acc_ci95", r["test_acc_std"]))
-            vs = [_d(diff(r, ms[b])) if b in ms and r is not ms[b] and "per_seed" in r else "—" for b in ("ce", "kd")]
+            vs = [_d(paired(r, ms[b])) if b in ms and r is not ms[b] and "per_seed" in r else "—" for b in ("ce", "kd")]
             mp = f"{r['method_params']:,}" if r.get("method_params") else "—"
             lines.append(f"| {label} | {test} | {vs[0]} | {vs[1]} | {val} | {r['params']:,} | {mp} | {tt} |")
         pairs = [(a, b) for a, b in (("dkd", "kd_wce1"), ("aekt", "kd_wce1"), ("skd", "kd_wce1"), ("label_mix", "kd_wce1"),
@@ -165,7 +154,7 @@ def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
         if pairs:
             def _pair(a, b):
                 ra, rb = (ms[x]["inference"] if (a, b) == ("imf", "imf_kd") else ms[x] for x in (a, b))
-                return f"{NAMES.get(a, a)} − {NAMES.get(b, b)}: {_d(diff(ra, rb))}"
+                return f"{NAMES.get(a, a)} − {NAMES.get(b, b)}: {_d(paired(ra, rb))}"
             lines.append("\nPaired differences against the baselines that could explain a gain (points, mean ± 95 % CI; "
                          "IMF: the exported models): " + "; ".join(_pair(a, b) for a, b in pairs) + ".")
         imf = ms.get("imf", {}).get("inference")

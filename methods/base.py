@@ -43,13 +43,6 @@ class Targets:
     features: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def ensemble_logits(zs: list[torch.Tensor], temperature: float, weights: list[float] | None = None) -> torch.Tensor:
-    """z~ = tau * log(sum_t w_t softmax(z_t / tau)): logits whose softmax at tau is exactly the (weighted)
-    mean of the teachers' probabilities, so one loss function serves one teacher and an ensemble alike."""
-    w = torch.tensor(weights or [1.0 / len(zs)] * len(zs), device=zs[0].device)
-    return mix_logits(zs, temperature, w)
-
-
 def label_mix(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """tau * log((softmax(z / tau) + onehot(y)) / 2): the target half teacher, half label."""
     p = F.softmax(z / temperature, 1)

@@ -59,11 +59,12 @@ def entropy_weights(zs: list[torch.Tensor]) -> torch.Tensor:
 
 def min_norm_weights(grads: torch.Tensor, iters: int = 64, tol: float = 1e-9) -> torch.Tensor:
     """(K,) on the simplex minimising || sum_k w_k grads[k] ||^2, grads (K, D): Frank-Wolfe on the Gram
-    matrix with exact line search, from the uniform weights."""
+    matrix with exact line search, from the uniform weights. The K x K Gram matrix is solved on the host:
+    one copy from the device, not a synchronisation per iteration."""
     g = grads.double()
-    m = g @ g.t()  # (K, K)
+    m = (g @ g.t()).cpu()  # (K, K)
     k = m.shape[0]
-    w = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
+    w = torch.full((k,), 1.0 / k, dtype=m.dtype)
     for _ in range(iters):
         mw = m @ w
         t = int(torch.argmin(mw))
@@ -76,7 +77,7 @@ def min_norm_weights(grads: torch.Tensor, iters: int = 64, tol: float = 1e-9) ->
             break
         w = (1 - gamma) * w
         w[t] += gamma
-    return w.to(grads.dtype)
+    return w.to(device=grads.device, dtype=grads.dtype)
 
 
 def ae_kd_weights(zs: list[torch.Tensor], student_logits: torch.Tensor, temperature: float) -> torch.Tensor:

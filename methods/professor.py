@@ -59,6 +59,16 @@ def latent_size(num_classes: int, latent_dim: int | None) -> int:
     return d
 
 
+def teacher_probs(teacher_logits: list[torch.Tensor], labels: torch.Tensor, temperature: float,
+                  ensemble: str = "mean_prob") -> torch.Tensor:
+    """q: the teachers' probabilities at `temperature`, combined per `ensemble` (methods/ensemble.py)."""
+    zs = [z.float() for z in teacher_logits]
+    if len(zs) == 1:
+        return F.softmax(zs[0] / temperature, 1)
+    w = teacher_weights(ensemble, zs, temperature, labels)
+    return F.softmax(mix_logits(zs, temperature, w) / temperature, 1)
+
+
 class Professor(nn.Module):
     """E, G (the refiner) and D_z, D_q (only for training)."""
 
@@ -80,11 +90,7 @@ class Professor(nn.Module):
 
     def teacher_probs(self, teacher_logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """q: the teachers' probabilities at tau, combined per `ensemble`."""
-        zs = [z.float() for z in teacher_logits]
-        if len(zs) == 1:
-            return F.softmax(zs[0] / self.temperature, 1)
-        w = teacher_weights(self.ensemble, zs, self.temperature, labels)
-        return F.softmax(mix_logits(zs, self.temperature, w) / self.temperature, 1)
+        return teacher_probs(teacher_logits, labels, self.temperature, self.ensemble)
 
     def forward(self, q: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent z, refined logits r) for teacher probabilities q and labels."""

@@ -686,7 +686,7 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
             failed[student_name(cfgs[i])] = (str(e) if isinstance(e, RaykdError) else
                                              (str(e).strip().splitlines() or [type(e).__name__])[-1])
         raise StageFailed("some students failed (the others are saved):\n  " + "\n  ".join(
-            f"{n}: {msg}" for n, msg in failed.items()), failed)
+            f"{n}: {msg}" for n, msg in failed.items()), failed, s.records)
     return s.records
 
 

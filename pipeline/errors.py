@@ -22,10 +22,10 @@ class CheckpointError(RaykdError):
 
 class StageFailed(RaykdError):
     """A stage ran but some of its work failed (e.g. a training job); what succeeded is kept. Exit 1.
-    `failed`: what failed, by name, and why."""
+    `failed`: what failed, by name, and why; `records`: the stage's results in order, None where failed."""
 
     exit_code = 1
 
-    def __init__(self, message: str, failed: dict[str, str] | None = None):
+    def __init__(self, message: str, failed: dict[str, str] | None = None, records: list | None = None):
         super().__init__(message)
-        self.failed = failed or {}
+        self.failed, self.records = failed or {}, records

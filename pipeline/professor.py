@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from methods.professor import Professor, professor_losses
+from methods.professor import Professor, professor_losses, teacher_probs
 from pipeline.cache import columns as C
 from pipeline.cache import (MANIFEST, REFINED, Cache, CacheError, TargetReader, cache_uri, column_array,
                             describe_files, load_refined, view_dir, write_json)
@@ -331,7 +331,8 @@ def _measure(cache: Cache, pfiles: list[dict], lc: dict) -> dict:
 
     reader = cache.target_reader()
     t = cache.read_table(["sample_id", "view_id", "label", *reader.all_columns])
-    key = column_array(t, "view_id").astype(np.int64) * (1 << 40) + column_array(t, "sample_id")
+    sid = column_array(t, "sample_id")
+    key = column_array(t, "view_id").astype(np.int64) * (1 << 40) + sid
     order = np.argsort(key)
     labels = column_array(t, "label")[order]
     probs = sum(source_probs(cache, t, s) for s in cache.sources)[order]
@@ -340,14 +341,13 @@ def _measure(cache: Cache, pfiles: list[dict], lc: dict) -> dict:
         raise CacheError("professor: the refined rows do not match the cache's (sample_id, view_id) rows")
     out = {"refined_acc": float((refined.argmax(1) == labels).mean()),
            "ensemble_acc": float((probs.argmax(1).numpy() == labels).mean())}
-    held = held_out(column_array(t, "sample_id")[order], lc["holdout"], lc["seed"])
-    idx = np.flatnonzero(held)
+    idx = np.flatnonzero(held_out(sid[order], lc["holdout"], lc["seed"]))  # positions in key order
     if len(idx) == 0:
         return {**out, "heldout": {"rows": 0}}
-    raw = {c: column_array(t, c)[order][idx] for c in reader.all_columns}
+    raw = {c: column_array(t, c)[order[idx]] for c in reader.all_columns}
     z = reader(raw)
     y = torch.from_numpy(labels[idx].astype(np.int64))
-    q = _build(lc).teacher_probs([z[s] for s in lc["teachers"]], y)
+    q = teacher_probs([z[s] for s in lc["teachers"]], y, lc["temperature"], lc["ensemble"])
     p = torch.softmax(torch.from_numpy(refined[idx].astype(np.float32)) / lc["temperature"], 1)
     return {**out, "heldout": {k: round(v, 5) if isinstance(v, float) else v for k, v in
                                refinement_stats(q, p, y).items()}}
