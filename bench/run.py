@@ -26,7 +26,7 @@ BENCHES = ("accuracy", "cache_build", "distill_speed", "sweep_speed")  # in the 
 NO_FEATURES = {"cache_build": ["cache.layers={}"], "sweep_speed": ["cache.layers={}"]}
 
 PROFILES = {
-    # configs/bench.yaml: teachers on all 57,000 training images, students on 10,000, 16 epochs, 5 paired
+    # configs/bench.yaml: teachers on all 57,000 training images, students on 10,000, 32 epochs, 5 paired
     # seeds, the full test set; every method, its baselines and controls
     "full": {
         "config": "configs/bench.yaml",
