@@ -152,7 +152,7 @@ def read_path(cfg, epochs: int) -> dict:
     from pipeline.cache import Cache, cache_uri
     from pipeline.raysetup import init_ray
 
-    init_ray(cfg.ray)
+    init_ray(cfg)
     cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
     teachers = cfg.method.teachers or cache.teachers
     cols = ["sample_id", "label", "pixels", *[f"logits.{n}" for n in teachers]]

@@ -83,3 +83,52 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
     except RuntimeError as e:
         first = str(e).splitlines()[1:3]
         raise CheckpointError(f"checkpoint {path} does not fit arch {arch!r}: {' '.join(s.strip() for s in first)}") from None
+
+
+def resolve_checkpoint(ref: str) -> str:
+    """A checkpoint's file: `ref` itself, or for `torchvision:<WeightsEnum>.<NAME>` (e.g.
+    torchvision:ResNet18_Weights.IMAGENET1K_V1) the file torchvision keeps in the torch hub cache
+    (<torch.hub.get_dir()>/checkpoints/). raykd never downloads: a weights file not in the cache is an error."""
+    if not ref.startswith("torchvision:"):
+        return ref
+    import torchvision.models as tvm
+
+    name = ref[len("torchvision:"):]
+    try:
+        w = tvm.get_weight(name)
+    except (ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {ref}: torchvision has no weights {name!r} ({e})") from None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"checkpoint {ref}: {path} is not in the torch cache and raykd does not download; on a machine with "
+            f"internet run `python -c \"import torchvision; torchvision.models.get_weight('{name}').get_state_dict()\"` "
+            f"and copy the file there (or give the file's path as the checkpoint)")
+    return path
+
+
+def map_keys(state: dict[str, torch.Tensor], key_map: dict[str, str | None]) -> dict[str, torch.Tensor]:
+    """Rename a foreign state dict's keys by prefix: the first matching rule {old prefix: new prefix}
+    applies; a rule to None drops the key (e.g. {"module.": "", "head.": None})."""
+    out = {}
+    for k, v in state.items():
+        for old, new in key_map.items():
+            if k.startswith(old):
+                k = None if new is None else new + k[len(old):]
+                break
+        if k is not None:
+            out[k] = v
+    return out
+
+
+def load_foreign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str, arch: str,
+                 key_map: dict[str, str | None] | None = None) -> None:
+    """A checkpoint made outside raykd (or by it): keys mapped, then loaded strictly; a wrapped model
+    (torchvision:, module:factory) takes the wrapped net's own keys (or raykd's `net.`-prefixed ones)."""
+    from pipeline.models import TappedModel
+
+    state = map_keys(state, key_map or {})
+    if isinstance(model, TappedModel) and not all(k.startswith("net.") for k in state):
+        load_into(model.net, state, path, arch)
+    else:
+        load_into(model, state, path, arch)

@@ -18,16 +18,21 @@ from pipeline.schema import NAME_RE, Section  # noqa: F401  (Section: the base o
 
 
 def _known_arch(v: str) -> str:
-    from pipeline.models import MODELS
+    from pipeline.models import check_arch
 
-    MODELS.check(v)
+    check_arch(v)
     return v
 
 
-Arch = Annotated[str, AfterValidator(_known_arch)]  # a model zoo name
+# a zoo name (`raykd models`), torchvision:<name> or module.path:factory
+Arch = Annotated[str, AfterValidator(_known_arch)]
 
 
 class RunSection(Section):
+    imports: list[str] = Field(
+        default_factory=list, description="modules imported first, here and in every worker: user code that "
+                                          "registers models, datasets or methods (importable from the folder raykd "
+                                          "runs in, PYTHONPATH or installed)")
     out_dir: str = Field("runs/default", description="where every stage writes (a local path)")
     storage_path: str | None = Field(
         None, description="the training jobs' checkpoints: a local path or a URI every node reaches "
@@ -41,6 +46,14 @@ class RunSection(Section):
     in_process: bool = Field(
         True, description="a lone one-worker training job (one student, teacher or the professor at a time) on a "
                           "local Ray runs in the command's own process, without starting Ray; false: in a Ray task")
+
+    @field_validator("imports")
+    @classmethod
+    def _import(cls, v: list[str]) -> list[str]:
+        from pipeline.plugins import import_modules
+
+        import_modules(v)  # before the other sections are validated: they may name what these register
+        return v
 
 
 class RaySection(Section):
@@ -127,7 +140,12 @@ class TeacherSpec(Section):
 
     arch: Arch
     seed: int = 0
-    checkpoint: str | None = Field(None, description="load and evaluate this state dict instead of training")
+    checkpoint: str | None = Field(
+        None, description="load and evaluate this state dict instead of training: a .safetensors or torch.save file, "
+                          "or torchvision:<Weights>.<NAME> from the torch hub cache (never downloaded)")
+    checkpoint_key_map: dict[str, str | None] = Field(
+        default_factory=dict, description="rename the checkpoint's keys by prefix before loading, first match wins: "
+                                          "{old: new}; new = null drops the key (e.g. {'module.': '', 'aux.': null})")
     epochs: int | None = Field(None, gt=0, description="overrides teachers.optim.epochs for this teacher")
     lr: float | None = Field(None, gt=0, description="overrides teachers.optim.lr for this teacher")
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -35,6 +36,7 @@ from pipeline.config import Config, MethodSection, OptimSection, variant, write_
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
 from pipeline.harness import Job, JobFailed, JobRunner, Task, failure_message
 from pipeline.models import build_model
+from pipeline.plugins import job_imports
 from pipeline.progress import ProgressPrinter
 from pipeline.training import Evaluator, make_optimizer, optimizer_step
 
@@ -52,7 +54,8 @@ def student_name(cfg: Config) -> str:
     m = cfg.method
     method = m.name + (f"_{m.targets}" if m.targets != "teachers" and METHODS.get(m.name).uses_teachers else "")
     online = "-online" if cfg.distill.teachers == "online" else ""
-    return f"{method}-{cfg.distill.student.arch}-s{student_seed(cfg)}{online}"
+    arch = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.distill.student.arch)  # torchvision:x, module:factory
+    return f"{method}-{arch}-s{student_seed(cfg)}{online}"
 
 
 def student_dir(cfg: Config) -> str:
@@ -430,7 +433,7 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
     return StudentJob(
         kind="distill", name=p.name, run_name=f"student-{p.name}-{p.fp[:12]}", seed=student_seed(cfg),
         epochs=d.optim.epochs, workers=d.workers, storage=train_storage(cfg), device=device, torch_threads=threads,
-        progress=progress, fault=fault,
+        progress=progress, fault=fault, imports=job_imports(cfg),
         arch=d.student.arch, num_classes=splits.num_classes, in_chans=splits.in_chans,
         method=cfg.method.model_dump(mode="json"), method_ctx=p.mctx, optim=d.optim,
         views=p.views, data_seed=cfg.data.seed, policy=splits.policy.as_dict(), mean=splits.mean, std=splits.std,
@@ -599,7 +602,7 @@ class _Students:
         plan.times = {"data_s": t_plan - t, "plan_s": time.perf_counter() - t_plan}
         t = time.perf_counter()
         if not self.inline:
-            init_ray(cfg.ray)
+            init_ray(cfg)
         if self.device is None:
             self.device = resolve_device(cfg.run.device)
         d = cfg.distill
@@ -611,7 +614,7 @@ class _Students:
             self.errors[i] = e
             return
         if not job.in_memory:  # streamed views: Ray Data reads them, in this process too
-            init_ray(cfg.ray)
+            init_ray(cfg)
         plan.times["ray_init_s"] = time.perf_counter() - t
         os.makedirs(plan.sdir, exist_ok=True)
         write_resolved(cfg, plan.sdir)
@@ -669,7 +672,7 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
     if tune or len(cfgs) == 1:
         parallel = 1
     elif parallel is None:
-        init_ray(cfgs[0].ray)
+        init_ray(cfgs[0])
         parallel = concurrent_jobs(cfgs[0].ray, w.cpus_per_worker * w.num_workers, w.num_workers)
     parallel = max(1, min(parallel, len(cfgs)))
     share = local_thread_share(cfgs[0].ray, parallel * concurrent * w.num_workers)

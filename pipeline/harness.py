@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from pipeline import plugins
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
 
 STATE_FILE = "train_state.pt"
@@ -49,6 +50,7 @@ class Job:
     progress: Any = None  # the driver's progress queue
     fault: dict | None = None  # fault injection for the tests (RAYKD_FAULT)
     keep: int = 2  # checkpoints kept
+    imports: tuple = ()  # plugins.job_imports: user modules the worker imports before it builds anything
 
     def build(self, ctx: "Context") -> "Task":
         raise NotImplementedError
@@ -371,6 +373,7 @@ def train_loop(job: Job, ctx: Context | None = None) -> JobResult:
     t = time.perf_counter()
     ctx = ctx or TrainContext()
     set_threads(job, ctx)
+    plugins.load(job.imports)
     torch.manual_seed(job.seed)
     task = job.build(ctx)
     start, history, resumed = 0, [], None

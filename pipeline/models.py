@@ -1,8 +1,11 @@
-"""Model zoo: CIFAR-style ResNets and WRNs (RepDistiller/mdistiller shapes) and a small CNN family.
+"""Models: the zoo (CIFAR-style ResNets and WRNs in RepDistiller/mdistiller shapes, a small CNN family),
+any torchvision classification model (`torchvision:<name>`) and a user's own (`<module.path>:<factory>`).
 
 Every model has `forward_stages(x) -> (logits, {stage: map})`, the one way FEED, IMF, the cache writer
-and the online path get features (no hooks), and `stage_shapes(image_size)`, which derives each stage's
-(C, H, W) from the architecture alone so it can be checked against a real forward.
+and the online path get features, `stage_shapes(image_size)` ((C, H, W) of each stage) and
+`stage_names`. Zoo models return their stages from their own forward and derive the shapes from the
+architecture alone; other models are wrapped in `TappedModel`, whose stages are module paths read by
+forward hooks and whose shapes come from one forward of a blank image.
 """
 
 from __future__ import annotations
@@ -199,5 +202,137 @@ for _w in (4, 8, 16, 32):
     _reg(f"cnn{_w}", lambda nc, ic, w=_w: SmallCNN(w, nc, ic))
 
 
-def build_model(arch: str, num_classes: int, in_chans: int) -> ZooModel:
+# --------------------------------------------------------------------------------------------------
+# models from elsewhere: torchvision:<name> and <module.path>:<factory>
+
+TORCHVISION = "torchvision:"
+
+
+class TappedModel(nn.Module):
+    """Any classifier as a raykd model: logits from its own forward, stages from forward hooks on its
+    submodules, named by module path (`layer3`, `features.8`), as torchvision's `get_graph_node_names`
+    would name them. Hooks rather than torch.fx (`torchvision.models.feature_extraction`): they work on
+    models FX cannot trace (data-dependent control flow in a user's forward) and cost nothing when no
+    stage is read.
+
+    Stages: the model's own `raykd_stages` (a list of module paths) when it has one, else its top-level
+    children that hold parameters and no `nn.Linear` (the trunk, not the head: `conv1`, `bn1`, `layer1`..
+    `layer4` of a ResNet), or, when that is a single `nn.Sequential` (VGG, MobileNet, EfficientNet,
+    ConvNeXt: `features`), its children (`features.0`, ...). The parameters are `net.<its own keys>`;
+    a foreign checkpoint loads into `self.net` (`pipeline.checkpoints.load_foreign`).
+    `grey_to_rgb`: the net takes 3 channels and the data have 1 (torchvision models): the channel is
+    repeated (no parameters)."""
+
+    def __init__(self, net: nn.Module, num_classes: int, in_chans: int, grey_to_rgb: bool = False):
+        super().__init__()
+        self.net, self.num_classes, self.in_chans, self.grey_to_rgb = net, num_classes, in_chans, grey_to_rgb
+        modules = dict(net.named_modules())
+        own = getattr(net, "raykd_stages", None)
+        if own is not None:
+            unknown = [n for n in own if n not in modules or not n]
+            if unknown:
+                raise ValueError(f"raykd_stages {unknown} are not module paths of {type(net).__name__}")
+            self._stages = list(own)
+        else:
+            self._stages = _trunk(net)
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out: dict[str, torch.Tensor] = {}
+        modules = dict(self.net.named_modules())
+        hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in self._stages]
+        try:
+            logits = self.net(x.expand(-1, 3, -1, -1) if self.grey_to_rgb else x)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not isinstance(logits, torch.Tensor):  # GoogLeNet/Inception in training: (logits, aux...)
+            logits = logits.logits if hasattr(logits, "logits") else logits[0]
+        return logits, {n: out[n] for n in self._stages}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[0]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self._stages)
+
+    def stage_shapes(self, image_size: int) -> dict[str, tuple[int, ...]]:
+        """From one forward of a blank image (eval mode, no grad; the mode is restored)."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                p = next(self.parameters(), None)
+                x = torch.zeros(1, self.in_chans, image_size, image_size, device=p.device if p is not None else None)
+                _, maps = self.forward_stages(x)
+        finally:
+            self.train(was)
+        return {n: tuple(m.shape[1:]) for n, m in maps.items()}
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _trunk(net: nn.Module) -> list[str]:
+    def has(m, kind):
+        return any(isinstance(c, kind) for c in m.modules())
+
+    trunk = [(n, m) for n, m in net.named_children()
+             if any(True for _ in m.parameters()) and not has(m, nn.Linear)]
+    if len(trunk) == 1 and isinstance(trunk[0][1], nn.Sequential):
+        return [f"{trunk[0][0]}.{n}" for n, _ in trunk[0][1].named_children()]
+    return [n for n, _ in trunk]
+
+
+def torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return tvm.list_models(module=tvm)
+
+
+def check_arch(arch: str) -> None:
+    """ValueError naming what is wrong with `arch` (a zoo name, torchvision:<name> or module.path:factory)."""
+    if arch.startswith(TORCHVISION):
+        name = arch[len(TORCHVISION):]
+        if name not in torchvision_names():
+            raise ValueError(f"{arch!r}: torchvision has no classification model {name!r} "
+                             f"(torchvision.models.list_models(): {', '.join(torchvision_names()[:8])}, ...)")
+    elif ":" in arch:
+        _factory(arch)
+    else:
+        MODELS.check(arch)
+
+
+def _factory(arch: str) -> Callable:
+    import importlib
+
+    module, _, attr = arch.rpartition(":")
+    if not module or not attr:
+        raise ValueError(f"{arch!r}: a user model is given as module.path:factory")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"{arch!r}: cannot import {module!r} ({e}); it must be importable from the folder raykd "
+                         "runs in, PYTHONPATH or an installed package") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{arch!r}: {module} has no callable {attr!r}")
+    return fn
+
+
+def build_model(arch: str, num_classes: int, in_chans: int) -> nn.Module:
+    """A zoo model, `torchvision:<name>` (built untrained with `num_classes` outputs: weights come from a
+    teacher's `checkpoint`) or `module.path:factory` (called as factory(num_classes=, in_chans=)); the
+    latter two wrapped in `TappedModel` unless they are zoo models already."""
+    if arch.startswith(TORCHVISION):
+        check_arch(arch)
+        import torchvision.models as tvm
+
+        net = tvm.get_model(arch[len(TORCHVISION):], weights=None, num_classes=num_classes)
+        return TappedModel(net, num_classes, in_chans, grey_to_rgb=in_chans == 1)
+    if ":" in arch:
+        net = _factory(arch)(num_classes=num_classes, in_chans=in_chans)
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"{arch} returned {type(net).__name__}, not a torch.nn.Module")
+        return net if isinstance(net, ZooModel) else TappedModel(net, num_classes, in_chans)
     return MODELS.get(arch)(num_classes, in_chans)

@@ -31,6 +31,7 @@ from pipeline.cache import (MANIFEST, REFINED, Cache, CacheError, TargetReader, 
 from pipeline.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
 from pipeline.config import Config, write_resolved
 from pipeline.harness import Job, Task
+from pipeline.plugins import job_imports
 from pipeline.progress import Console, ProgressPrinter
 
 
@@ -204,7 +205,7 @@ def run_professor(cfg: Config) -> dict:
           "batch_size": p.optim.batch_size, "lr": p.optim.lr,
           "weights": {"w_rec": p.w_rec, "w_cls": p.w_cls, "w_z": p.w_z, "w_q": p.w_q}}
     rec = read_record(out)
-    init_ray(cfg.ray)  # before ray.data is imported: it reads raykd's logging settings then
+    init_ray(cfg)  # before ray.data is imported: it reads raykd's logging settings then
     import ray
     from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat
 
@@ -278,7 +279,7 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
     t0 = time.time()
     inline = in_process(cfg, 1, w)
     with (contextlib.nullcontext(Console()) if inline else ProgressPrinter()) as progress:
-        job = ProfessorJob(kind="professor", name="CAAE", run_name=f"professor-{fp[:12]}", seed=p.seed,
+        job = ProfessorJob(kind="professor", name="CAAE", run_name=f"professor-{fp[:12]}", seed=p.seed, imports=job_imports(cfg),
                            epochs=p.optim.epochs, workers=w, storage=train_storage(cfg), device=device,
                            torch_threads=w.torch_threads or local_thread_share(cfg.ray, w.num_workers),
                            progress=getattr(progress, "queue", progress), lc=lc, targets=targets, cache_fs=cache.fs,

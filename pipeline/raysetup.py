@@ -29,11 +29,14 @@ LOG_TO_DRIVER = os.environ.get("RAYKD_LOG_TO_DRIVER", "0") == "1"
 TRAIN_LOG_LEVEL = os.environ.get("RAYKD_TRAIN_LOG_LEVEL", "WARNING")
 
 
-def init_ray(ray_cfg) -> None:
+def init_ray(cfg) -> None:
+    """Start a local Ray or connect to `ray.address` / RAY_ADDRESS (once per process). A cluster gets
+    the environment settings and the user modules of `run.imports` (`plugins.ship`) with the job."""
     import ray
 
     if ray.is_initialized():
         return
+    ray_cfg = cfg.ray
     for k, v in _ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
@@ -43,7 +46,12 @@ def init_ray(ray_cfg) -> None:
         env = {k: os.environ[k] for k in _ENV_DEFAULTS if k != "RAY_DATA_LOGGING_CONFIG"}
         with _held_stderr() as held:  # Ray's core logs every failed attempt (~20 lines): kept, shown on success
             try:
-                ray.init(address=address, log_to_driver=LOG_TO_DRIVER, runtime_env={"env_vars": env})
+                from pipeline.plugins import job_imports, ship
+
+                runtime_env = {"env_vars": env}
+                if py_modules := ship(job_imports(cfg)):
+                    runtime_env["py_modules"] = py_modules
+                ray.init(address=address, log_to_driver=LOG_TO_DRIVER, runtime_env=runtime_env)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 held.drop = True
                 raise ConfigError(connection_message(address, e, held.text())) from None

@@ -107,7 +107,7 @@ def run_sweep(cfg: Config) -> dict:
     root = os.path.join(os.path.abspath(cfg.run.out_dir), "sweeps")
     out = os.path.join(root, name)
     os.makedirs(out, exist_ok=True)
-    init_ray(cfg.ray)
+    init_ray(cfg)
     w = cfg.distill.workers
     concurrent = sw.max_concurrent or concurrent_jobs(cfg.ray, w.num_workers * w.cpus_per_worker, w.num_workers)
     if w.num_workers == 1:  # the trial trains its student itself: it holds the worker's CPUs (and GPU)

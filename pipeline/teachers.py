@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoints import load_into, load_state_dict, save_state_dict, sha256_file
+from pipeline.checkpoints import (load_foreign, load_into, load_state_dict, resolve_checkpoint, save_state_dict,
+                                  sha256_file)
 from pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.models import build_model
+from pipeline.plugins import job_imports
 from pipeline.progress import Console, ProgressPrinter
 from pipeline.harness import Job, Task
 from pipeline.training import Evaluator, evaluate, make_optimizer, optimizer_step
@@ -35,14 +37,22 @@ def teacher_dir(out_dir: str, name: str) -> str:
 
 
 def teacher_fingerprint(spec: TeacherSpec, cfg: Config, data_fp: str) -> str:
-    ckpt_sha = sha256_file(spec.checkpoint) if spec.checkpoint and os.path.isfile(spec.checkpoint) else None
+    path = _checkpoint_path(spec.checkpoint)
+    ckpt_sha = sha256_file(path) if path and os.path.isfile(path) else None
     payload = {
-        "data": data_fp,
-        "spec": spec.model_dump(mode="json"),
+        "data": data_fp,  # an empty key map is left out: teachers from before it keep their fingerprints
+        "spec": spec.model_dump(mode="json", exclude=None if spec.checkpoint_key_map else {"checkpoint_key_map"}),
         "checkpoint_sha256": ckpt_sha,
         "optim": None if spec.checkpoint else cfg.teachers.optim.model_dump(mode="json"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _checkpoint_path(ref: str | None) -> str | None:
+    try:
+        return resolve_checkpoint(ref) if ref else None
+    except CheckpointError:
+        return None  # said when the teacher is evaluated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,11 +191,11 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
     w = cfg.teachers.workers
     parallel = min(cfg.teachers.parallel or len(to_train), len(to_train))
     if cfg.teachers.parallel is None and parallel > 1:
-        init_ray(cfg.ray)
+        init_ray(cfg)
         parallel = min(concurrent_jobs(cfg.ray, w.cpus_per_worker * w.num_workers, w.num_workers), parallel)
     inline = in_process(cfg, parallel, w)
     if not inline:
-        init_ray(cfg.ray)
+        init_ray(cfg)
     device = resolve_device(cfg.run.device)
     threads = w.torch_threads or local_thread_share(cfg.ray, parallel * w.num_workers)  # disjoint shares of the cores
     refs = {k: getattr(splits, k) if inline else ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
@@ -199,7 +209,8 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
                 epochs=spec.epochs or cfg.teachers.optim.epochs, workers=w, storage=storage, device=device,
                 torch_threads=threads, progress=getattr(progress, "queue", progress), arch=spec.arch, num_classes=splits.num_classes,
                 in_chans=splits.in_chans, optim=cfg.teachers.optim, lr=spec.lr or cfg.teachers.optim.lr,
-                policy=splits.policy.as_dict(), data_seed=cfg.data.seed, mean=splits.mean, std=splits.std, **refs)
+                policy=splits.policy.as_dict(), data_seed=cfg.data.seed, mean=splits.mean, std=splits.std,
+                imports=job_imports(cfg), **refs)
 
             started: dict = {}
 
@@ -262,8 +273,8 @@ def _finish_trained(spec, splits, tdir, state: dict, history: list[dict]) -> dic
 def _evaluate_given(spec, splits, device, tdir) -> dict:
     model = build_model(spec.arch, splits.num_classes, splits.in_chans)
     try:
-        state = load_state_dict(spec.checkpoint)
-        load_into(model, state, spec.checkpoint, spec.arch)
+        path = resolve_checkpoint(spec.checkpoint)
+        load_foreign(model, load_state_dict(path), path, spec.arch, spec.checkpoint_key_map)
     except CheckpointError as e:
         hint = ""
         if "size mismatch for" in str(e):
@@ -274,9 +285,10 @@ def _evaluate_given(spec, splits, device, tdir) -> dict:
                           splits.mean, splits.std, device)
     test_acc, _ = evaluate(model, torch.from_numpy(splits.test.images), torch.from_numpy(splits.test.labels),
                            splits.mean, splits.std, device)
-    sha = save_state_dict(state, os.path.join(tdir, "best.safetensors"))
-    return {"name": spec.name, "arch": spec.arch, "seed": spec.seed, "source": os.path.abspath(spec.checkpoint),
-            "source_sha256": sha256_file(spec.checkpoint), "params": model.num_params(),
+    sha = save_state_dict(model.state_dict(), os.path.join(tdir, "best.safetensors"))  # in raykd's own keys
+    return {"name": spec.name, "arch": spec.arch, "seed": spec.seed,
+            "source": spec.checkpoint if spec.checkpoint.startswith("torchvision:") else os.path.abspath(spec.checkpoint),
+            "source_sha256": sha256_file(path), "params": model.num_params(),
             "best": {"file": "best.safetensors", "sha256": sha}, "val_acc": val_acc, "test_acc": test_acc}
 
 

@@ -23,6 +23,7 @@ import torch
 
 from pipeline.cache import columns as C
 from pipeline.cache.codecs import mean_probs, quantize_int8, topk_encode
+from pipeline.plugins import job_imports
 from pipeline.cache.storage import (BUILD, LOCK, MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, BuildLock, CacheError,
                                         describe_files, files_present, marker, open_fs, read_json, storage_errors,
                                         storage_message, view_dir, write_json)
@@ -78,10 +79,13 @@ class TeacherForward:
     """Stage 2..N+1, one actor pool per teacher: loads the model once, adds its logits (fp16) and maps."""
 
     def __init__(self, name: str, arch: str, ckpt_path: str, weights: bytes, num_classes: int, in_chans: int,
-                 mean, std, layers: list[str], feat_dtype: str, device: str, threads: int | None, progress=None):
+                 mean, std, layers: list[str], feat_dtype: str, device: str, threads: int | None, progress=None,
+                 imports=()):
+        from pipeline import plugins
         from pipeline.checkpoints import load_into, state_from_bytes
         from pipeline.models import build_model
 
+        plugins.load(imports)
         if threads:  # else Ray's default: as many as the actor's CPUs
             torch.set_num_threads(threads)
         self.name, self.layers, self.feat_dtype, self.progress = name, layers, feat_dtype, progress
@@ -277,7 +281,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
 
     c = cfg.cache
     targets = _targets(cfg, splits.num_classes)
-    init_ray(cfg.ray)  # before ray.data is imported: it reads raykd's logging settings then
+    init_ray(cfg)  # before ray.data is imported: it reads raykd's logging settings then
     import ray
     from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
 
@@ -325,7 +329,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
                     "weights": read_verified(t["checkpoint"], t["checkpoint_sha256"]), "num_classes": splits.num_classes,
                     "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std,
                     "layers": list(t["layers"]), "feat_dtype": c.feat_dtype, "device": device,
-                    "threads": threads, "progress": progress.queue,
+                    "threads": threads, "progress": progress.queue, "imports": job_imports(cfg),
                 })
         if targets["topk"] or not targets["logits"]:
             tk = targets["topk"] or {}

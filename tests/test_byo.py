@@ -1,0 +1,162 @@
+"""Bring your own model: torchvision:<name> and module.path:factory archs, feature taps by module path,
+foreign checkpoints (key map, torchvision weights from the torch cache), run.imports in Ray workers."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pipeline.checkpoints import load_foreign, map_keys, resolve_checkpoint, save_state_dict
+from pipeline.config import load_config
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.models import TappedModel, build_model
+
+USER_MODULE = '''
+import torch.nn as nn
+from pipeline.models import MODELS
+
+
+class Tiny(nn.Module):
+    """A user's model: no forward_stages; its stages named by module path."""
+
+    raykd_stages = ["body.0", "body.5"]
+
+    def __init__(self, num_classes, in_chans):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_chans, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def tiny(num_classes, in_chans):
+    return Tiny(num_classes, in_chans)
+
+
+@MODELS.register("{registered}")
+def _registered(num_classes, in_chans):
+    return TappedModel(Tiny(num_classes, in_chans), num_classes, in_chans)
+
+
+from pipeline.models import TappedModel  # noqa: E402
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module written in the test, importable here from a folder Ray's workers do not have on sys.path;
+    its registered model name is unique per test (the registry is per process)."""
+    name = f"raykd_user_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE.replace("{registered}", f"reg_{name}"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_tapped_shapes_match_a_forward_and_grey_is_repeated():
+    torch.manual_seed(0)
+    m = build_model("torchvision:resnet18", 10, 1)
+    assert isinstance(m, TappedModel) and m.stage_names == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    x = torch.randn(2, 1, 28, 28)
+    logits, maps = m.eval().forward_stages(x)
+    assert logits.shape == (2, 10)
+    assert {k: tuple(v.shape[1:]) for k, v in maps.items()} == m.stage_shapes(28)
+    assert m.stage_shapes(28)["layer3"] == (256, 2, 2)
+    # the grey channel is repeated: the same logits as the bare net on a 3-channel copy
+    assert torch.equal(logits, m.net(x.repeat(1, 3, 1, 1)))
+    # no hook is left behind
+    assert all(not mod._forward_hooks for mod in m.modules())
+    # a trunk held in one Sequential is split into its children
+    assert build_model("torchvision:mobilenet_v3_small", 10, 3).stage_names[:2] == ["features.0", "features.1"]
+
+
+def test_arch_errors_name_the_culprit(tmp_path):
+    with pytest.raises(ConfigError, match="torchvision has no classification model 'resnet17'"):
+        load_config(None, ["distill.student.arch=torchvision:resnet17"])
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
+        load_config(None, ["distill.student.arch=no_such_module_xyz:factory"])
+    with pytest.raises(ConfigError, match="run.imports: importing 'no_such_module_xyz' failed: ModuleNotFoundError"):
+        load_config(None, ["run.imports=[no_such_module_xyz]"])
+
+
+def test_user_factory_and_registered_model(user_module):
+    m = build_model(f"{user_module}:tiny", 10, 1)
+    assert m.stage_shapes(8) == {"body.0": (16, 8, 8), "body.5": (32, 4, 4)}
+    cfg = load_config(None, [f"run.imports=[{user_module}]", f"distill.student.arch=reg_{user_module}"])
+    assert build_model(cfg.distill.student.arch, 10, 1).stage_names == ["body.0", "body.5"]
+
+
+def test_foreign_keys_load_with_a_map(tmp_path):
+    torch.manual_seed(0)
+    src = build_model("torchvision:resnet18", 10, 3).net
+    ddp_style = {f"module.{k}": v for k, v in src.state_dict().items()}  # as saved from a DDP wrapper
+    path = str(tmp_path / "foreign.pth")
+    torch.save(ddp_style, path)
+    dst = build_model("torchvision:resnet18", 10, 3)
+    with pytest.raises(CheckpointError, match="does not fit arch 'torchvision:resnet18'.*Missing key"):
+        load_foreign(dst, torch.load(path, weights_only=True), path, "torchvision:resnet18")
+    load_foreign(dst, torch.load(path, weights_only=True), path, "torchvision:resnet18", {"module.": ""})
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.net.state_dict().values()))
+    # raykd's own (net.-prefixed) state dict loads too; a rule to None drops keys
+    load_foreign(dst, dst.state_dict(), "own", "torchvision:resnet18")
+    assert list(map_keys({"a.w": 1, "b.w": 2, "c": 3}, {"a.": None, "b.": "x."})) == ["x.w", "c"]
+
+
+def test_torchvision_weights_come_from_the_torch_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ref = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    with pytest.raises(CheckpointError, match="not in the torch cache and raykd does not download"):
+        resolve_checkpoint(ref)
+    with pytest.raises(CheckpointError, match="torchvision has no weights"):
+        resolve_checkpoint("torchvision:ResNet18_Weights.NOPE")
+    # a stand-in file under the name torchvision gives the published weights (no download in tests)
+    torch.manual_seed(0)
+    net = build_model("torchvision:resnet18", 1000, 3)
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    path = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    torch.save(net.net.state_dict(), path)
+    assert resolve_checkpoint(ref) == str(path)
+    assert resolve_checkpoint("some/file.safetensors") == "some/file.safetensors"
+
+
+@pytest.mark.timeout(420)
+def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, user_module, tmp_path):
+    """A torchvision teacher (trained, and a foreign copy of it loaded with a key map) and a user's
+    module:factory student registered via run.imports, in Ray workers (run.in_process=false): teachers ->
+    cache with a module-path feature tap -> FEED distillation."""
+    from pipeline.cache import build_cache
+    from pipeline.distill import run_distill
+    from pipeline.teachers import run_teachers
+
+    out = tmp_path / "run"
+    base = [f"run.out_dir={out}", "run.device=cpu", "run.in_process=false", f"run.imports=[{user_module}]",
+            "teachers.optim.epochs=4", "teachers.optim.batch_size=64",
+            "teachers.models=[{name: tv, arch: 'torchvision:resnet18', seed: 1}]"]
+    (rec,) = run_teachers(load_config(None, base))
+    assert rec["arch"] == "torchvision:resnet18" and rec["test_acc"] > 0.7  # 10 classes: chance is 0.1
+
+    # the same weights as a foreign checkpoint (torchvision's own keys under a DDP prefix), mapped back
+    from pipeline.checkpoints import load_state_dict
+
+    own = load_state_dict(os.path.join(out, "teachers", "tv", "best.safetensors"))
+    foreign = str(tmp_path / "tv_ddp.pth")
+    torch.save({f"module.{k[4:]}": v for k, v in own.items()}, foreign)
+    cfg = load_config(None, base[:-1] + [
+        f"teachers.models=[{{name: tv, arch: 'torchvision:resnet18', checkpoint: {foreign}, "
+        "checkpoint_key_map: {'module.': ''}}]",
+        "cache.views=1", "cache.layers={tv: [layer2]}", f"distill.student.arch={user_module}:tiny",
+        "distill.optim.epochs=3", "distill.optim.batch_size=32", "method.name=feed", "method.feed.beta=50", "method.feed.teacher_layers={tv: layer2}",
+        "method.feed.student_layer=body.5"])
+    (given,) = run_teachers(cfg)
+    assert given["test_acc"] == pytest.approx(rec["test_acc"])
+    manifest = build_cache(cfg)
+    (t,) = manifest["teachers"]
+    assert t["arch"] == "torchvision:resnet18" and t["layers"] == {"layer2": [128, 1, 1]}
+    srec = run_distill(cfg)
+    assert srec["arch"] == f"{user_module}:tiny" and srec["test_acc"] > 0.4  # chance 0.1; 3 epochs
+    assert os.path.isdir(os.path.join(out, "students", srec["name"]))
+    lines = [json.loads(x) for x in open(os.path.join(out, "students", srec["name"], "metrics.jsonl"))]
+    assert len(lines) == 3 and lines[-1]["train_feed"] < lines[0]["train_feed"]  # the tapped maps are matched
