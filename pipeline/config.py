@@ -148,6 +148,24 @@ class TeacherSpec(Section):
                                           "{old: new}; new = null drops the key (e.g. {'module.': '', 'aux.': null})")
     epochs: int | None = Field(None, gt=0, description="overrides teachers.optim.epochs for this teacher")
     lr: float | None = Field(None, gt=0, description="overrides teachers.optim.lr for this teacher")
+    image_size: int | None = Field(None, gt=0, description="this teacher's input size: images resized to it "
+                                                           "(training, evaluation, cache); None = the data set's")
+    mean: list[float] | None = Field(None, description="this teacher's normalisation (e.g. ImageNet's "
+                                                        "[0.485, 0.456, 0.406]); None = the data set's")
+    std: list[float] | None = Field(None, description="with `mean`")
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> "TeacherSpec":
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
+            raise ValueError("a teacher's mean and std come together, with one value per channel each")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("std values must be positive")
+        return self
+
+    def preprocess(self) -> dict | None:
+        """{image_size, mean, std} when any is set (kept in the teacher's record)."""
+        d = {k: getattr(self, k) for k in ("image_size", "mean", "std") if getattr(self, k) is not None}
+        return d or None
 
 
 def _default_teachers() -> list[TeacherSpec]:

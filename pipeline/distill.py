@@ -35,7 +35,7 @@ from pipeline.checkpoints import read_verified, save_state_dict, sha256_file
 from pipeline.config import Config, MethodSection, OptimSection, variant, write_resolved
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
 from pipeline.harness import Job, JobFailed, JobRunner, Task, failure_message
-from pipeline.models import build_model
+from pipeline.models import build_model, record_preprocess
 from pipeline.plugins import job_imports
 from pipeline.progress import ProgressPrinter
 from pipeline.training import Evaluator, make_optimizer, optimizer_step
@@ -124,7 +124,7 @@ def _load_online(entries, num_classes, in_chans, device) -> dict[str, nn.Module]
 
     models = {}
     for t in entries:
-        m = build_model(t["arch"], num_classes, in_chans)
+        m = build_model(t["arch"], num_classes, in_chans, record_preprocess(t))
         load_into(m, state_from_bytes(t["weights"], t["path"]), t["path"], t["arch"])
         models[t["name"]] = m.to(device).eval()
     return models
@@ -282,7 +282,8 @@ def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
         path = os.path.join(teacher_dir(out, n), rec["best"]["file"])
         if not os.path.isfile(path) or sha256_file(path) != rec["best"]["sha256"]:
             raise CheckpointError(f"teacher {n!r}: checkpoint {path} is missing or does not match its recorded sha256")
-        entries.append({"name": n, "arch": rec["arch"], "path": path, "sha256": rec["best"]["sha256"]})
+        entries.append({"name": n, "arch": rec["arch"], "path": path, "sha256": rec["best"]["sha256"],
+                        **({"preprocess": rec["preprocess"]} if rec.get("preprocess") else {})})
         acc[n] = rec["val_acc"]
     upstream = hashlib.sha256(json.dumps(
         {"teachers": [[e["name"], e["sha256"]] for e in entries], "views": cfg.cache.views,
@@ -371,12 +372,13 @@ def plan_student(cfg: Config, splits) -> Plan | dict:
     method_cls = METHODS.get(cfg.method.name)
     names, val_acc, views, upstream, cache, online_teachers = _teacher_sources(cfg, splits, method_cls, online)
     student = build_model(d.student.arch, splits.num_classes, splits.in_chans)
-    archs = {t["name"]: t["arch"] for t in (cache.manifest["teachers"] if cache is not None else [])}
-    archs.update({t["name"]: t["arch"] for t in online_teachers})  # online, or a student as teacher
+    known = {t["name"]: t for t in (cache.manifest["teachers"] if cache is not None else [])}
+    known.update({t["name"]: t for t in online_teachers})  # online, or a student as teacher
     mctx = {"num_classes": splits.num_classes, "teachers": names, "teacher_val_acc": val_acc, "epochs": d.optim.epochs,
             "student_stages": {k: list(v) for k, v in student.stage_shapes(splits.image_size).items()},
-            "teacher_stages": {n: {k: list(v) for k, v in build_model(archs[n], splits.num_classes, splits.in_chans)
-                                   .stage_shapes(splits.image_size).items()} for n in names if n in archs}}
+            "teacher_stages": {n: {k: list(v) for k, v in build_model(
+                known[n]["arch"], splits.num_classes, splits.in_chans, record_preprocess(known[n]))
+                .stage_shapes(splits.image_size).items()} for n in names if n in known}}
     method = build_method(cfg.method, MethodContext(**mctx))
     online_professor = None
     if C.REFINED in method.columns():  # the professor is upstream too

@@ -10,6 +10,7 @@ forward hooks and whose shapes come from one forward of a blank image.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABCMeta, abstractmethod
 from typing import Callable
 
@@ -22,6 +23,51 @@ from pipeline.registry import Registry
 MODELS: Registry = Registry("model")
 
 
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """A teacher's own input (its spec's `image_size`, `mean`, `std`): the data set's normalised images
+    (`data_mean`, `data_std`) brought back to [0, 1], resized to `image_size` (torchvision's antialiased
+    resize) and normalised with the teacher's `mean`/`std` (the data set's when not given). Three-value
+    statistics on one-channel data repeat the channel first. Applied at the start of `forward_stages`,
+    so training, evaluation, the cache actors and online teachers all see the same input."""
+
+    data_mean: tuple
+    data_std: tuple
+    image_size: int | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+
+    @classmethod
+    def of(cls, spec: dict | None, data_mean, data_std) -> "Preprocess | None":
+        """From a teacher spec's or record's {image_size, mean, std} (None when none is set)."""
+        spec = {k: v for k, v in (spec or {}).items() if k in ("image_size", "mean", "std") and v is not None}
+        if not spec:
+            return None
+        return cls(tuple(data_mean), tuple(data_std), spec.get("image_size"),
+                   tuple(spec["mean"]) if "mean" in spec else None, tuple(spec["std"]) if "std" in spec else None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        def col(v):
+            return torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+
+        x = x * col(self.data_std) + col(self.data_mean)
+        if self.mean is not None and len(self.mean) == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.image_size and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            from torchvision.transforms.v2.functional import resize
+
+            x = resize(x, [self.image_size, self.image_size], antialias=True)
+        if self.mean is not None:
+            return (x - col(self.mean)) / col(self.std)
+        return (x - col(self.data_mean)) / col(self.data_std)
+
+
+def record_preprocess(rec: dict) -> "Preprocess | None":
+    """The teacher's own input (size, normalisation) from its record or manifest entry, or None."""
+    p = rec.get("preprocess")
+    return Preprocess.of(p, p["data_mean"], p["data_std"]) if p else None
+
+
 def _down(h: int) -> int:
     """Spatial size after a 3x3 conv with stride 2 and padding 1."""
     return (h - 1) // 2 + 1
@@ -32,6 +78,7 @@ class ZooModel(nn.Module, metaclass=ABCMeta):
 
     stages: nn.ModuleDict
     fc: nn.Linear
+    preprocess: Preprocess | None = None
 
     def __init__(self, num_classes: int, in_chans: int):
         super().__init__()
@@ -39,10 +86,16 @@ class ZooModel(nn.Module, metaclass=ABCMeta):
         self.in_chans = in_chans
 
     @abstractmethod
-    def stage_shapes(self, image_size: int) -> dict[str, tuple[int, int, int]]:
+    def _stage_shapes(self, image_size: int) -> dict[str, tuple[int, int, int]]:
         """(C, H, W) of each stage for a square input of `image_size`, derived from the architecture."""
 
+    def stage_shapes(self, image_size: int) -> dict[str, tuple[int, int, int]]:
+        """Of the data set's `image_size`, or of the model's own input size (`preprocess.image_size`)."""
+        return self._stage_shapes(self.preprocess.image_size or image_size if self.preprocess else image_size)
+
     def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.preprocess is not None:
+            x = self.preprocess(x)
         out = {}
         for name, mod in self.stages.items():
             x = mod(x)
@@ -116,7 +169,7 @@ class ResNetCifar(ZooModel):
         self.fc = nn.Linear(widths[3], num_classes)
         _init(self)
 
-    def stage_shapes(self, image_size: int):
+    def _stage_shapes(self, image_size: int):
         return _cifar_stage_shapes(self.widths, image_size)
 
 
@@ -158,7 +211,7 @@ class WideResNet(ZooModel):
         self.fc = nn.Linear(w[3], num_classes)
         _init(self)
 
-    def stage_shapes(self, image_size: int):
+    def _stage_shapes(self, image_size: int):
         return _cifar_stage_shapes(self.widths, image_size)
 
 
@@ -179,7 +232,7 @@ class SmallCNN(ZooModel):
         self.fc = nn.Linear(w[2], num_classes)
         _init(self)
 
-    def stage_shapes(self, image_size: int):
+    def _stage_shapes(self, image_size: int):
         w, h = self.widths, image_size
         return {"stage1": (w[0], h // 2, h // 2), "stage2": (w[1], h // 4, h // 4), "stage3": (w[2], h // 4, h // 4)}
 
@@ -223,6 +276,8 @@ class TappedModel(nn.Module):
     `grey_to_rgb`: the net takes 3 channels and the data have 1 (torchvision models): the channel is
     repeated (no parameters)."""
 
+    preprocess: Preprocess | None = None
+
     def __init__(self, net: nn.Module, num_classes: int, in_chans: int, grey_to_rgb: bool = False):
         super().__init__()
         self.net, self.num_classes, self.in_chans, self.grey_to_rgb = net, num_classes, in_chans, grey_to_rgb
@@ -237,11 +292,13 @@ class TappedModel(nn.Module):
             self._stages = _trunk(net)
 
     def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.preprocess is not None:
+            x = self.preprocess(x)
         out: dict[str, torch.Tensor] = {}
         modules = dict(self.net.named_modules())
         hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in self._stages]
         try:
-            logits = self.net(x.expand(-1, 3, -1, -1) if self.grey_to_rgb else x)
+            logits = self.net(x.expand(-1, 3, -1, -1) if self.grey_to_rgb and x.shape[1] == 1 else x)
         finally:
             for h in hooks:
                 h.remove()
@@ -320,10 +377,18 @@ def _factory(arch: str) -> Callable:
     return fn
 
 
-def build_model(arch: str, num_classes: int, in_chans: int) -> nn.Module:
+def build_model(arch: str, num_classes: int, in_chans: int, preprocess: Preprocess | None = None) -> nn.Module:
     """A zoo model, `torchvision:<name>` (built untrained with `num_classes` outputs: weights come from a
     teacher's `checkpoint`) or `module.path:factory` (called as factory(num_classes=, in_chans=)); the
-    latter two wrapped in `TappedModel` unless they are zoo models already."""
+    latter two wrapped in `TappedModel` unless they are zoo models already. `preprocess`: a teacher's own
+    input size and normalisation, applied first by `forward_stages`."""
+    model = _build(arch, num_classes, in_chans)
+    if preprocess is not None:
+        model.preprocess = preprocess
+    return model
+
+
+def _build(arch: str, num_classes: int, in_chans: int) -> nn.Module:
     if arch.startswith(TORCHVISION):
         check_arch(arch)
         import torchvision.models as tvm

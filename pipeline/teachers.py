@@ -23,7 +23,7 @@ from pipeline.checkpoints import (load_foreign, load_into, load_state_dict, reso
 from pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
-from pipeline.models import build_model
+from pipeline.models import Preprocess, build_model, record_preprocess
 from pipeline.plugins import job_imports
 from pipeline.progress import Console, ProgressPrinter
 from pipeline.harness import Job, Task
@@ -40,8 +40,10 @@ def teacher_fingerprint(spec: TeacherSpec, cfg: Config, data_fp: str) -> str:
     path = _checkpoint_path(spec.checkpoint)
     ckpt_sha = sha256_file(path) if path and os.path.isfile(path) else None
     payload = {
-        "data": data_fp,  # an empty key map is left out: teachers from before it keep their fingerprints
-        "spec": spec.model_dump(mode="json", exclude=None if spec.checkpoint_key_map else {"checkpoint_key_map"}),
+        "data": data_fp,
+        # fields added later are left out at their defaults: teachers from before them keep their fingerprints
+        "spec": spec.model_dump(mode="json", exclude={k for k in ("checkpoint_key_map", "image_size", "mean", "std")
+                                                      if not getattr(spec, k)}),
         "checkpoint_sha256": ckpt_sha,
         "optim": None if spec.checkpoint else cfg.teachers.optim.model_dump(mode="json"),
     }
@@ -70,6 +72,7 @@ class TeacherJob(Job):
     data_seed: int
     mean: tuple
     std: tuple
+    preprocess: dict | None  # the teacher's own input size and normalisation (TeacherSpec.preprocess)
     train: Any  # object refs of the splits (pipeline.data.Split)
     val: Any
     test: Any
@@ -88,7 +91,7 @@ class TeacherTask(Task):
         from pipeline.views import ViewPolicy
 
         self.job, self.device = job, ctx.device
-        self.model = build_model(job.arch, job.num_classes, job.in_chans)
+        self.model = build_model(job.arch, job.num_classes, job.in_chans, Preprocess.of(job.preprocess, job.mean, job.std))
         train = resolve(job.train)
         share = worker_share(len(train), ctx.rank, ctx.world, job.seed)
         policy = ViewPolicy(**job.policy)
@@ -172,7 +175,7 @@ def run_teachers(cfg: Config) -> list[dict]:
         else:
             to_train.append((spec, fp))
             continue
-        records[spec.name] = _finalise(rec, fp, splits, cfg, tdir)
+        records[spec.name] = _finalise(rec, spec, fp, splits, cfg, tdir)
     if to_train:
         records.update(_train_all(cfg, splits, out, to_train))
     ordered = [records[s.name] for s in cfg.teachers.models]
@@ -210,7 +213,7 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
                 torch_threads=threads, progress=getattr(progress, "queue", progress), arch=spec.arch, num_classes=splits.num_classes,
                 in_chans=splits.in_chans, optim=cfg.teachers.optim, lr=spec.lr or cfg.teachers.optim.lr,
                 policy=splits.policy.as_dict(), data_seed=cfg.data.seed, mean=splits.mean, std=splits.std,
-                imports=job_imports(cfg), **refs)
+                preprocess=spec.preprocess(), imports=job_imports(cfg), **refs)
 
             started: dict = {}
 
@@ -222,7 +225,7 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
                     return
                 rec = _finish_trained(spec, splits, tdir, res.state["task"], res.history)
                 rec["wall_time_s"] = round(time.time() - started["t0"], 2)
-                records[spec.name] = _finalise(rec, fp, splits, cfg, tdir)
+                records[spec.name] = _finalise(rec, spec, fp, splits, cfg, tdir)
                 print(f"[teachers] {spec.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f}", flush=True)
 
             def on_start(spec=spec, job=job, started=started):
@@ -237,9 +240,11 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
     return records
 
 
-def _finalise(rec: dict, fp: str, splits: Splits, cfg: Config, tdir: str) -> dict:
+def _finalise(rec: dict, spec: TeacherSpec, fp: str, splits: Splits, cfg: Config, tdir: str) -> dict:
     rec.update(fingerprint=fp, data_fingerprint=splits.fingerprint, num_classes=splits.num_classes,
                in_chans=splits.in_chans, image_size=splits.image_size)
+    if spec.preprocess():  # with the data set's statistics it undoes: a record alone rebuilds the teacher's input
+        rec["preprocess"] = {**spec.preprocess(), "data_mean": list(splits.mean), "data_std": list(splits.std)}
     rec = _apply_gate(rec, cfg.teachers.min_val_acc)
     _write_record(tdir, rec)
     return rec
@@ -271,7 +276,7 @@ def _finish_trained(spec, splits, tdir, state: dict, history: list[dict]) -> dic
 
 
 def _evaluate_given(spec, splits, device, tdir) -> dict:
-    model = build_model(spec.arch, splits.num_classes, splits.in_chans)
+    model = build_model(spec.arch, splits.num_classes, splits.in_chans, Preprocess.of(spec.preprocess(), splits.mean, splits.std))
     try:
         path = resolve_checkpoint(spec.checkpoint)
         load_foreign(model, load_state_dict(path), path, spec.arch, spec.checkpoint_key_map)
@@ -336,7 +341,7 @@ def load_teacher(out_dir: str, name: str, for_cache: bool = True) -> tuple[torch
             f"teacher {name!r} is below the accuracy gate (val {rec['val_acc']:.4f} < teachers.min_val_acc "
             f"{rec['gate']['min_val_acc']}) and may not be cached")
     path = os.path.join(teacher_dir(out_dir, name), rec["best"]["file"])
-    model = build_model(rec["arch"], rec["num_classes"], rec["in_chans"])
+    model = build_model(rec["arch"], rec["num_classes"], rec["in_chans"], record_preprocess(rec))
     load_into(model, load_state_dict(path, rec["best"]["sha256"]), path, rec["arch"])
     return model.eval(), rec
 

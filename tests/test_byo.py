@@ -71,6 +71,12 @@ def test_tapped_shapes_match_a_forward_and_grey_is_repeated():
     assert all(not mod._forward_hooks for mod in m.modules())
     # a trunk held in one Sequential is split into its children
     assert build_model("torchvision:mobilenet_v3_small", 10, 3).stage_names[:2] == ["features.0", "features.1"]
+    # and a dotted stage survives the cache's column names
+    from pipeline.cache import columns as C
+
+    col = C.feat("tv", "features.8")
+    assert C.parse(col) == C.Column("feat", "tv", "features.8") and C.parse(C.scale(col)).part == "scale"
+    assert C.parse(C.scale(C.feat("b", "stage3"))) == C.Column("feat", "b", "stage3", "scale")
 
 
 def test_arch_errors_name_the_culprit(tmp_path):
@@ -124,7 +130,7 @@ def test_torchvision_weights_come_from_the_torch_cache(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(420)
 def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, user_module, tmp_path):
-    """A torchvision teacher (trained, and a foreign copy of it loaded with a key map) and a user's
+    """A torchvision teacher at its own input size (trained, and a foreign copy of it loaded with a key map) and a user's
     module:factory student registered via run.imports, in Ray workers (run.in_process=false): teachers ->
     cache with a module-path feature tap -> FEED distillation."""
     from pipeline.cache import build_cache
@@ -134,7 +140,7 @@ def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, 
     out = tmp_path / "run"
     base = [f"run.out_dir={out}", "run.device=cpu", "run.in_process=false", f"run.imports=[{user_module}]",
             "teachers.optim.epochs=4", "teachers.optim.batch_size=64",
-            "teachers.models=[{name: tv, arch: 'torchvision:resnet18', seed: 1}]"]
+            "teachers.models=[{name: tv, arch: 'torchvision:resnet18', seed: 1, image_size: 16}]"]
     (rec,) = run_teachers(load_config(None, base))
     assert rec["arch"] == "torchvision:resnet18" and rec["test_acc"] > 0.7  # 10 classes: chance is 0.1
 
@@ -145,7 +151,7 @@ def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, 
     foreign = str(tmp_path / "tv_ddp.pth")
     torch.save({f"module.{k[4:]}": v for k, v in own.items()}, foreign)
     cfg = load_config(None, base[:-1] + [
-        f"teachers.models=[{{name: tv, arch: 'torchvision:resnet18', checkpoint: {foreign}, "
+        f"teachers.models=[{{name: tv, arch: 'torchvision:resnet18', checkpoint: {foreign}, image_size: 16, "
         "checkpoint_key_map: {'module.': ''}}]",
         "cache.views=1", "cache.layers={tv: [layer2]}", f"distill.student.arch={user_module}:tiny",
         "distill.optim.epochs=3", "distill.optim.batch_size=32", "method.name=feed", "method.feed.beta=50", "method.feed.teacher_layers={tv: layer2}",
@@ -154,9 +160,42 @@ def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, 
     assert given["test_acc"] == pytest.approx(rec["test_acc"])
     manifest = build_cache(cfg)
     (t,) = manifest["teachers"]
-    assert t["arch"] == "torchvision:resnet18" and t["layers"] == {"layer2": [128, 1, 1]}
+    # the cache actor fed the teacher its own 16-pixel input: layer2 is 2x2, not the 1x1 of 8-pixel digits
+    assert t["arch"] == "torchvision:resnet18" and t["layers"] == {"layer2": [128, 2, 2]}
+    assert t["preprocess"]["image_size"] == 16
     srec = run_distill(cfg)
     assert srec["arch"] == f"{user_module}:tiny" and srec["test_acc"] > 0.4  # chance 0.1; 3 epochs
     assert os.path.isdir(os.path.join(out, "students", srec["name"]))
     lines = [json.loads(x) for x in open(os.path.join(out, "students", srec["name"], "metrics.jsonl"))]
     assert len(lines) == 3 and lines[-1]["train_feed"] < lines[0]["train_feed"]  # the tapped maps are matched
+
+
+def test_teacher_preprocess_resizes_and_renormalises(tmp_path, digits):
+    """A teacher with its own input size and normalisation: the model sees the data set's images resized
+    (torchvision's antialiased resize) and normalised with its statistics, in training, evaluation and
+    every later load (the record keeps them)."""
+    from torchvision.transforms.v2.functional import resize
+
+    from pipeline.models import Preprocess
+    from pipeline.teachers import load_teacher, run_teachers
+    from pipeline.training import evaluate
+
+    pre = Preprocess(digits.mean, digits.std, 16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    raw = torch.rand(2, 1, 8, 8)
+    x = (raw - torch.tensor(digits.mean).view(1, -1, 1, 1)) / torch.tensor(digits.std).view(1, -1, 1, 1)
+    want = (resize(raw.expand(-1, 3, -1, -1), [16, 16], antialias=True) - torch.tensor(pre.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(pre.std).view(1, 3, 1, 1)
+    assert torch.allclose(pre(x), want, atol=1e-5)
+
+    with pytest.raises(ConfigError, match="mean and std come together"):
+        load_config(None, ["teachers.models=[{name: a, arch: cnn4, mean: [0.5]}]"])
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.device=cpu", "teachers.optim.epochs=6",
+                             "teachers.models=[{name: big, arch: cnn8, image_size: 16, mean: [0.5], std: [0.25]}]"])
+    (rec,) = run_teachers(cfg)
+    assert rec["preprocess"] == {"image_size": 16, "mean": [0.5], "std": [0.25], "data_mean": list(digits.mean),
+                                 "data_std": list(digits.std)}
+    model, _ = load_teacher(str(tmp_path), "big")
+    assert model.stage_shapes(8)["stage3"] == (32, 4, 4)  # cnn8 at 16 px, not 2x2 at 8
+    acc, _ = evaluate(model, torch.from_numpy(digits.test.images), torch.from_numpy(digits.test.labels),
+                      digits.mean, digits.std, "cpu")
+    assert acc == pytest.approx(rec["test_acc"], abs=1e-9) and acc > 0.5

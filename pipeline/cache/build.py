@@ -80,18 +80,18 @@ class TeacherForward:
 
     def __init__(self, name: str, arch: str, ckpt_path: str, weights: bytes, num_classes: int, in_chans: int,
                  mean, std, layers: list[str], feat_dtype: str, device: str, threads: int | None, progress=None,
-                 imports=()):
+                 imports=(), preprocess: dict | None = None):
         from pipeline import plugins
         from pipeline.checkpoints import load_into, state_from_bytes
-        from pipeline.models import build_model
-
+        from pipeline.models import build_model, record_preprocess
+    
         plugins.load(imports)
         if threads:  # else Ray's default: as many as the actor's CPUs
             torch.set_num_threads(threads)
         self.name, self.layers, self.feat_dtype, self.progress = name, layers, feat_dtype, progress
         self.mean, self.std = mean, std
         self.device = torch.device(device)
-        self.model = build_model(arch, num_classes, in_chans)
+        self.model = build_model(arch, num_classes, in_chans, record_preprocess({"preprocess": preprocess}))
         load_into(self.model, state_from_bytes(weights, ckpt_path), ckpt_path, arch)
         self.model.to(self.device).eval()
 
@@ -158,6 +158,7 @@ def _teacher_entries(cfg: Config, out_dir: str, splits) -> list[dict]:
             "checkpoint": os.path.join(teacher_dir(out_dir, name), rec["best"]["file"]),
             "val_acc": rec["val_acc"], "test_acc": rec["test_acc"],
             "layers": {ly: list(shapes[ly]) for ly in layers},
+            **({"preprocess": rec["preprocess"]} if rec.get("preprocess") else {}),
         })
     return entries
 
@@ -177,7 +178,8 @@ def cache_fingerprint(splits, cfg: Config, teachers: list[dict]) -> str:
         "schema": SCHEMA_VERSION, "data": splits.fingerprint, "data_seed": cfg.data.seed,
         "policy": splits.policy.as_dict(), "views": c.views, "store_views": c.store_views,
         "targets": _targets(cfg, splits.num_classes), "feat_dtype": c.feat_dtype,
-        "teachers": [{k: t[k] for k in ("name", "arch", "checkpoint_sha256", "layers")} for t in teachers],
+        "teachers": [{k: t[k] for k in ("name", "arch", "checkpoint_sha256", "layers", "preprocess") if k in t}
+                     for t in teachers],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -330,6 +332,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
                     "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std,
                     "layers": list(t["layers"]), "feat_dtype": c.feat_dtype, "device": device,
                     "threads": threads, "progress": progress.queue, "imports": job_imports(cfg),
+                    "preprocess": t.get("preprocess"),
                 })
         if targets["topk"] or not targets["logits"]:
             tk = targets["topk"] or {}
@@ -395,8 +398,8 @@ def _manifest(cfg, splits, teachers, fp, fs, root, views_meta, targets, seconds)
         "store_views": cfg.cache.store_views,
         "targets": targets,
         "feat_dtype": cfg.cache.feat_dtype,
-        "teachers": [{k: t[k] for k in ("name", "arch", "checkpoint_sha256", "val_acc", "test_acc", "layers")}
-                     for t in teachers],
+        "teachers": [{k: t[k] for k in ("name", "arch", "checkpoint_sha256", "val_acc", "test_acc", "layers",
+                                        "preprocess") if k in t} for t in teachers],
         "columns": {field.name: type_str(field.type) for field in schema},
         "shapes": {field.name: list(field.type.shape) for field in schema if hasattr(field.type, "shape")},
         "files": files,

@@ -52,8 +52,9 @@ def parse(name: str) -> Column:
         return Column("logits", parts[1])
     if parts[0] == "topk" and len(parts) == 3:
         return Column("topk", parts[1], part=parts[2])
-    if parts[0] == "feat" and len(parts) in (3, 4):
-        return Column("feat", parts[1], parts[2], parts[3] if len(parts) == 4 else None)
+    if parts[0] == "feat" and len(parts) >= 3:  # a stage may be a dotted module path (features.8)
+        scaled = parts[-1] == "scale" and len(parts) >= 4
+        return Column("feat", parts[1], ".".join(parts[2:-1] if scaled else parts[2:]), "scale" if scaled else None)
     return Column(name)
 
 
