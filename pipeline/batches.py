@@ -20,7 +20,7 @@ import torch
 
 import pipeline.cache.columns as C
 from pipeline.data import as_tensor, normalize
-from pipeline.views import ViewPolicy, apply_views, make_views
+from pipeline.views import ViewPolicy, make_views
 
 _ITEM_BYTES = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "halffloat": 2, "int32": 4, "float": 4, "int64": 8,
                "double": 8}
@@ -87,7 +87,7 @@ class RowFormat:
 
     mean: tuple
     std: tuple
-    pad: int = 0
+    policy: dict | None = None  # ViewPolicy.as_dict(), only to replay views without pixels
     train: Any = None  # the training Split (or its object ref), only to replay views without pixels
 
     def prepare(self, raw: dict) -> dict[str, torch.Tensor]:
@@ -98,8 +98,8 @@ class RowFormat:
         else:
             split = resolve(self.train)
             images = split.images[np.searchsorted(split.ids, out["sample_id"].numpy())]
-            pixels = as_tensor(apply_views(images, t["view_ox"].numpy(), t["view_oy"].numpy(),
-                                                  t["view_flip"].numpy(), self.pad))
+            policy = ViewPolicy(**self.policy)
+            pixels = as_tensor(policy.render(images, {k: t[C.record(k)].numpy() for k in policy.record}))
         out["x"] = normalize(pixels, self.mean, self.std).contiguous()
         for k, v in t.items():  # targets as stored (fp16 logits, top-k, int8 maps): compact in memory
             kind = C.parse(k).kind

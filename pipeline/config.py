@@ -75,6 +75,11 @@ class DataSection(Section):
     image_size: int | None = Field(None, gt=0, description="imagefolder only: resize + centre-crop to this")
     pad: int | None = Field(None, ge=0, description="view policy: pad then crop back; None = dataset default")
     flip: bool | None = Field(None, description="view policy: random horizontal flip; None = dataset default")
+    view_policy: Literal["pad_crop", "random_resized_crop"] = Field(
+        "pad_crop", description="pad_crop: pad + crop back (+ flip); random_resized_crop: torchvision's "
+                                "RandomResizedCrop (+ flip) drawn from the view's hash, resized to the image size")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random_resized_crop: share of the area")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random_resized_crop: aspect ratio range")
 
     @field_validator("name")
     @classmethod
@@ -207,7 +212,12 @@ class CacheSection(Section):
     uri: str | None = Field(None, description="local path or s3://bucket/prefix; None = <run.out_dir>/cache")
     views: int = Field(4, gt=0, description="K: views per training sample (epoch e of a student uses view e mod K)")
     teachers: list[str] | None = Field(None, description="teachers to cache (names); None = all of teachers.models")
-    store_views: bool = Field(True, description="store each view's uint8 pixels (else replay them from the record)")
+    store_views: bool | None = Field(
+        None, description="store each view's uint8 pixels (else replay them from the record); None = store them for "
+                          "pad_crop views, keep only the records of random_resized_crop ones (FKD's layout)")
+
+    def stores_views(self, policy) -> bool:
+        return self.store_views if self.store_views is not None else policy.kind == "pad_crop"
     logits: bool = Field(True, description="store every teacher's full logits (fp16, C values per row)")
     topk: TopKSection | None = Field(
         None, description="also (or, with logits: false, only) store top-k probabilities: {k, of, temperature}; "

@@ -226,6 +226,8 @@ def load_splits(data_cfg) -> Splits:
     policy = ViewPolicy(
         pad=raw.policy.pad if data_cfg.pad is None else data_cfg.pad,
         flip=raw.policy.flip if data_cfg.flip is None else data_cfg.flip,
+        **({"kind": "random_resized_crop", "scale": tuple(data_cfg.crop_scale), "ratio": tuple(data_cfg.crop_ratio)}
+           if data_cfg.view_policy == "random_resized_crop" else {}),
     )
     x = train.images.astype(np.float64) / 255.0
     mean = tuple(float(m) for m in x.mean(axis=(0, 1, 2)))

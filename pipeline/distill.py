@@ -162,7 +162,7 @@ class StudentTask(Task):
             self.data = MemoryEpochs(lambda k: render_view(train, share, k, job.data_seed, policy, job.mean, job.std),
                                      view_of, job.optim.batch_size, shuffle, job.seed)
         else:
-            fmt = RowFormat(job.mean, job.std, job.policy["pad"], job.train)
+            fmt = RowFormat(job.mean, job.std, job.policy, job.train)
             refined = Refined(job.cache_fs, job.refined_files, job.checks) if job.refined_files else None
             if job.in_memory:
                 load = cache_view_loader(job.cache_fs, job.files, list(job.columns), fmt, ctx.rank, ctx.world, job.seed,
@@ -413,7 +413,7 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
         reader = cache.target_reader(sources) if sources else None
         cols = ["sample_id", "label", *(reader.all_columns if reader else []),
                 *[c for c in wanted if C.parse(c).kind != "logits"]]
-        cols += [C.PIXELS] if cache.manifest["store_views"] else list(C.RECORD)
+        cols += [C.PIXELS] if cache.manifest["store_views"] else [C.record(k) for k in p.splits.policy.record]
         cache.expect(columns=cols)
         cols += [C.scale(c) for c in cols if C.parse(c).kind == "feat" and C.scale(c) in cache.manifest["columns"]]
         used = sorted({e % p.views for e in range(d.optim.epochs)})

@@ -83,7 +83,7 @@ def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
     cache = Cache(os.path.join(cfg.run.out_dir, "cache"))
     cols = ["sample_id", "label", "pixels", "logits.a", "logits.b", "feat.b.stage3"]
     files = {k: cache.view_files(k) for k in range(2)}
-    fmt = RowFormat(digits.mean, digits.std, digits.policy.pad)
+    fmt = RowFormat(digits.mean, digits.std, digits.policy.as_dict())
     memory = MemoryEpochs(cache_view_loader(cache.fs, files, cols, fmt, 0, 1, 0), lambda e: e % 2, 100, True, 0)
     stream = StreamEpochs(lambda k: ray.data.read_parquet(files[k], filesystem=cache.fs).select_columns(cols),
                           lambda e: e % 2, 100, 64, 0, fmt.prepare)

@@ -453,3 +453,34 @@ def test_a_first_layout_cache_at_the_uri_says_how_to_rebuild(built, tmp_path):
     with pytest.raises(CacheError, match=r"another layout \(schema_version 1, the first\): rebuild it here with --overwrite"):
         build_cache(digits_cfg(cfg.run.out_dir, f"cache.uri={root}"))
     assert _listing(root) == before
+
+
+def test_crop_views_store_records_and_replay(ray_session, tmp_path, digits):
+    """random_resized_crop views: by default the cache keeps the records (box + flip), not the pixels
+    (FKD's layout); the teacher's cached logits are those of the replayed crop, and a student trains
+    from the records, rendering each crop in its worker."""
+    from pipeline.config import load_config
+    from pipeline.distill import run_distill
+    from pipeline.teachers import run_teachers
+    from pipeline.views import ViewPolicy
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.device=cpu", "teachers.optim.epochs=3",
+                             "teachers.models=[{name: a, arch: cnn8, seed: 1}]", "cache.views=2",
+                             "data.view_policy=random_resized_crop", "data.crop_scale=[0.35, 1.0]",
+                             "distill.optim.epochs=2", "method.name=kd"])
+    run_teachers(cfg)
+    m = build_cache(cfg)
+    assert m["store_views"] is False and m["policy"]["kind"] == "random_resized_crop"
+    assert "pixels" not in m["columns"] and {"view_x", "view_y", "view_w", "view_h", "view_flip"} <= set(m["columns"])
+    t = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table()
+    rows = np.random.default_rng(0).choice(t.num_rows, 40, replace=False)
+    pos = np.searchsorted(digits.train.ids, column_array(t, "sample_id")[rows])
+    policy = ViewPolicy(**m["policy"])
+    replay = policy.render(digits.train.images[pos], {k: column_array(t, f"view_{k}")[rows] for k in policy.record})
+    model, _ = load_teacher(cfg.run.out_dir, "a")
+    with torch.no_grad():
+        logits = model(normalize(torch.from_numpy(replay), digits.mean, digits.std))
+    cached = torch.from_numpy(column_array(t, "logits.a")[rows].astype(np.float32))
+    torch.testing.assert_close(cached, logits, rtol=2e-3, atol=2e-3)
+    rec = run_distill(cfg)
+    assert rec["test_acc"] > 0.3  # 10 classes; two epochs from replayed crops

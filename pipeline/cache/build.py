@@ -31,7 +31,7 @@ from pipeline.checkpoints import read_verified
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.progress import ProgressPrinter, emit
-from pipeline.views import ViewPolicy, apply_views, view_params
+from pipeline.views import ViewPolicy, make_views
 
 def cache_uri(cfg: Config) -> str:
     return cfg.cache.uri or os.path.join(os.path.abspath(cfg.run.out_dir), "cache")
@@ -58,20 +58,21 @@ def split_to_ray(split, rows_per_block: int = 4096):
     return ray.data.from_arrow(tables)
 
 
-def render_views(batch: dict, view_ids: list[int], data_seed: int, pad: int, flip: bool) -> dict:
+def render_views(batch: dict, view_ids: list[int], data_seed: int, policy: dict) -> dict:
     """Stage 1: source rows -> one row per (sample, view): the view record and its pixels.
     A pure function of (seed, sample id, view id); `view` is the Hive partition key (= view_id)."""
     ids = np.tile(batch["sample_id"].astype(np.int64), len(view_ids))
     vids = np.repeat(np.asarray(view_ids, dtype=np.int32), len(batch["sample_id"]))
     images = np.concatenate([batch["image"]] * len(view_ids))
-    rec = view_params(data_seed, ids, vids, ViewPolicy(pad=pad, flip=flip))
+    policy = ViewPolicy(**policy)
+    pixels, rec = make_views(images, ids, vids, data_seed, policy)
     return {
         "sample_id": ids,
         "view_id": vids,
         "view": vids.copy(),
         "label": np.tile(batch["label"].astype(np.int64), len(view_ids)),
-        "view_ox": rec["ox"], "view_oy": rec["oy"], "view_flip": rec["flip"],
-        C.PIXELS: apply_views(images, rec["ox"], rec["oy"], rec["flip"], pad),
+        **{C.record(k): rec[k] for k in policy.record},
+        C.PIXELS: pixels,
     }
 
 
@@ -176,7 +177,7 @@ def cache_fingerprint(splits, cfg: Config, teachers: list[dict]) -> str:
     c = cfg.cache
     payload = {
         "schema": SCHEMA_VERSION, "data": splits.fingerprint, "data_seed": cfg.data.seed,
-        "policy": splits.policy.as_dict(), "views": c.views, "store_views": c.store_views,
+        "policy": splits.policy.as_dict(), "views": c.views, "store_views": c.stores_views(splits.policy),
         "targets": _targets(cfg, splits.num_classes), "feat_dtype": c.feat_dtype,
         "teachers": [{k: t[k] for k in ("name", "arch", "checkpoint_sha256", "layers", "preprocess") if k in t}
                      for t in teachers],
@@ -319,8 +320,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
                                    prefix=f"[cache] views {group}: ")
         ds = split_to_ray(splits.train, rows_per_block=max(c.batch_size, 1024)).map_batches(
             render_views, batch_format="numpy", batch_size=c.batch_size,
-            fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "pad": splits.policy.pad,
-                       "flip": splits.policy.flip})
+            fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "policy": splits.policy.as_dict()})
         for t in teachers:
             res = {"num_gpus": c.gpus_per_actor} if device == "cuda" else {}
             ds = ds.map_batches(
@@ -339,7 +339,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
             ds = ds.map_batches(encode_targets, batch_format="numpy", batch_size=c.batch_size, fn_kwargs={
                 "teachers": [t["name"] for t in teachers], "keep_logits": targets["logits"], "k": tk.get("k"),
                 "of": tk.get("of", "teachers"), "temperature": tk.get("temperature", 1.0)})
-        if not c.store_views:
+        if not c.stores_views(splits.policy):
             ds = ds.drop_columns([C.PIXELS])
         # Straight into the views/view=k partitions (file names are unique per write): no move, which on
         # S3 would be a copy of everything. A view counts only once its record under _views/ is written.
@@ -395,7 +395,7 @@ def _manifest(cfg, splits, teachers, fp, fs, root, views_meta, targets, seconds)
                     "train_samples": len(splits.train), "mean": splits.mean, "std": splits.std},
         "views": cfg.cache.views,
         "policy": splits.policy.as_dict(),
-        "store_views": cfg.cache.store_views,
+        "store_views": cfg.cache.stores_views(splits.policy),
         "targets": targets,
         "feat_dtype": cfg.cache.feat_dtype,
         "teachers": [{k: t[k] for k in ("name", "arch", "checkpoint_sha256", "val_acc", "test_acc", "layers",

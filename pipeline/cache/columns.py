@@ -1,7 +1,9 @@
 """The cache's one naming scheme: every column name is made and parsed here.
 
     sample_id, view_id, label                   the row: which image, which view
-    view_ox, view_oy, view_flip, pixels         the view's record and (unless store_views: false) its pixels
+    view_<field>, pixels                        the view's record (pad_crop: view_ox, view_oy, view_flip;
+                                                 random_resized_crop: view_x, view_y, view_w, view_h,
+                                                 view_flip) and (unless store_views: false) its pixels
     logits.<teacher>                            fp16 logits (cache.logits)
     topk.<source>.probs / topk.<source>.indices top-k probabilities at tau and their classes (cache.topk);
                                                  <source> is a teacher, or `ensemble` (the teachers' mean)
@@ -15,7 +17,11 @@ from dataclasses import dataclass
 
 ENSEMBLE = "ensemble"  # the top-k source of the teachers' mean probabilities (a name no teacher may take)
 ROW = ("sample_id", "view_id", "label")
-RECORD = ("view_ox", "view_oy", "view_flip")
+
+
+def record(field: str) -> str:
+    """The column of a view record's field (ViewPolicy.record)."""
+    return f"view_{field}"
 PIXELS = "pixels"
 REFINED = "refined"
 
