@@ -165,3 +165,24 @@ def test_version(cli, capsys):
     with pytest.raises(SystemExit) as e:
         cli("--version")
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"raykd {version('raykd')}"
+
+
+def test_imagenet_pair_config():
+    """The ImageNet-class pair: torchvision ResNet-34 with its published weights (resolved by name, never
+    downloaded) -> ResNet-18, RandomResizedCrop record views with top-k targets, mdistiller's recipe."""
+    import torchvision.models as tvm
+
+    from pipeline.models import build_model
+
+    cfg = load_config(os.path.join(ROOT, "configs", "imagenet_resnet34_resnet18.yaml"))
+    (t,) = cfg.teachers.models
+    assert t.arch == "torchvision:resnet34" and tvm.get_weight(t.checkpoint.split(":", 1)[1]).meta["num_params"] == \
+        build_model(t.arch, 1000, 3).num_params()
+    assert t.preprocess() == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert cfg.distill.student.arch == "torchvision:resnet18" and cfg.data.view_policy == "random_resized_crop"
+    assert cfg.cache.topk.k == 10 and not cfg.cache.logits and cfg.cache.store_views is None
+    assert cfg.cache.views == cfg.distill.optim.epochs == 100
+    o = cfg.distill.optim
+    assert (o.batch_size, o.lr, o.weight_decay, o.milestones) == (512, 0.2, 1e-4, [30, 60, 90])
+    assert (cfg.method.kd.temperature, cfg.method.kd.w_ce, cfg.method.kd.w_kd) == (1.0, 0.5, 0.5)
+    assert (cfg.method.dkd.beta, cfg.method.dkd.warmup) == (0.5, 1)
