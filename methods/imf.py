@@ -159,7 +159,7 @@ class IMF(Method):
         inf = IMFInference(student, self).eval()
         files["inference.safetensors"] = save_state_dict(inf.state_dict(), os.path.join(out_dir, "inference.safetensors"))
         x = torch.zeros(1, splits.in_chans, splits.image_size, splits.image_size)
-        test = (torch.from_numpy(splits.test.images), torch.from_numpy(splits.test.labels))
+        test = (splits.test.images, splits.test.labels)
         with torch.no_grad():
             acc, _ = evaluate(inf, *test, splits.mean, splits.std, "cpu")
             student_acc, _ = evaluate(student, *test, splits.mean, splits.std, "cpu")

@@ -73,6 +73,8 @@ class DataSection(Section):
     train_subset: int | None = Field(None, gt=0, description="keep this many training samples (seeded)")
     test_subset: int | None = Field(None, gt=0, description="keep this many test samples (seeded): quick benchmarks only")
     image_size: int | None = Field(None, gt=0, description="imagefolder only: resize + centre-crop to this")
+    in_memory: bool = Field(False, description="imagefolder only: decode the whole folder into memory once "
+                                               "(small folders) instead of streaming its files")
     pad: int | None = Field(None, ge=0, description="view policy: pad then crop back; None = dataset default")
     flip: bool | None = Field(None, description="view policy: random horizontal flip; None = dataset default")
     view_policy: Literal["pad_crop", "random_resized_crop"] = Field(

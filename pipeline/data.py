@@ -1,7 +1,11 @@
-"""Dataset registry: every dataset becomes uint8 images (N, H, W, C) in memory, split train/val/test.
+"""Dataset registry: every dataset becomes uint8 images (N, H, W, C), split train/val/test.
 
-Sample ids are indices into the source training set, stable across runs, so a cache row can always be
-traced back to its image. Nothing is ever downloaded: data come from a local root or a package.
+The bundled and torchvision sets (digits, Fashion-MNIST, CIFAR) are held in memory as arrays. An image
+folder is streamed: its splits hold the sorted file list (`FileImages`), and indexing decodes just those
+files, in whichever process (a Ray Data task, a worker) asks for them; `data.in_memory: true` decodes it
+whole instead. Sample ids are indices into the source training set (for an image folder: its sorted file
+index), stable across runs, so a cache row can always be traced back to its image. Nothing is ever
+downloaded: data come from a local root or a package.
 """
 
 from __future__ import annotations
@@ -35,9 +39,60 @@ class Raw:
     policy: ViewPolicy  # the dataset's default view policy
 
 
+class FileImages:
+    """An image folder's images, decoded on demand: `images[idx]` (an index array or a slice) opens those
+    files and returns uint8 (k, S, S, 3), each resized on its short side to S and centre-cropped, as the
+    in-memory path does; `subset(idx)` is another FileImages (no decoding). Pickles as its paths."""
+
+    def __init__(self, paths: np.ndarray, size: int):
+        self.paths, self.size = np.asarray(paths, dtype=object), size
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.size, self.size, 3)
+
+    ndim, dtype = 4, np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, idx) -> "FileImages":
+        return FileImages(self.paths[idx], self.size)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        paths = self.paths[idx]
+        if isinstance(paths, str):
+            return decode_image(paths, self.size)
+        out = np.empty((len(paths), self.size, self.size, 3), np.uint8)
+        for i, p in enumerate(paths):
+            out[i] = decode_image(p, self.size)
+        return out
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """One image file as uint8 (S, S, 3): RGB, short side resized to S (antialiased), centre crop."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    with open(path, "rb") as f:
+        img = Image.open(f).convert("RGB")
+    return np.asarray(v2.CenterCrop(size)(v2.Resize(size)(img)), dtype=np.uint8)
+
+
+def take(images, idx):
+    """Rows `idx` of an image array, or of a FileImages without decoding them."""
+    return images.subset(idx) if isinstance(images, FileImages) else images[idx]
+
+
+def chunks(images, n: int = 1024):
+    """(start, uint8 batch) over an array or a FileImages, `n` at a time: memory stays flat."""
+    for s in range(0, len(images), n):
+        yield s, np.asarray(images[s:s + n])
+
+
 @dataclass
 class Split:
-    images: np.ndarray  # (N, H, W, C) uint8
+    images: np.ndarray  # (N, H, W, C) uint8, or FileImages (decoded on demand)
     labels: np.ndarray  # (N,) int64
     ids: np.ndarray  # (N,) int64: index in the source training set (test: index in the test set)
 
@@ -166,32 +221,31 @@ DATASETS.register("cifar100")(_cifar("CIFAR100", 100))
 
 
 @DATASETS.register("imagefolder")
-def _imagefolder(root: str | None, image_size: int | None) -> Raw:
-    """<root>/train/<class>/*.png and <root>/test/<class>/* (or val/), resized + centre-cropped in memory."""
-    import torchvision
-    from torchvision.transforms import v2
+def _imagefolder(root: str | None, image_size: int | None, in_memory: bool = False) -> Raw:
+    """<root>/train/<class>/* and <root>/test/<class>/* (or val/): torchvision's sorted ImageFolder index
+    (classes sorted, files sorted within each), each image resized on its short side and centre-cropped
+    to `image_size`; streamed (FileImages) unless `in_memory`."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     if not root or not os.path.isdir(os.path.join(root, "train")):
         raise DataError(f"imagefolder: data.root={root} must hold a train/ folder of class folders")
     test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
     size = image_size or 32
-    tf = v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
+    classes, class_to_idx = find_classes(os.path.join(root, "train"))
 
-    def load(path: str, classes: list[str] | None = None):
-        ds = torchvision.datasets.ImageFolder(path)
-        if classes is not None and ds.classes != classes:
-            raise DataError(f"imagefolder: {path} has classes {ds.classes}, train/ has {classes}")
-        xs, ys = [], []
-        for img_path, y in ds.samples:
-            img = tf(ds.loader(img_path))
-            xs.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
-            ys.append(y)
-        return np.stack(xs), np.asarray(ys, dtype=np.int64), ds.classes
+    def index(path: str):
+        found, _ = find_classes(path)
+        if found != classes:
+            raise DataError(f"imagefolder: {path} has classes {found}, train/ has {classes}")
+        samples = make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS)
+        images = FileImages(np.array([p for p, _ in samples], dtype=object), size)
+        labels = np.array([y for _, y in samples], dtype=np.int64)
+        if in_memory:
+            images = np.concatenate([b for _, b in chunks(images)]) if len(images) else images[[]]
+        return images, labels
 
-    trx, try_, classes = load(os.path.join(root, "train"))
-    tex = tey = None
-    if test_dir:
-        tex, tey, _ = load(test_dir, classes)
+    trx, try_ = index(os.path.join(root, "train"))
+    tex, tey = index(test_dir) if test_dir else (None, None)
     return Raw(trx, try_, tex, tey, len(classes), ViewPolicy(pad=max(1, size // 8), flip=True))
 
 
@@ -201,19 +255,20 @@ def _imagefolder(root: str | None, image_size: int | None) -> Raw:
 
 def load_splits(data_cfg) -> Splits:
     """Load `data_cfg.name` and carve the seeded val (and, if the dataset has none, test) split from train."""
-    raw = DATASETS.get(data_cfg.name)(data_cfg.root, data_cfg.image_size)
+    extra = {"in_memory": data_cfg.in_memory} if data_cfg.name == "imagefolder" else {}
+    raw = DATASETS.get(data_cfg.name)(data_cfg.root, data_cfg.image_size, **extra)
     rng = np.random.default_rng(data_cfg.seed)
     n = len(raw.train_y)
     perm = rng.permutation(n)
     if raw.test_x is None:
         n_test = max(1, int(round(n * data_cfg.test_fraction)))
-        test = Split(raw.train_x[perm[:n_test]], raw.train_y[perm[:n_test]], perm[:n_test].astype(np.int64))
+        test = Split(take(raw.train_x, perm[:n_test]), raw.train_y[perm[:n_test]], perm[:n_test].astype(np.int64))
         perm = perm[n_test:]
     else:
         test = Split(raw.test_x, raw.test_y, np.arange(len(raw.test_y), dtype=np.int64))
     if data_cfg.test_subset is not None and data_cfg.test_subset < len(test):
         keep = np.sort(np.random.default_rng(data_cfg.seed + 1).permutation(len(test))[: data_cfg.test_subset])
-        test = Split(test.images[keep], test.labels[keep], test.ids[keep])
+        test = Split(take(test.images, keep), test.labels[keep], test.ids[keep])
     n_val = max(1, int(round(len(perm) * data_cfg.val_fraction)))
     val_ids, train_ids = np.sort(perm[:n_val]), perm[n_val:]
     if data_cfg.train_subset is not None:
@@ -221,20 +276,46 @@ def load_splits(data_cfg) -> Splits:
     train_ids = np.sort(train_ids)
     if len(train_ids) == 0:
         raise DataError(f"{data_cfg.name}: no training samples left after the val/test split")
-    train = Split(raw.train_x[train_ids], raw.train_y[train_ids], train_ids.astype(np.int64))
-    val = Split(raw.train_x[val_ids], raw.train_y[val_ids], val_ids.astype(np.int64))
+    train = Split(take(raw.train_x, train_ids), raw.train_y[train_ids], train_ids.astype(np.int64))
+    val = Split(take(raw.train_x, val_ids), raw.train_y[val_ids], val_ids.astype(np.int64))
     policy = ViewPolicy(
         pad=raw.policy.pad if data_cfg.pad is None else data_cfg.pad,
         flip=raw.policy.flip if data_cfg.flip is None else data_cfg.flip,
         **({"kind": "random_resized_crop", "scale": tuple(data_cfg.crop_scale), "ratio": tuple(data_cfg.crop_ratio)}
            if data_cfg.view_policy == "random_resized_crop" else {}),
     )
-    x = train.images.astype(np.float64) / 255.0
-    mean = tuple(float(m) for m in x.mean(axis=(0, 1, 2)))
-    std = tuple(float(max(s, 1e-3)) for s in x.std(axis=(0, 1, 2)))
-    splits = Splits(data_cfg.name, train, val, test, raw.num_classes, policy, mean, std)
+    splits = Splits(data_cfg.name, train, val, test, raw.num_classes, policy)
     splits.fingerprint = _fingerprint(splits, data_cfg)
+    splits.mean, splits.std = _stats(train.images, splits.fingerprint)
     return splits
+
+
+def _stats(images, fingerprint: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images in [0, 1], in one pass of 1024-image chunks
+    (float64 sums: no full-size float copy). A streamed folder's are kept under the raykd cache by the
+    data fingerprint, so only the first stage that loads it decodes every image for them."""
+    import json
+
+    path = os.path.join(cache_home(), "stats", f"{fingerprint}.json") if isinstance(images, FileImages) else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            d = json.load(f)
+        return tuple(d["mean"]), tuple(d["std"])
+    c = images.shape[3]
+    n, s1, s2 = 0, np.zeros(c), np.zeros(c)
+    for _, batch in chunks(images):
+        x = batch.reshape(-1, c).astype(np.float64) / 255.0
+        n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + np.square(x).sum(0)
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
+    out = tuple(float(m) for m in mean), tuple(float(max(v, 1e-3)) for v in std)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"mean": out[0], "std": out[1]}, f)
+        os.replace(tmp, path)
+    return out
 
 
 def _fingerprint(s: Splits, data_cfg) -> str:
@@ -243,7 +324,16 @@ def _fingerprint(s: Splits, data_cfg) -> str:
     for part in (s.train, s.val, s.test):
         h.update(part.ids.tobytes())
         h.update(part.labels.tobytes())
-        h.update(hashlib.sha256(np.ascontiguousarray(part.images).tobytes()).digest())
+        if isinstance(part.images, FileImages):  # the files (path, size, mtime) and the decoded size
+            h.update(repr(part.images.size).encode())
+            for p in part.images.paths:
+                st = os.stat(p)
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        else:  # the sha256 of all the pixels, as before (fed in chunks)
+            inner = hashlib.sha256()
+            for _, batch in chunks(part.images, 8192):
+                inner.update(np.ascontiguousarray(batch).tobytes())
+            h.update(inner.digest())
     return h.hexdigest()
 
 

@@ -286,10 +286,8 @@ def _evaluate_given(spec, splits, device, tdir) -> dict:
             hint = f" (the data set {splits.name} has {splits.num_classes} classes, {splits.in_chans} channel(s))"
         raise CheckpointError(f"teacher {spec.name!r} (teachers.models[].checkpoint): {e}{hint}") from None
     model.to(device)
-    val_acc, _ = evaluate(model, torch.from_numpy(splits.val.images), torch.from_numpy(splits.val.labels),
-                          splits.mean, splits.std, device)
-    test_acc, _ = evaluate(model, torch.from_numpy(splits.test.images), torch.from_numpy(splits.test.labels),
-                           splits.mean, splits.std, device)
+    val_acc, _ = evaluate(model, splits.val.images, splits.val.labels, splits.mean, splits.std, device)
+    test_acc, _ = evaluate(model, splits.test.images, splits.test.labels, splits.mean, splits.std, device)
     sha = save_state_dict(model.state_dict(), os.path.join(tdir, "best.safetensors"))  # in raykd's own keys
     return {"name": spec.name, "arch": spec.arch, "seed": spec.seed,
             "source": spec.checkpoint if spec.checkpoint.startswith("torchvision:") else os.path.abspath(spec.checkpoint),

@@ -69,24 +69,43 @@ def _accuracy_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bat
     return float(correct) / n, float(loss) / n
 
 
-def evaluate(model: torch.nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, mean, std, device,
+def evaluate(model: torch.nn.Module, images_u8, labels, mean, std, device,
              batch_size: int = 1024) -> tuple[float, float]:
-    """(accuracy, mean CE) of `model` on un-augmented uint8 images (N, H, W, C)."""
+    """(accuracy, mean CE) of `model` on un-augmented uint8 images (N, H, W, C): an array or tensor, or a
+    streamed folder's FileImages (decoded `batch_size` at a time)."""
+    from pipeline.data import FileImages, chunks
+
+    labels = torch.as_tensor(labels)
+    if isinstance(images_u8, FileImages):
+        correct = loss = 0.0
+        for s, batch in chunks(images_u8, batch_size):
+            acc, ce = _accuracy_loss(model, normalize(torch.from_numpy(batch).to(device), mean, std),
+                                     labels[s:s + len(batch)].to(device), batch_size)
+            correct, loss = correct + acc * len(batch), loss + ce * len(batch)
+        n = max(1, len(labels))
+        return correct / n, loss / n
     x = normalize(torch.as_tensor(images_u8).to(device), mean, std)
-    return _accuracy_loss(model, x, torch.as_tensor(labels).to(device), batch_size)
+    return _accuracy_loss(model, x, labels.to(device), batch_size)
 
 
 class Evaluator:
     """Accuracy and mean CE on fixed splits after every epoch: each split normalised once, on the device."""
 
     def __init__(self, splits: dict, mean, std, device):
-        self.sets = {name: (normalize(torch.tensor(s.images).to(device), mean, std),
-                            torch.tensor(s.labels, dtype=torch.int64).to(device))
-                     for name, s in splits.items()}
+        from pipeline.data import FileImages
+
+        self.mean, self.std, self.device = mean, std, device
+        self.sets = {name: (s.images, torch.tensor(s.labels, dtype=torch.int64)) if isinstance(s.images, FileImages)
+                     else (normalize(torch.tensor(s.images).to(device), mean, std),
+                           torch.tensor(s.labels, dtype=torch.int64).to(device))
+                     for name, s in splits.items()}  # a streamed folder's splits are decoded at every call
 
     def __call__(self, model: torch.nn.Module) -> dict:
         out = {}
         for name, (x, y) in self.sets.items():
-            acc, loss = _accuracy_loss(model, x, y)
+            if isinstance(x, torch.Tensor):
+                acc, loss = _accuracy_loss(model, x, y)
+            else:
+                acc, loss = evaluate(model, x, y, self.mean, self.std, self.device)
             out[f"{name}_loss"], out[f"{name}_acc"] = loss, acc
         return out

@@ -98,3 +98,18 @@ def built(ray_session, tmp_path_factory):
     cfg = digits_cfg(str(tmp_path_factory.mktemp("cache_run")))
     run_teachers(cfg)
     return cfg, build_cache(cfg)
+
+
+@pytest.fixture
+def digit_folder(tmp_path, digits):
+    """An image folder made of real images: 80 digits as JPEGs (upscaled 8 -> 24 px), 10 class folders."""
+    import numpy as np
+    from PIL import Image
+
+    test = np.concatenate([np.flatnonzero(digits.test.labels == c)[:2] for c in range(10)])
+    for split, images, labels in (("train", digits.train.images[:60], digits.train.labels[:60]),
+                                  ("val", digits.test.images[test], digits.test.labels[test])):
+        for i, (img, y) in enumerate(zip(images, labels)):
+            os.makedirs(tmp_path / split / f"c{y}", exist_ok=True)
+            Image.fromarray(np.repeat(np.repeat(img[..., 0], 3, 0), 3, 1)).save(tmp_path / split / f"c{y}" / f"{i:03d}.jpg")
+    return tmp_path

@@ -484,3 +484,31 @@ def test_crop_views_store_records_and_replay(ray_session, tmp_path, digits):
     torch.testing.assert_close(cached, logits, rtol=2e-3, atol=2e-3)
     rec = run_distill(cfg)
     assert rec["test_acc"] > 0.3  # 10 classes; two epochs from replayed crops
+
+
+def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_path):
+    """A streamed image folder is decoded by Ray Data tasks (the driver holds paths): its cache has the same
+    rows and pixels as the folder decoded into memory, and a student trains from it."""
+    from pipeline.config import load_config
+    from pipeline.data import load_splits
+    from pipeline.distill import run_distill
+    from pipeline.teachers import run_teachers
+    from pipeline.views import make_views
+
+    base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", "data.name=imagefolder", f"data.root={digit_folder}",
+            "data.image_size=16", "data.val_fraction=0.2", "teachers.optim.epochs=1",
+            "teachers.models=[{name: a, arch: cnn4, seed: 1}]", "cache.views=2", "distill.optim.epochs=1"]
+    cfg = load_config(None, base)
+    run_teachers(cfg)
+    m = build_cache(cfg)
+    eager = load_splits(cfg.data.model_copy(update={"in_memory": True}))
+    t = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table()
+    ids, vids = column_array(t, "sample_id"), column_array(t, "view_id")
+    assert m["rows"] == 2 * len(eager.train) and sorted(set(ids.tolist())) == sorted(eager.train.ids.tolist())
+    pos = np.searchsorted(eager.train.ids, ids)
+    for v in (0, 1):
+        rows = vids == v
+        want, _ = make_views(eager.train.images[pos[rows]], ids[rows], v, cfg.data.seed, eager.policy)
+        np.testing.assert_array_equal(column_array(t, "pixels")[rows], want)
+    rec = run_distill(cfg)
+    assert 0 <= rec["test_acc"] <= 1 and rec["epochs"] == 1

@@ -92,3 +92,27 @@ def test_imagefolder(tmp_path):
     assert len(s.train) + len(s.val) == 12 and len(s.test) == 4
     with pytest.raises(DataError, match="train/"):
         load_splits(DataSection(name="imagefolder", root=str(tmp_path / "test")))
+
+
+def test_streamed_imagefolder_equals_in_memory(digit_folder):
+    """A streamed folder holds file paths (pickled as such), decodes only what is indexed, and gives the
+    same ids, labels, pixels, statistics and fingerprint's split as the folder decoded into memory."""
+    import pickle
+
+    from pipeline.data import FileImages
+
+    cfg = DataSection(name="imagefolder", root=str(digit_folder), image_size=16, val_fraction=0.2)
+    lazy, eager = load_splits(cfg), load_splits(cfg.model_copy(update={"in_memory": True}))
+    assert isinstance(lazy.train.images, FileImages) and isinstance(eager.train.images, np.ndarray)
+    assert len(pickle.dumps(lazy.train)) < 20_000 < eager.train.images.nbytes  # paths, not pixels
+    for a, b in ((lazy.train, eager.train), (lazy.val, eager.val), (lazy.test, eager.test)):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.images[np.arange(len(a))], b.images)
+        np.testing.assert_array_equal(a.images[3:7], b.images[3:7])
+    assert lazy.mean == pytest.approx(eager.mean, abs=1e-12) and lazy.std == pytest.approx(eager.std, abs=1e-12)
+    assert lazy.image_size == 16 and lazy.in_chans == 3 and lazy.num_classes == 10
+    # the data fingerprint follows the files: another file's bytes, another fingerprint
+    victim = lazy.train.images.paths[0]
+    Image.open(victim).rotate(90).save(victim)
+    assert load_splits(cfg).fingerprint != lazy.fingerprint

@@ -42,11 +42,21 @@ def cache_uri(cfg: Config) -> str:
 
 
 def split_to_ray(split, rows_per_block: int = 4096):
-    """A split as a Ray Dataset of rows {sample_id, label, image (H, W, C) uint8 tensor}."""
+    """A split as a Ray Dataset of rows {sample_id, label, image (H, W, C) uint8 tensor}. A streamed
+    folder's rows start as file paths and are decoded by Ray Data tasks (`decode_files`), not here."""
     import pyarrow as pa
     import ray
     from ray.data.extensions import ArrowTensorArray
 
+    from pipeline.data import FileImages
+
+    if isinstance(split.images, FileImages):
+        tables = [pa.table({"sample_id": pa.array(split.ids[s:s + rows_per_block]),
+                            "label": pa.array(split.labels[s:s + rows_per_block]),
+                            "path": pa.array(list(split.images.paths[s:s + rows_per_block]), pa.string())})
+                  for s in range(0, len(split), rows_per_block)]
+        return ray.data.from_arrow(tables).map_batches(decode_files, batch_format="numpy", batch_size=256,
+                                                       fn_kwargs={"size": split.images.size})
     tables = []
     for s in range(0, len(split), rows_per_block):
         e = s + rows_per_block
@@ -56,6 +66,14 @@ def split_to_ray(split, rows_per_block: int = 4096):
             "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.images[s:e])),
         }))
     return ray.data.from_arrow(tables)
+
+
+def decode_files(batch: dict, size: int) -> dict:
+    """Paths -> images (a streamed folder's rows, decoded in a Ray Data task)."""
+    from pipeline.data import FileImages
+
+    return {"sample_id": batch["sample_id"], "label": batch["label"],
+            "image": FileImages(batch["path"], size)[np.arange(len(batch["path"]))]}
 
 
 def render_views(batch: dict, view_ids: list[int], data_seed: int, policy: dict) -> dict:
