@@ -73,7 +73,7 @@ def main() -> None:
     from pipeline.raysetup import init_ray
 
     t0 = time.perf_counter()
-    init_ray(cfg.ray)
+    init_ray(cfg)
     ray.data.DataContext.get_current()  # part of start-up: Ray Data's context
     t_init = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="raykd-bench-") as tmp:

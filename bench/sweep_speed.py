@@ -47,7 +47,7 @@ def main() -> None:
     cfg = variant(base, {"cache.uri": cache, "cache.views": args.views, "distill.optim.epochs": args.epochs,
                          "sweep.space": SPACE, "sweep.search": "grid", "sweep.num_samples": 1}, "bench")
     run_teachers(cfg)
-    init_ray(cfg.ray)  # once, outside both timings
+    init_ray(cfg)  # once, outside both timings
 
     t0 = time.time()
     manifest = build_cache(cfg)

@@ -75,6 +75,9 @@ class DataSection(Section):
     image_size: int | None = Field(None, gt=0, description="imagefolder only: resize + centre-crop to this")
     in_memory: bool = Field(False, description="imagefolder only: decode the whole folder into memory once "
                                                "(small folders) instead of streaming its files")
+    mean: list[float] | None = Field(None, description="per-channel mean in [0, 1]; None = measured on the training "
+                                                        "split (for a large image folder, a full decoding pass)")
+    std: list[float] | None = Field(None, description="with `mean`")
     pad: int | None = Field(None, ge=0, description="view policy: pad then crop back; None = dataset default")
     flip: bool | None = Field(None, description="view policy: random horizontal flip; None = dataset default")
     view_policy: Literal["pad_crop", "random_resized_crop"] = Field(

@@ -286,7 +286,12 @@ def load_splits(data_cfg) -> Splits:
     )
     splits = Splits(data_cfg.name, train, val, test, raw.num_classes, policy)
     splits.fingerprint = _fingerprint(splits, data_cfg)
-    splits.mean, splits.std = _stats(train.images, splits.fingerprint)
+    if data_cfg.mean is not None and data_cfg.std is not None:
+        if len(data_cfg.mean) != splits.in_chans or len(data_cfg.std) != splits.in_chans:
+            raise DataError(f"data.mean/std: one value per channel ({splits.in_chans})")
+        splits.mean, splits.std = tuple(data_cfg.mean), tuple(data_cfg.std)
+    else:
+        splits.mean, splits.std = _stats(train.images, splits.fingerprint)
     return splits
 
 
@@ -321,6 +326,8 @@ def _stats(images, fingerprint: str) -> tuple[tuple[float, ...], tuple[float, ..
 def _fingerprint(s: Splits, data_cfg) -> str:
     h = hashlib.sha256()
     h.update(repr((s.name, data_cfg.seed, s.policy.as_dict(), s.num_classes)).encode())
+    if data_cfg.mean is not None:  # a given normalisation is part of what the models see
+        h.update(repr((tuple(data_cfg.mean), tuple(data_cfg.std))).encode())
     for part in (s.train, s.val, s.test):
         h.update(part.ids.tobytes())
         h.update(part.labels.tobytes())

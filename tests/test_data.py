@@ -112,6 +112,9 @@ def test_streamed_imagefolder_equals_in_memory(digit_folder):
         np.testing.assert_array_equal(a.images[3:7], b.images[3:7])
     assert lazy.mean == pytest.approx(eager.mean, abs=1e-12) and lazy.std == pytest.approx(eager.std, abs=1e-12)
     assert lazy.image_size == 16 and lazy.in_chans == 3 and lazy.num_classes == 10
+    # given statistics skip the pass and enter the fingerprint
+    given = load_splits(cfg.model_copy(update={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
+    assert given.mean == (0.5, 0.5, 0.5) and given.fingerprint != lazy.fingerprint
     # the data fingerprint follows the files: another file's bytes, another fingerprint
     victim = lazy.train.images.paths[0]
     Image.open(victim).rotate(90).save(victim)

@@ -1,0 +1,222 @@
+"""Streamed image folders: memory that stays flat as the folder grows 10x, and speed against bare loops.
+
+    python bench/stream.py [--sizes 2000 20000] [--image-size 64] [--out bench/results/stream.json]
+
+Makes image folders of N JPEGs from Fashion-MNIST training images (upscaled 28 -> 64 px; test/ is the
+same 1,000 test images for every N), then for each N, in a fresh process, runs the FKD-style pipeline on
+the streamed folder: a torchvision ResNet-18 teacher given as a checkpoint (random weights, saved once:
+this measures memory and speed, not accuracy) is evaluated, cached over K=1 random_resized_crop views
+(records + logits, Ray Data decoding the files), and a cnn16 student trains one epoch from the records
+(each crop decoded and replayed in the training loop). A thread samples the RSS of the driver and of every
+Ray worker process (the driver's descendants named ray::*) every 0.2 s; the peaks are reported.
+
+At the largest N it also times the floor, each side by side with raykd's own phase in the same process:
+- cache build vs torchvision's ImageFolder + DataLoader (RandomResizedCrop, 2 loader workers) + the
+  teacher's forward under no_grad;
+- a student epoch vs ImageFolder + DataLoader (RandomResizedCrop + flip) + the student's CE step (the
+  faster of 0 and 2 loader workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+WORK = os.path.join(ROOT, "runs", "bench-stream")
+
+
+def make_folder(n: int, size: int, test_n: int = 1000) -> str:
+    """<WORK>/folder-<n>/{train,val}/<class>/<id>.jpg from Fashion-MNIST (made once)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.config import DataSection
+    from pipeline.data import load_splits
+
+    root = os.path.join(WORK, f"folder-{n}-{size}px")
+    if os.path.isfile(os.path.join(root, ".done")):
+        return root
+    s = load_splits(DataSection(name="fashion-mnist", val_fraction=0.01))
+    for split, images, labels, count in (("train", s.train.images, s.train.labels, n),
+                                         ("val", s.test.images, s.test.labels, test_n)):
+        for i in range(count):
+            d = os.path.join(root, split, f"c{labels[i]}")
+            os.makedirs(d, exist_ok=True)
+            Image.fromarray(images[i][..., 0]).resize((size, size), Image.BICUBIC).save(
+                os.path.join(d, f"{i:06d}.jpg"), quality=90)
+    open(os.path.join(root, ".done"), "w").close()
+    return root
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of this process and of each of its descendants whose command line starts with ray::."""
+
+    def __init__(self, every: float = 0.2):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.me, self.every, self.stop = psutil.Process(), every, threading.Event()
+        self.driver, self.workers = 0, {}
+
+    def run(self):
+        import psutil
+
+        while not self.stop.is_set():
+            self.driver = max(self.driver, self.me.memory_info().rss)
+            for p in self.me.children(recursive=True):
+                try:
+                    if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
+                        self.workers[p.pid] = max(self.workers.get(p.pid, 0), p.memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+                    pass
+            self.stop.wait(self.every)
+
+
+def child(args) -> dict:
+    """One pipeline run on folder N (this process is the driver)."""
+    import torch
+
+    from pipeline.cache import build_cache
+    from pipeline.checkpoints import save_state_dict
+    from pipeline.config import load_config
+    from pipeline.distill import run_distill
+    from pipeline.models import build_model
+    from pipeline.raysetup import init_ray
+    from pipeline.teachers import run_teachers
+
+    root = make_folder(args.n, args.image_size)
+    ckpt = os.path.join(WORK, "resnet18-random.safetensors")
+    if not os.path.isfile(ckpt):
+        torch.manual_seed(0)
+        save_state_dict(build_model("torchvision:resnet18", 10, 3).state_dict(), ckpt)
+    out = os.path.join(WORK, f"run-{args.n}")
+    cfg = load_config(None, [
+        f"run.out_dir={out}", "run.device=cpu", "data.name=imagefolder", f"data.root={root}",
+        f"data.image_size={args.image_size}", "data.val_fraction=0.05", "data.view_policy=random_resized_crop",
+        "data.flip=true", f"teachers.models=[{{name: r18, arch: 'torchvision:resnet18', checkpoint: {ckpt}}}]",
+        "cache.views=1", "cache.batch_size=256", "distill.student={arch: cnn16}", "distill.optim.epochs=1",
+        "distill.optim.batch_size=128", "method.name=kd"])
+    sampler = RssSampler()
+    sampler.start()
+    times = {}
+    t0 = time.perf_counter()
+    run_teachers(cfg)
+    times["teachers_s"] = time.perf_counter() - t0
+    init_ray(cfg)
+    t0 = time.perf_counter()
+    m = build_cache(cfg, overwrite=True)
+    times["cache_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rec = run_distill(cfg)
+    times["distill_s"] = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    res = {"n": args.n, "rows": m["rows"], "store_views": m["store_views"], "cache_bytes": m["bytes"],
+           "driver_peak_rss_mb": round(sampler.driver / 2**20, 1),
+           "worker_peak_rss_mb": round(max(sampler.workers.values(), default=0) / 2**20, 1),
+           "workers_seen": len(sampler.workers),
+           "student_epoch_s": rec["epoch_time_s"],
+           **{k: round(v, 2) for k, v in times.items()}}
+    if args.floor:
+        res["floor"] = floor(cfg, root, ckpt, args.image_size, m, res)
+    return res
+
+
+def floor(cfg, root: str, ckpt: str, size: int, manifest: dict, res: dict) -> dict:
+    """Bare torchvision loops for the same work, timed here (after raykd's, same process, same data)."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from torchvision.transforms import v2
+
+    from pipeline.checkpoints import load_foreign, load_state_dict
+    from pipeline.data import load_splits
+    from pipeline.models import build_model
+
+    splits = load_splits(cfg.data)
+    norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(splits.mean, splits.std)]
+    teacher = build_model("torchvision:resnet18", 10, 3)
+    load_foreign(teacher, load_state_dict(ckpt), ckpt, "torchvision:resnet18")
+    teacher.eval()
+    torch.set_num_threads(os.cpu_count() or 1)
+    # the same training images raykd cached (its train split: the folder minus the val share)
+    ds = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=v2.Compose(
+        [v2.Resize(size), v2.CenterCrop(size), v2.RandomResizedCrop(size), *norm]))
+    keep = torch.utils.data.Subset(ds, splits.train.ids.tolist())
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in torch.utils.data.DataLoader(keep, batch_size=256, num_workers=2):
+            teacher(x).half()
+    t_cache = time.perf_counter() - t0
+
+    ds_s = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=v2.Compose(
+        [v2.Resize(size), v2.CenterCrop(size), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *norm]))
+    keep_s = torch.utils.data.Subset(ds_s, splits.train.ids.tolist())
+    epochs = {}
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        student = build_model("cnn16", 10, 3)
+        opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+        t0 = time.perf_counter()
+        for x, y in torch.utils.data.DataLoader(keep_s, batch_size=128, shuffle=True, num_workers=workers):
+            loss = F.cross_entropy(student(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        epochs[workers] = time.perf_counter() - t0
+    best = min(epochs.values())
+    return {"cache_bare_s": round(t_cache, 2), "cache_throughput_ratio": round(t_cache / res["cache_s"], 3),
+            "cache_target": 0.85, "student_epoch_bare_s": {str(k): round(v, 2) for k, v in epochs.items()},
+            "student_epoch_ratio": round(res["student_epoch_s"] / best, 3), "student_epoch_target": 1.15}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--out", default="bench/results/stream.json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    cmd = "python bench/stream.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    runs = []
+    for n in args.sizes:
+        make_folder(n, args.image_size)
+        argv = [sys.executable, __file__, "--child", "--n", str(n), "--image-size", str(args.image_size)]
+        if n == max(args.sizes):
+            argv.append("--floor")
+        print(f"[bench] streamed folder of {n} images: {' '.join(argv[1:])}", flush=True)
+        p = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if p.returncode or line is None:
+            sys.exit(f"[bench] the run on {n} images failed (exit {p.returncode})")
+        runs.append(json.loads(line[7:]))
+        print(f"[bench] {n}: {runs[-1]}", flush=True)
+    small, big = runs[0], runs[-1]
+    res = {"command": cmd, "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores",
+           "image_size": args.image_size, "runs": runs,
+           "driver_rss_growth": round(big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"] - 1, 3),
+           "worker_rss_growth": round(big["worker_peak_rss_mb"] / small["worker_peak_rss_mb"] - 1, 3),
+           "rss_target": 0.15}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
