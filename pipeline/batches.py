@@ -12,6 +12,7 @@ same rows of the same views; only the order within an epoch differs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from typing import Any, Callable, Iterator
 
@@ -90,23 +91,36 @@ class RowFormat:
     policy: dict | None = None  # ViewPolicy.as_dict(), only to replay views without pixels
     train: Any = None  # the training Split (or its object ref), only to replay views without pixels
 
-    def prepare(self, raw: dict) -> dict[str, torch.Tensor]:
+    def prepare(self, raw: dict, defer: bool = False) -> dict[str, torch.Tensor]:
+        """Rows as tensors. `defer`: views without stored pixels keep their records, and `render` makes
+        `x` batch by batch (held in memory, a view is then its records, not its pixels)."""
         t = {k: as_tensor(v) for k, v in raw.items()}
         out = {"sample_id": t["sample_id"].long(), "y": t["label"].long()}
         if C.PIXELS in t:
-            pixels = t[C.PIXELS]
+            out["x"] = normalize(t[C.PIXELS], self.mean, self.std).contiguous()
+        elif defer:
+            out.update({C.record(k): t[C.record(k)] for k in ViewPolicy(**self.policy).record})
         else:
-            split = resolve(self.train)
-            images = split.images[np.searchsorted(split.ids, out["sample_id"].numpy())]
-            policy = ViewPolicy(**self.policy)
-            pixels = as_tensor(policy.render(images, {k: t[C.record(k)].numpy() for k in policy.record}))
-        out["x"] = normalize(pixels, self.mean, self.std).contiguous()
+            out = self.render({**out, **{C.record(k): t[C.record(k)] for k in ViewPolicy(**self.policy).record}})
         for k, v in t.items():  # targets as stored (fp16 logits, top-k, int8 maps): compact in memory
             kind = C.parse(k).kind
             if k == C.REFINED:
                 out[k] = v.float()
             elif kind in ("logits", "topk", "feat"):
                 out[k] = v
+        return out
+
+    def render(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`x` of a batch that holds view records instead of pixels: its source images (decoded here for
+        a streamed folder) replayed by the records; the records dropped."""
+        if "x" in batch:
+            return batch
+        policy = ViewPolicy(**self.policy)
+        split = resolve(self.train)
+        images = split.images[np.searchsorted(split.ids, batch["sample_id"].numpy())]
+        rec = {k: batch[C.record(k)].numpy() for k in policy.record}
+        out = {k: v for k, v in batch.items() if not k.startswith("view_")}
+        out["x"] = normalize(as_tensor(policy.render(images, rec)), self.mean, self.std).contiguous()
         return out
 
 
@@ -153,9 +167,11 @@ class MemoryEpochs:
     permutation of it (or its order, without shuffling), batched by indexing."""
 
     def __init__(self, load: Callable[[int], dict[str, torch.Tensor]], view_of: Callable[[int], int],
-                 batch_size: int, shuffle: bool, seed: int, keep: bool = True):
+                 batch_size: int, shuffle: bool, seed: int, keep: bool = True,
+                 finish: Callable[[dict], dict] | None = None):
         self.load, self.view_of, self.batch_size, self.shuffle, self.seed, self.keep = \
             load, view_of, batch_size, shuffle, seed, keep
+        self.finish = finish  # per batch (rendering views from records), one batch ahead in a thread
         self.views: dict[int, dict[str, torch.Tensor]] = {}
 
     def prepare(self, epoch: int) -> None:
@@ -172,12 +188,21 @@ class MemoryEpochs:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
             order = torch.randperm(n, generator=g)
-            for s in range(0, n, self.batch_size):
-                idx = order[s:s + self.batch_size]
-                yield {k: v[idx] for k, v in rows.items()}
+            batches = ({k: v[order[s:s + self.batch_size]] for k, v in rows.items()} for s in range(0, n, self.batch_size))
         else:
-            for s in range(0, n, self.batch_size):
-                yield {k: v[s:s + self.batch_size] for k, v in rows.items()}
+            batches = ({k: v[s:s + self.batch_size] for k, v in rows.items()} for s in range(0, n, self.batch_size))
+        if self.finish is None:
+            yield from batches
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="raykd-render") as pool:  # decoding overlaps the step
+            ahead = [pool.submit(self.finish, b) for b in itertools.islice(batches, 2)]
+            for b in batches:
+                ahead.append(pool.submit(self.finish, b))
+                yield ahead.pop(0).result()
+            for f in ahead:
+                yield f.result()
 
 
 class StreamEpochs:
@@ -218,7 +243,7 @@ def cache_view_loader(fs, files: dict[int, list[str]], columns: list[str], fmt: 
     def load(k: int) -> dict[str, torch.Tensor]:
         raw = read_view(fs, files[k], columns, checks)
         share = worker_share(len(raw["sample_id"]), rank, world, seed)
-        rows = fmt.prepare({c: v[share] for c, v in raw.items()})
+        rows = fmt.prepare({c: v[share] for c, v in raw.items()}, defer=True)
         if refined is not None:
             rows[C.REFINED] = refined.lookup(k, rows["sample_id"])
         return rows

@@ -167,7 +167,8 @@ class StudentTask(Task):
             if job.in_memory:
                 load = cache_view_loader(job.cache_fs, job.files, list(job.columns), fmt, ctx.rank, ctx.world, job.seed,
                                          refined, job.checks)
-                self.data = MemoryEpochs(load, view_of, job.optim.batch_size, shuffle, job.seed)
+                self.data = MemoryEpochs(load, view_of, job.optim.batch_size, shuffle, job.seed,
+                                         finish=None if C.PIXELS in job.columns else fmt.render)
             else:
                 if ctx.world > 1:
                     source = lambda k: ctx.shard(f"view{k}")  # noqa: E731
