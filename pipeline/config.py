@@ -106,6 +106,9 @@ class OptimSection(Section):
     milestones: list[int] = Field(default_factory=lambda: [150, 180, 210], description="multistep: epochs where lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: lr factor at each milestone")
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this (none: no clipping)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the model's forward under torch.autocast: bf16 (CPU or CUDA) or fp16 (CUDA only, with "
+                            "loss scaling); losses are computed in fp32")
 
     @model_validator(mode="after")
     def _multistep_only(self):
@@ -123,6 +126,8 @@ class OptimSection(Section):
             d.pop("gamma", None)
         if self.grad_clip is None:  # added later: runs without clipping keep their fingerprints
             d.pop("grad_clip", None)
+        if self.precision == "fp32":  # likewise
+            d.pop("precision", None)
         return d
 
 

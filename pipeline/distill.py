@@ -38,7 +38,7 @@ from pipeline.harness import Job, JobFailed, JobRunner, Task, failure_message
 from pipeline.models import build_model, record_preprocess
 from pipeline.plugins import job_imports
 from pipeline.progress import ProgressPrinter
-from pipeline.training import Evaluator, make_optimizer, optimizer_step
+from pipeline.training import Evaluator, Precision, make_optimizer, optimizer_step
 
 RECORD = "student.json"
 
@@ -69,8 +69,11 @@ class Distiller(nn.Module):
         super().__init__()
         self.student, self.method = student, method
 
-    def forward(self, x, targets: Targets, labels, epoch: int):
-        logits, stages = self.student.forward_stages(x)
+    def forward(self, x, targets: Targets, labels, epoch: int, precision=None):
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            logits, stages = self.student.forward_stages(x)
+        if logits.dtype != torch.float32:  # losses in fp32 (optim.precision)
+            logits, stages = logits.float(), {k: v.float() for k, v in stages.items()}
         terms = self.method(logits, stages, targets, labels, epoch)
         return logits, {**terms, **self.method.logged}
 
@@ -186,6 +189,7 @@ class StudentTask(Task):
 
     def prepare(self, ctx):
         self.model = ctx.prepare_model(Distiller(self.student, self.method))
+        self.precision = Precision(self.job.optim.precision, ctx.device)
         self.bare = self.model.module if hasattr(self.model, "module") else self.model
 
     def prepare_epoch(self, epoch):
@@ -213,8 +217,9 @@ class StudentTask(Task):
                               features={n: {s: b[C.feat(n, s)] for s in ss} for n, ss in self.layers.items()})
         if C.REFINED in b:
             targets.refined = b[C.REFINED]
-        logits, terms = self.model(x, targets, y, epoch + 1)
-        optimizer_step(self.opt, self.sched, terms["loss"], self.model.parameters(), self.job.optim.grad_clip)
+        logits, terms = self.model(x, targets, y, epoch + 1, self.precision)
+        optimizer_step(self.opt, self.sched, terms["loss"], self.model.parameters(), self.job.optim.grad_clip,
+                       self.precision.scaler)
         return terms, len(y), (logits.argmax(1) == y).sum()
 
     def evaluate(self):

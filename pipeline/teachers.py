@@ -27,7 +27,7 @@ from pipeline.models import Preprocess, build_model, record_preprocess
 from pipeline.plugins import job_imports
 from pipeline.progress import Console, ProgressPrinter
 from pipeline.harness import Job, Task
-from pipeline.training import Evaluator, evaluate, make_optimizer, optimizer_step
+from pipeline.training import Evaluator, Precision, evaluate, make_optimizer, optimizer_step
 
 RECORD = "teacher.json"
 
@@ -105,6 +105,7 @@ class TeacherTask(Task):
 
     def prepare(self, ctx):
         self.net = ctx.prepare_model(self.model)
+        self.precision = Precision(self.job.optim.precision, ctx.device)
         self.bare = self.net.module if hasattr(self.net, "module") else self.net
 
     def prepare_epoch(self, epoch):
@@ -116,9 +117,10 @@ class TeacherTask(Task):
 
     def step(self, batch, epoch):
         x, y = batch["x"].to(self.device, non_blocking=True), batch["y"].to(self.device, non_blocking=True)
-        logits = self.net(x)
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        optimizer_step(self.opt, self.sched, loss, self.net.parameters(), self.job.optim.grad_clip)
+        with self.precision.autocast():
+            logits = self.net(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        optimizer_step(self.opt, self.sched, loss, self.net.parameters(), self.job.optim.grad_clip, self.precision.scaler)
         return {"loss": loss}, len(y), (logits.argmax(1) == y).sum()
 
     def evaluate(self):

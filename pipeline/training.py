@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from pipeline.errors import ConfigError
+
 from pipeline.data import normalize
 
 
@@ -43,14 +45,43 @@ def make_optimizer(params, optim_cfg, steps_per_epoch: int, epochs: int, lr: flo
     return opt, sched
 
 
-def optimizer_step(opt, sched, loss: torch.Tensor, params, grad_clip: float | None) -> None:
+class Precision:
+    """`optim.precision`: `autocast()` around a model's forward (a no-op for fp32), and for fp16 the loss
+    scaler of `optimizer_step`. fp16 needs CUDA (CPU autocast to fp16 is slow and unscaled here)."""
+
+    def __init__(self, precision: str, device):
+        self.device_type = torch.device(device).type
+        if precision == "fp16" and self.device_type != "cuda":
+            raise ConfigError(f"optim.precision=fp16 needs a CUDA device (this job runs on {self.device_type}); "
+                              "use bf16 on CPU")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    def autocast(self):
+        import contextlib
+
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def optimizer_step(opt, sched, loss: torch.Tensor, params, grad_clip: float | None, scaler=None) -> None:
     """One SGD step of a training loop: backward, the optional global gradient-norm clip (`optim.grad_clip`),
-    the optimizer's and the schedule's step."""
+    the optimizer's and the schedule's step; with fp16's `scaler`, the loss scaled and the gradients
+    unscaled before the clip (a step with inf/nan gradients is skipped by the scaler)."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(opt)
+        scaler.update()
     sched.step()
 
 

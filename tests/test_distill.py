@@ -171,3 +171,31 @@ def test_students_in_parallel_one_failing(built, tmp_path):
     with pytest.raises(StageFailed, match=r"par-bad: .*not a cache"):
         run_students([good, bad], parallel=2)
     assert read_student(student_dir(good))["epochs"] == 1
+
+
+def test_bf16_student_trains_under_autocast(tmp_path, monkeypatch):
+    """optim.precision=bf16 on CPU: the student's forward runs in bfloat16 (torch.autocast), the loss in
+    fp32, and it learns; fp32 keeps every fingerprint (the option is not serialised at its default);
+    fp16 without CUDA is refused by name."""
+    from pipeline.config import OptimSection
+    from pipeline.errors import ConfigError
+    from pipeline.training import Precision
+
+    assert "precision" not in OptimSection().model_dump() and OptimSection(precision="bf16").model_dump()["precision"] == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        Precision("fp16", "cpu")
+    seen = []
+    from pipeline import models
+
+    real = models.SmallCNN.forward_stages
+
+    def spy(self, x):
+        logits, stages = real(self, x)
+        seen.append(logits.dtype)
+        return logits, stages
+
+    monkeypatch.setattr(models.SmallCNN, "forward_stages", spy)
+    cfg = digits_cfg(str(tmp_path), "method.name=ce", "distill.teachers=online", "distill.optim.epochs=4",
+                     "distill.optim.precision=bf16", "distill.student.arch=cnn8")
+    rec = run_distill(cfg)
+    assert torch.bfloat16 in seen and rec["test_acc"] > 0.5
