@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs at cache.uri")
     _stage_parser(sub, "sweep", "Ray Tune trials of `raykd distill` over sweep.space, every trial reading one cache")
     _stage_parser(sub, "config", "print the resolved config (defaults <- YAML <- overrides) and exit")
+    e = _stage_parser(sub, "export", "write a trained student as ONNX (pixels in [0, 1] -> logits), checked with onnxruntime")
+    e.add_argument("--student", required=True, help="the student's name (its folder under <out_dir>/students)")
+    e.add_argument("--out", help="the .onnx file (default <student folder>/student.onnx)")
     z = sub.add_parser("zoo", help="list the model zoo with parameters and stage shapes")
     z.add_argument("--image-size", type=int, default=32)
     z.add_argument("--in-chans", type=int, default=3)
@@ -150,6 +153,16 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pipeline.export import export_student
+
+    res = export_student(_load(args), args.student, args.out)
+    check = "not checked (onnxruntime not installed)" if res["max_abs_diff"] is None else \
+        f"onnxruntime agrees with PyTorch (max |diff| {res['max_abs_diff']:.2g})"
+    print(f"[export] {res['path']}: input pixels {res['inputs']['pixels']} in [0, 1] -> logits; {check}")
+    return 0
+
+
 def cmd_zoo(args) -> int:
     from pipeline.models import MODELS, build_model
 
@@ -172,7 +185,7 @@ def resume_advice(args, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"teachers": cmd_teachers, "cache": cmd_cache, "inspect": cmd_inspect, "config": cmd_config,
-               "zoo": cmd_zoo, "professor": cmd_professor, "distill": cmd_distill, "run": cmd_run,
+               "zoo": cmd_zoo, "export": cmd_export, "professor": cmd_professor, "distill": cmd_distill, "run": cmd_run,
                "sweep": cmd_sweep}[args.command]
     try:
         return handler(args)

@@ -1,0 +1,79 @@
+"""`raykd export`: a trained student as an ONNX model that takes pixels and gives logits.
+
+The graph includes the data set's normalisation: its input `pixels` is float32 (batch, C, H, W) in
+[0, 1] (a uint8 image divided by 255), its output `logits` (batch, classes); the batch size is dynamic.
+torch's ONNX exporter (torch.export + onnxscript) writes it; onnxruntime, when installed, checks it
+against the PyTorch model on random pixels before the file is kept.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipeline.errors import CheckpointError, RaykdError
+
+
+class Normalized(nn.Module):
+    """pixels in [0, 1] -> the model's normalised input -> logits."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model((pixels - self.mean) / self.std)
+
+
+def export_student(cfg, name: str, out: str | None = None, check: bool = True) -> dict:
+    """Write <out_dir>/students/<name>/student.onnx (or `out`); returns {path, max_abs_diff or None}."""
+    from pipeline.checkpoints import load_into, load_state_dict
+    from pipeline.data import load_splits
+    from pipeline.distill import read_student
+    from pipeline.models import build_model
+
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise RaykdError("raykd export needs onnx and onnxscript: pip install 'raykd[export]'") from None
+    sdir = os.path.join(os.path.abspath(cfg.run.out_dir), "students", name)
+    rec = read_student(sdir)
+    if rec is None:
+        raise RaykdError(f"no finished student {name!r} under {sdir} (raykd distill writes student.json there)")
+    splits = load_splits(cfg.data)  # its classes, channels, size and normalisation
+    model = build_model(rec["arch"], splits.num_classes, splits.in_chans)
+    path = os.path.join(sdir, "student.safetensors")
+    try:
+        load_into(model, load_state_dict(path, rec["files"]["student.safetensors"]), path, rec["arch"])
+    except CheckpointError as e:
+        raise CheckpointError(f"student {name!r}: {e} (was it trained on this config's data set?)") from None
+    net = Normalized(model.eval(), splits.mean, splits.std).eval()
+    x = torch.rand(2, splits.in_chans, splits.image_size, splits.image_size)
+    out = out or os.path.join(sdir, "student.onnx")
+    tmp = f"{out}.tmp{os.getpid()}.onnx"
+    torch.onnx.export(net, (x,), tmp, input_names=["pixels"], output_names=["logits"],
+                      dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, verbose=False)
+    diff = None
+    if check:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            ort = None
+        if ort is not None:
+            probe = torch.rand(5, splits.in_chans, splits.image_size, splits.image_size)
+            got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"pixels": probe.numpy()})[0]
+            with torch.no_grad():
+                want = net(probe).numpy()
+            diff = float(np.abs(got - want).max())
+            if not diff <= 1e-3 * max(1.0, float(np.abs(want).max())):
+                os.remove(tmp)
+                raise RaykdError(f"the ONNX export of {name!r} disagrees with PyTorch (max |diff| {diff:.3g}); nothing written")
+    os.replace(tmp, out)
+    return {"path": out, "max_abs_diff": diff, "inputs": {"pixels": ["batch", splits.in_chans, splits.image_size,
+                                                                     splits.image_size]}}
