@@ -405,8 +405,11 @@ class SweepSection(Section):
     name: str | None = Field(None, description="folder under <out_dir>/sweeps; None = sweep-<hash of the sweep>")
     space: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="{dotted.key: {grid|choice: [values]} or {uniform|loguniform|randint: [lo, hi]}}")
-    search: Literal["random", "grid"] = Field("random", description="grid: every dimension a grid or a choice, all combinations")
-    num_samples: int = Field(4, gt=0, description="random: trials (grids are crossed with each); grid: repeats of the grid")
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random", description="grid: every dimension a grid or a choice, all combinations; optuna: Optuna's TPE "
+                              "sampler (Ray Tune's OptunaSearch), seeded, sweep.max_concurrent trials at a time")
+    num_samples: int = Field(4, gt=0, description="random/optuna: trials (random: grids are crossed with each); "
+                                                   "grid: repeats of the grid")
     metric: str = Field("val_acc", description="what selects the best trial: a validation or training metric, never test")
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["none", "asha"] = Field("none", description="asha: stop poor trials early on the metric, per epoch")

@@ -50,6 +50,8 @@ def check_space(cfg: Config) -> None:
                 raise ConfigError(f"{where}.randint: expected integer bounds, got {values!r}")
         elif sw.search == "grid" and kind not in ("grid", "choice"):
             raise ConfigError(f"{where}: sweep.search=grid needs grid or choice dimensions, got {kind}")
+        if sw.search == "optuna" and kind == "grid":
+            raise ConfigError(f"{where}: sweep.search=optuna samples its dimensions; use choice instead of grid")
         for v in values:  # every listed value, or both bounds, must make a valid config
             variant(cfg, {key: v}, where)
 
@@ -135,15 +137,23 @@ def run_sweep(cfg: Config) -> dict:
 
                 scheduler = ASHAScheduler(max_t=cfg.distill.optim.epochs, grace_period=sw.grace_period,
                                           reduction_factor=sw.reduction_factor)
-            from ray.tune.search import BasicVariantGenerator
+            from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+            if sw.search == "optuna":
+                try:
+                    from ray.tune.search.optuna import OptunaSearch
+                    import optuna
+                except ImportError:
+                    raise ConfigError("sweep.search=optuna needs optuna: pip install 'raykd[optuna]'") from None
+                # Optuna's TPE, seeded; the limiter keeps it from proposing more trials than run at once
+                search = ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sw.seed)),
+                                            max_concurrent=concurrent)
+            else:  # our own generator ignores TuneConfig's max_concurrent_trials
+                search = BasicVariantGenerator(random_state=sw.seed, max_concurrent=concurrent)
             tuner = tune.Tuner(
                 trainable, param_space=_tune_space(cfg),
                 tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, scheduler=scheduler,
-                                            num_samples=sw.num_samples,
-                                            # our own generator ignores TuneConfig's max_concurrent_trials
-                                            search_alg=BasicVariantGenerator(random_state=sw.seed,
-                                                                             max_concurrent=concurrent)),
+                                            num_samples=sw.num_samples, search_alg=search),
                 # a failed trial starts again and resumes its student from its newest checkpoint
                 run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=w.max_failures)))

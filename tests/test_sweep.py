@@ -73,3 +73,24 @@ def test_search_space_errors_before_any_trial(tmp_path, capsys, space, msg):
     err = capsys.readouterr().err
     assert code == 2 and msg in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "sweeps")
+
+
+def test_optuna_sweep_samples_the_space_from_the_cache(built):
+    """sweep.search=optuna: Ray Tune's OptunaSearch (TPE, seeded) behind a concurrency limiter proposes each
+    trial's values inside the space; every trial reads the cache and finishes; the space's grid is refused."""
+    cfg0, _ = built
+    space = "sweep.space={distill.optim.lr: {loguniform: [0.01, 0.3]}, method.kd.temperature: {choice: [2.0, 4.0]}}"
+    cfg = digits_cfg(cfg0.run.out_dir, "method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=1",
+                     "distill.workers.torch_threads=1", space, "sweep.search=optuna", "sweep.num_samples=3",
+                     "sweep.name=opt3", "sweep.max_concurrent=2")
+    rows = run_sweep(cfg)["rows"]
+    assert len(rows) == 3 and not any(r["error"] for r in rows)
+    assert all(0.01 <= r["distill.optim.lr"] <= 0.3 and r["method.kd.temperature"] in (2.0, 4.0) for r in rows)
+    assert len({r["distill.optim.lr"] for r in rows}) == 3  # sampled, not a grid
+    for r in rows:
+        ms = [json.loads(x) for x in open(os.path.join(cfg.run.out_dir, "students", r["student"], "metrics.jsonl"))]
+        assert [m["teachers_loaded"] for m in ms] == [0]
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optuna samples its dimensions; use choice instead of grid"):
+        run_sweep(digits_cfg(cfg0.run.out_dir, SPACE, "sweep.search=optuna"))
