@@ -43,6 +43,10 @@ class RunSection(Section):
         default_factory=list, description="`raykd run`: one student per entry, each {dotted.key: value} over this config")
     parallel: int | None = Field(
         None, gt=0, description="`raykd run`: students trained at once; None = as many as the CPUs fit, one left for data")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="log every training job's config and per-epoch metrics: TensorBoard event "
+                                          "files under <out_dir>/tensorboard, MLflow runs at run.mlflow_uri")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; None = sqlite:///<out_dir>/mlflow.db")
     in_process: bool = Field(
         True, description="a lone one-worker training job (one student, teacher or the professor at a time) on a "
                           "local Ray runs in the command's own process, without starting Ray; false: in a Ray task")

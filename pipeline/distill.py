@@ -37,6 +37,7 @@ from pipeline.errors import CheckpointError, RaykdError, StageFailed
 from pipeline.harness import Job, JobFailed, JobRunner, Task, failure_message
 from pipeline.models import build_model, record_preprocess
 from pipeline.plugins import job_imports
+from pipeline.tracking import tracking_spec
 from pipeline.progress import ProgressPrinter
 from pipeline.training import Evaluator, Precision, make_optimizer, optimizer_step
 
@@ -442,6 +443,7 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
         kind="distill", name=p.name, run_name=f"student-{p.name}-{p.fp[:12]}", seed=student_seed(cfg),
         epochs=d.optim.epochs, workers=d.workers, storage=train_storage(cfg), device=device, torch_threads=threads,
         progress=progress, fault=fault, imports=job_imports(cfg),
+        tracking=tracking_spec(cfg, "students", p.name, f"student-{p.name}-{p.fp[:12]}"),
         arch=d.student.arch, num_classes=splits.num_classes, in_chans=splits.in_chans,
         method=cfg.method.model_dump(mode="json"), method_ctx=p.mctx, optim=d.optim,
         views=p.views, data_seed=cfg.data.seed, policy=splits.policy.as_dict(), mean=splits.mean, std=splits.std,

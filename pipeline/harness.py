@@ -51,6 +51,7 @@ class Job:
     fault: dict | None = None  # fault injection for the tests (RAYKD_FAULT)
     keep: int = 2  # checkpoints kept
     imports: tuple = ()  # plugins.job_imports: user modules the worker imports before it builds anything
+    tracking: dict | None = None  # tracking.tracking_spec: TensorBoard / MLflow, logged by rank 0
 
     def build(self, ctx: "Context") -> "Task":
         raise NotImplementedError
@@ -387,6 +388,24 @@ def train_loop(job: Job, ctx: Context | None = None) -> JobResult:
     task.prepare(ctx)
     prof["build_s"] = time.perf_counter() - t
     last = state
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(job.tracking if ctx.rank == 0 else None)
+    try:
+        last, history = _epochs(job, ctx, task, start, history, resumed, last, prof, tracker)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
+    if last is None and ctx.rank == 0:  # nothing left to train: the restored state is the result
+        last = {"task": task.state(), "epoch": job.epochs - 1, "history": json.dumps(history)}
+    prof["ended"] = time.time()
+    return JobResult(last, history, prof)
+
+
+def _epochs(job, ctx, task, start, history, resumed, last, prof, tracker):
+    from pipeline.progress import emit
+
     for epoch in range(start, job.epochs):
         t_load = time.perf_counter()
         task.prepare_epoch(epoch)
@@ -422,13 +441,11 @@ def train_loop(job: Job, ctx: Context | None = None) -> JobResult:
                  f"({dt:.2f}s, {m['samples_per_s']:.0f} samples/s)")
         last = {"task": task.state(), "epoch": epoch, "history": json.dumps(history)} if ctx.rank == 0 else None
         ctx.report(m, last)
+        tracker.log(m, epoch + 1)
         for k, v in (("load_s", t0 - t_load), ("train_s", dt), ("eval_s", t_report - t_eval),
                      ("report_s", time.perf_counter() - t_report)):
             prof[k] += v
-    if last is None and ctx.rank == 0:  # nothing left to train: the restored state is the result
-        last = {"task": task.state(), "epoch": job.epochs - 1, "history": json.dumps(history)}
-    prof["ended"] = time.time()
-    return JobResult(last, history, prof)
+    return last, history
 
 
 def _train_worker(config: dict):

@@ -32,6 +32,7 @@ from pipeline.checkpoints import load_into, read_verified, save_state_dict, sha2
 from pipeline.config import Config, write_resolved
 from pipeline.harness import Job, Task
 from pipeline.plugins import job_imports
+from pipeline.tracking import tracking_spec
 from pipeline.progress import Console, ProgressPrinter
 
 
@@ -280,6 +281,7 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
     inline = in_process(cfg, 1, w)
     with (contextlib.nullcontext(Console()) if inline else ProgressPrinter()) as progress:
         job = ProfessorJob(kind="professor", name="CAAE", run_name=f"professor-{fp[:12]}", seed=p.seed, imports=job_imports(cfg),
+                           tracking=tracking_spec(cfg, "professor", "CAAE", f"professor-{fp[:12]}"),
                            epochs=p.optim.epochs, workers=w, storage=train_storage(cfg), device=device,
                            torch_threads=w.torch_threads or local_thread_share(cfg.ray, w.num_workers),
                            progress=getattr(progress, "queue", progress), lc=lc, targets=targets, cache_fs=cache.fs,

@@ -25,6 +25,7 @@ from pipeline.data import Splits, load_splits
 from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.models import Preprocess, build_model, record_preprocess
 from pipeline.plugins import job_imports
+from pipeline.tracking import tracking_spec
 from pipeline.progress import Console, ProgressPrinter
 from pipeline.harness import Job, Task
 from pipeline.training import Evaluator, Precision, evaluate, make_optimizer, optimizer_step
@@ -215,7 +216,8 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
                 torch_threads=threads, progress=getattr(progress, "queue", progress), arch=spec.arch, num_classes=splits.num_classes,
                 in_chans=splits.in_chans, optim=cfg.teachers.optim, lr=spec.lr or cfg.teachers.optim.lr,
                 policy=splits.policy.as_dict(), data_seed=cfg.data.seed, mean=splits.mean, std=splits.std,
-                preprocess=spec.preprocess(), imports=job_imports(cfg), **refs)
+                preprocess=spec.preprocess(), imports=job_imports(cfg),
+                tracking=tracking_spec(cfg, "teachers", spec.name, f"teacher-{spec.name}-{fp[:12]}"), **refs)
 
             started: dict = {}
 
