@@ -1,4 +1,4 @@
-"""Tables and plots from bench/results/<profile>/*.json; `--readme` also rewrites the README's section.
+"""Tables and plots from bench/results/<profile>/*.json; `--readme` also rewrites docs/benchmarks.md's section.
 
     python bench/report.py [--profile full|quick] [--readme]
 
@@ -254,7 +254,7 @@ def plots(folder: str, acc, speed) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="full")
-    ap.add_argument("--readme", action="store_true", help="replace the README's text between the bench markers")
+    ap.add_argument("--readme", action="store_true", help="replace docs/benchmarks.md's text between the bench markers")
     args = ap.parse_args()
     folder = os.path.join(ROOT, "bench", "results", args.profile)
     res = [_load(folder, n) for n in ("accuracy", "distill_speed", "cache_build", "sweep_speed", "suite")]
@@ -266,14 +266,14 @@ def main() -> None:
         f.write(text)
     print(text)
     if args.readme:
-        path = os.path.join(ROOT, "README.md")
+        path = os.path.join(ROOT, "docs", "benchmarks.md")
         readme = open(path).read()
         tag = "bench" if args.profile == "full" else f"bench-{args.profile}"
         pat = re.compile(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", re.S)
         if not pat.search(readme):
-            raise SystemExit(f"README.md has no <!-- {tag}:start --> ... <!-- {tag}:end --> markers")
+            raise SystemExit(f"docs/benchmarks.md has no <!-- {tag}:start --> ... <!-- {tag}:end --> markers")
         open(path, "w").write(pat.sub(lambda mt: mt.group(1) + text + mt.group(2), readme))
-        print("README.md: benchmark section rewritten")
+        print("docs/benchmarks.md: benchmark section rewritten")
 
 
 if __name__ == "__main__":

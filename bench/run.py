@@ -6,7 +6,7 @@
 Runs each benchmark script of the profile as its own process on Fashion-MNIST with the profile's config
 and arguments, writes every result to bench/results/<profile>/<bench>.json, then bench/report.py renders
 the tables and plots (bench/results/<profile>/report.md, *.png) and, for the full and speed profiles, the
-README's sections. A benchmark that fails stops the suite (exit 1); results already written stay.
+sections of docs/benchmarks.md. A benchmark that fails stops the suite (exit 1); results already written stay.
 Rerunning reuses trained teachers, caches and students whose config has not changed.
 """
 

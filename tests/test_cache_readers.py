@@ -1,5 +1,5 @@
-"""The README's recipes for reading a cache without raykd (pyarrow, pandas, DuckDB, Polars) and with its
-Python API, taken out of README.md as they are and run on the shared digits cache."""
+"""docs/cache.md's recipes for reading a cache without raykd (pyarrow, pandas, DuckDB, Polars) and with its
+Python API, taken out of docs/cache.md as they are and run on the shared digits cache."""
 
 import os
 import re
@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def recipes() -> dict[str, str]:
-    """`# read with X` code blocks of the README, by X."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+    """`# read with X` code blocks of docs/cache.md, by X."""
+    text = open(os.path.join(ROOT, "docs", "cache.md")).read()
     blocks = re.findall(r"```python\n(# read with ([^\n(]+?)\s*(?:\(.*?\))?\n.*?)```", text, flags=re.S)
     return {name.strip(): code for code, name in blocks}
 
