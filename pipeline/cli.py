@@ -13,6 +13,9 @@ def _stage_parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="YAML config (defaults in code; see configs/)")
     p.add_argument("--address", help="connect to this Ray cluster (else RAY_ADDRESS, else start a local Ray)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. teachers.optim.epochs=5")
+    v = p.add_mutually_exclusive_group()  # also after the command; SUPPRESS keeps the top level's when absent
+    v.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings, errors and the results")
+    v.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="also debug messages")
     return p
 
 
@@ -28,6 +31,9 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raykd", description="Multi-teacher knowledge distillation on Ray.")
     parser.add_argument("--version", action="version", version=f"raykd {_version()}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the results")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     _stage_parser(sub, "teachers", "train the configured teachers, `teachers.parallel` at a time (or evaluate given checkpoints)")
     c = _stage_parser(sub, "cache", "run the teachers once over K views of every training sample into a Parquet cache")
@@ -65,9 +71,10 @@ def _load(args):
         cfg.ray.address = args.address
     if args.config is None and args.command in TRAINING:  # said before anything starts
         teachers = "/".join(t.name for t in cfg.teachers.models)
-        print(f"raykd: no config given (-c): the built-in defaults — {cfg.data.name}, teachers {teachers}, student "
-              f"{cfg.distill.student.arch}, outputs in {cfg.run.out_dir} (configs/ holds ready-to-run ones)",
-              file=sys.stderr, flush=True)
+        from pipeline.log import log
+
+        log.warning(f"raykd: no config given (-c): the built-in defaults — {cfg.data.name}, teachers {teachers}, "
+                    f"student {cfg.distill.student.arch}, outputs in {cfg.run.out_dir} (configs/ holds ready-to-run ones)")
     return cfg
 
 
@@ -184,6 +191,9 @@ def resume_advice(args, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pipeline.log import set_verbosity
+
+    set_verbosity(args.quiet, args.verbose)
     handler = {"teachers": cmd_teachers, "cache": cmd_cache, "inspect": cmd_inspect, "config": cmd_config,
                "zoo": cmd_zoo, "export": cmd_export, "professor": cmd_professor, "distill": cmd_distill, "run": cmd_run,
                "sweep": cmd_sweep}[args.command]

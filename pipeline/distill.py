@@ -40,6 +40,7 @@ from pipeline.plugins import job_imports
 from pipeline.tracking import tracking_spec
 from pipeline.progress import ProgressPrinter
 from pipeline.training import Evaluator, Precision, make_optimizer, optimizer_step
+from pipeline.log import log
 
 RECORD = "student.json"
 
@@ -535,7 +536,7 @@ def format_results(records: list[dict]) -> str:
 def _say(queue, line: str) -> None:
     """A console line: printed here, or sent to the driver when this runs in a Tune trial (`raykd sweep`)."""
     if queue is None:
-        print(line, flush=True)
+        log.info(line)
     else:
         from pipeline.progress import emit
 
@@ -687,7 +688,7 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
     parallel = max(1, min(parallel, len(cfgs)))
     share = local_thread_share(cfgs[0].ray, parallel * concurrent * w.num_workers)
     if len(cfgs) > 1:
-        print(f"[distill] {len(cfgs)} students, {parallel} at a time", flush=True)
+        log.info(f"[distill] {len(cfgs)} students, {parallel} at a time")
     with contextlib.ExitStack() as stack:
         s = _Students(cfgs, parallel, progress, tune or in_process(cfgs[0], parallel, w), tune, share, stack, concurrent)
         s.run()

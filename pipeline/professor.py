@@ -34,6 +34,7 @@ from pipeline.harness import Job, Task
 from pipeline.plugins import job_imports
 from pipeline.tracking import tracking_spec
 from pipeline.progress import Console, ProgressPrinter
+from pipeline.log import log
 
 
 
@@ -194,7 +195,7 @@ def run_professor(cfg: Config) -> dict:
     m = cache.manifest
     fp = professor_fingerprint(m["fingerprint"], cfg)
     if (m.get("professor") or {}).get("fingerprint") == fp:
-        print(f"[professor] {uri}: refined column up to date (fingerprint {fp[:12]}), reused", flush=True)
+        log.info(f"[professor] {uri}: refined column up to date (fingerprint {fp[:12]}), reused")
         return m["professor"]
     p = cfg.professor
     out = os.path.join(os.path.abspath(cfg.run.out_dir), "professor")
@@ -233,7 +234,7 @@ def run_professor(cfg: Config) -> dict:
                         fn_constructor_kwargs={"lc": lc, "targets": targets, "path": os.path.join(out, rec["file"]),
                                                "weights": read_verified(os.path.join(out, rec["file"]), rec["sha256"]),
                                                "threads": local_thread_share(cfg.ray, p.actors)})
-    print(f"[professor] writing the refined column of {m['rows']} rows into {pdir}", flush=True)
+    log.info(f"[professor] writing the refined column of {m['rows']} rows into {pdir}")
     ds.write_parquet(pdir, filesystem=fs, partition_cols=["view"], min_rows_per_file=cfg.cache.rows_per_file,
                      compression="zstd")
     fs.invalidate_cache()
@@ -254,14 +255,14 @@ def run_professor(cfg: Config) -> dict:
     rec.update(refined_acc=entry["refined_acc"], ensemble_acc=entry["ensemble_acc"], heldout=entry["heldout"])
     _write_record(out, rec)
     h = entry["heldout"]
-    print(f"[professor] refined targets: {100 * entry['refined_acc']:.2f}% accurate on the cached views "
-          f"(teacher ensemble {100 * entry['ensemble_acc']:.2f}%), {entry['bytes'] / 2**20:.2f} MiB", flush=True)
+    log.info(f"[professor] refined targets: {100 * entry['refined_acc']:.2f}% accurate on the cached views "
+          f"(teacher ensemble {100 * entry['ensemble_acc']:.2f}%), {entry['bytes'] / 2**20:.2f} MiB")
     if h["rows"]:
-        print(f"[professor] on {h['rows']} held-out rows: refined {100 * h['refined_acc']:.2f}% vs teachers "
+        log.info(f"[professor] on {h['rows']} held-out rows: refined {100 * h['refined_acc']:.2f}% vs teachers "
               f"{100 * h['teacher_acc']:.2f}% ({100 * h['fixed']:.1f}% of the teachers' errors fixed, "
               f"{100 * h['broken']:.1f}% of their right answers broken); distance to the teachers "
               f"{h['tv_teachers']:.3f}, to the label mix {h['tv_label_mix']:.3f}; non-target correlation "
-              f"{h['nontarget_corr']:.3f}", flush=True)
+              f"{h['nontarget_corr']:.3f}")
     return entry
 
 
@@ -275,8 +276,8 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
     views = sorted({e % m["views"] for e in range(p.optim.epochs)})
     targets = cache.target_reader()
     nbytes = row_bytes(m["columns"], ["sample_id", "label", *targets.all_columns]) * m["dataset"]["train_samples"] * len(views)
-    print(f"[professor] training on the cached targets of {cache.sources}: {p.optim.epochs} epochs, "
-          f"{w.num_workers} worker(s)", flush=True)
+    log.info(f"[professor] training on the cached targets of {cache.sources}: {p.optim.epochs} epochs, "
+          f"{w.num_workers} worker(s)")
     t0 = time.time()
     inline = in_process(cfg, 1, w)
     with (contextlib.nullcontext(Console()) if inline else ProgressPrinter()) as progress:

@@ -11,9 +11,10 @@ Data's own progress bars are off unless the console is a terminal).
 from __future__ import annotations
 
 import queue as _queue
-import sys
 import threading
 import time
+
+from pipeline.log import log
 
 
 class ProgressPrinter:
@@ -23,7 +24,7 @@ class ProgressPrinter:
         from ray.util.queue import Queue
 
         self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
-        self._stream = stream or sys.stdout
+        self._stream = stream  # None: the `raykd` logger
         self._totals, self._prefix, self._every = totals or {}, prefix, every
         self._counts = {k: 0 for k in self._totals}
         self._seen: dict[str, set] = {}
@@ -54,14 +55,20 @@ class ProgressPrinter:
             if time.time() - self._last >= self._every:
                 self._summary()
             return
-        print(item, file=self._stream, flush=True)
+        self._say(item)
+
+    def _say(self, line: str) -> None:
+        if self._stream is None:
+            log.info(line)
+        else:
+            print(line, file=self._stream, flush=True)
 
     def _summary(self) -> None:
         self._last = time.time()
         parts = [f"{k} {min(100.0, 100 * self._counts.get(k, 0) / max(1, t)):.0f}%" for k, t in self._totals.items()]
         done = min((self._counts.get(k, 0) for k in self._totals), default=0)
         rate = done / max(1e-9, self._last - self._t0)
-        print(f"{self._prefix}{'  '.join(parts)}  ({rate:.0f} rows/s)", file=self._stream, flush=True)
+        self._say(f"{self._prefix}{'  '.join(parts)}  ({rate:.0f} rows/s)")
 
     def __enter__(self) -> "ProgressPrinter":
         self._thread.start()
@@ -87,7 +94,10 @@ class Console:
 
     def put(self, item) -> None:
         if not isinstance(item, tuple):
-            print(item, file=self.stream or sys.stdout, flush=True)
+            if self.stream is None:
+                log.info(item)
+            else:
+                print(item, file=self.stream, flush=True)
 
 
 def emit(q, item) -> None:

@@ -24,6 +24,7 @@ import time
 
 from pipeline.config import DISTRIBUTIONS, Config, dump_config, variant
 from pipeline.errors import ConfigError, StageFailed
+from pipeline.log import log
 
 
 def check_space(cfg: Config) -> None:
@@ -128,7 +129,7 @@ def run_sweep(cfg: Config) -> dict:
             {**res, "memory": 64 * 2**20, f"node:{ray.util.get_node_ip_address()}": 0.001})
         path = os.path.join(root, name, "tune")
         if tune.Tuner.can_restore(path):
-            print(f"[sweep] {name}: resuming the interrupted sweep in {path}", flush=True)
+            log.info(f"[sweep] {name}: resuming the interrupted sweep in {path}")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
             scheduler = None
@@ -157,8 +158,8 @@ def run_sweep(cfg: Config) -> dict:
                 # a failed trial starts again and resumes its student from its newest checkpoint
                 run_config=tune.RunConfig(name="tune", storage_path=out, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=w.max_failures)))
-        print(f"[sweep] {name}: {len(sw.space)} dimension(s), {sw.search} search, {concurrent} trial(s) at a time, "
-              f"selecting on {sw.metric} ({sw.mode})", flush=True)
+        log.info(f"[sweep] {name}: {len(sw.space)} dimension(s), {sw.search} search, {concurrent} trial(s) at a time, "
+              f"selecting on {sw.metric} ({sw.mode})")
         grid = tuner.fit()
     return _summarise(cfg, name, out, grid, time.time() - t0)
 

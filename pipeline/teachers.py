@@ -29,6 +29,7 @@ from pipeline.tracking import tracking_spec
 from pipeline.progress import Console, ProgressPrinter
 from pipeline.harness import Job, Task
 from pipeline.training import Evaluator, Precision, evaluate, make_optimizer, optimizer_step
+from pipeline.log import log
 
 RECORD = "teacher.json"
 
@@ -169,9 +170,9 @@ def run_teachers(cfg: Config) -> list[dict]:
         fp = teacher_fingerprint(spec, cfg, splits.fingerprint)
         rec = read_record(out, spec.name, verify=False)
         if rec is not None and rec.get("fingerprint") == fp and _files_intact(tdir, rec):
-            print(f"[teachers] {spec.name}: up to date ({tdir}), not retrained", flush=True)
+            log.info(f"[teachers] {spec.name}: up to date ({tdir}), not retrained")
         elif spec.checkpoint:
-            print(f"[teachers] {spec.name} ({spec.arch}): evaluating {spec.checkpoint}", flush=True)
+            log.info(f"[teachers] {spec.name} ({spec.arch}): evaluating {spec.checkpoint}")
             t0 = time.time()
             rec = _evaluate_given(spec, splits, _local_device(cfg.run.device), tdir)
             rec["wall_time_s"] = round(time.time() - t0, 2)
@@ -225,17 +226,16 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
                 tdir = teacher_dir(out, spec.name)
                 if isinstance(res, JobFailed):
                     failed.append(spec.name)
-                    print(f"[teachers] {spec.name}: FAILED: {failure_message(res)}", flush=True)
+                    log.error(f"[teachers] {spec.name}: FAILED: {failure_message(res)}")
                     return
                 rec = _finish_trained(spec, splits, tdir, res.state["task"], res.history)
                 rec["wall_time_s"] = round(time.time() - started["t0"], 2)
                 records[spec.name] = _finalise(rec, spec, fp, splits, cfg, tdir)
-                print(f"[teachers] {spec.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f}", flush=True)
+                log.info(f"[teachers] {spec.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f}")
 
             def on_start(spec=spec, job=job, started=started):
                 started["t0"] = time.time()
-                print(f"[teachers] {spec.name} ({spec.arch}): training, {job.epochs} epochs, {w.num_workers} worker(s)",
-                      flush=True)
+                log.info(f"[teachers] {spec.name} ({spec.arch}): training, {job.epochs} epochs, {w.num_workers} worker(s)")
 
             runner.submit(job, on_done, on_start)
         runner.run()

@@ -31,6 +31,7 @@ from pipeline.checkpoints import read_verified
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.progress import ProgressPrinter, emit
+from pipeline.log import log
 from pipeline.views import ViewPolicy, make_views
 
 def cache_uri(cfg: Config) -> str:
@@ -226,7 +227,7 @@ def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> d
         return _repair(cfg, splits, teachers, fp, uri, fs, root, manifest)
     if manifest is not None and manifest.get("fingerprint") == fp and manifest.get("schema_version") == SCHEMA_VERSION \
             and not overwrite:
-        print(f"[cache] {uri}: up to date (fingerprint {fp[:12]}), reused", flush=True)
+        log.info(f"[cache] {uri}: up to date (fingerprint {fp[:12]}), reused")
         return manifest
     other = manifest or building
     if other is not None and not overwrite:
@@ -241,7 +242,7 @@ def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> d
     fs.makedirs(root, exist_ok=True)
     with BuildLock(fs, root, uri) as lock:
         if overwrite:
-            print(f"[cache] --overwrite: removing what {uri} holds", flush=True)
+            log.info(f"[cache] --overwrite: removing what {uri} holds")
             for path in fs.ls(root, detail=False):
                 if posixpath.basename(path) != LOCK:
                     fs.rm(path, recursive=True)
@@ -274,12 +275,11 @@ def _repair(cfg, splits, teachers, fp, uri, fs, root, manifest) -> dict:
 
     bad = _damaged(fs, root, [*manifest["files"], *(manifest.get("professor") or {}).get("files", [])])
     if not bad:
-        print(f"[cache] {uri}: every part file matches its sha256; nothing to repair", flush=True)
+        log.info(f"[cache] {uri}: every part file matches its sha256; nothing to repair")
         return manifest
     views = sorted({int(m.group(1)) for p in bad if (m := re.match(rf"{VIEWS}/view=(\d+)/", p))})
-    print(f"[cache] {uri}: {len(bad)} damaged part file(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
-          f"rebuilding view(s) {views}" + (", dropping the refined column" if manifest.get("professor") else ""),
-          flush=True)
+    log.info(f"[cache] {uri}: {len(bad)} damaged part file(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+             f"rebuilding view(s) {views}" + (", dropping the refined column" if manifest.get("professor") else ""))
     with BuildLock(fs, root, uri) as lock:
         write_json(fs, posixpath.join(root, BUILD), {"fingerprint": fp, "started": time.time()})
         fs.rm(posixpath.join(root, MANIFEST))  # uncommit first: a reader never sees a half-mended cache
@@ -293,7 +293,7 @@ def _repair(cfg, splits, teachers, fp, uri, fs, root, manifest) -> dict:
         repaired = _build_views(cfg, splits, teachers, fp, uri, fs, root, lock)
         fs.rm(posixpath.join(root, BUILD))
     if manifest.get("professor"):
-        print(f"[cache] {uri}: repaired; run `raykd professor` to add the refined column again", flush=True)
+        log.info(f"[cache] {uri}: repaired; run `raykd professor` to add the refined column again")
     return repaired
 
 
@@ -323,12 +323,12 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
         else:
             todo.append(k)
     if views_meta:
-        print(f"[cache] views {sorted(views_meta)} already committed, kept", flush=True)
+        log.info(f"[cache] views {sorted(views_meta)} already committed, kept")
     per_pass = c.views_per_pass or len(todo) or 1
     for group in [todo[i:i + per_pass] for i in range(0, len(todo), per_pass)]:
         t0 = time.time()
-        print(f"[cache] views {group}: {len(splits.train)} samples x {len(group)} views x {len(teachers)} teachers "
-              f"({', '.join(t['name'] for t in teachers)})", flush=True)
+        log.info(f"[cache] views {group}: {len(splits.train)} samples x {len(group)} views x {len(teachers)} teachers "
+                 f"({', '.join(t['name'] for t in teachers)})")
         for k in group:  # what a killed run left in these partitions was never committed
             if fs.exists(marker(root, k)):
                 fs.rm(marker(root, k))
@@ -376,7 +376,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
                 raise CacheError(f"view {k}: wrote {rows} rows, expected {len(splits.train)}; not committed")
             views_meta[k] = {"fingerprint": fp, "view": k, "files": files, "rows": rows}
             write_json(fs, marker(root, k), views_meta[k])
-        print(f"[cache] views {group}: committed in {time.time() - t0:.1f}s", flush=True)
+        log.info(f"[cache] views {group}: committed in {time.time() - t0:.1f}s")
     from pipeline.config import dump_config
 
     with fs.open(posixpath.join(root, "config.resolved.yaml"), "wb") as f:  # the config that built it
@@ -384,7 +384,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
     manifest = _manifest(cfg, splits, teachers, fp, fs, root, views_meta, targets, time.time() - t_start)
     lock.check()
     write_json(fs, posixpath.join(root, MANIFEST), manifest)  # last: the commit marker
-    print(f"[cache] {uri}: {manifest['rows']} rows, {manifest['bytes'] / 2**20:.1f} MiB, manifest written", flush=True)
+    log.info(f"[cache] {uri}: {manifest['rows']} rows, {manifest['bytes'] / 2**20:.1f} MiB, manifest written")
     return read_json(fs, posixpath.join(root, MANIFEST))  # as every later reader will see it
 
 

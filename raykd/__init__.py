@@ -1,0 +1,124 @@
+"""raykd's Python API: the same stages as the `raykd` command, returning records instead of printing tables.
+
+    import raykd
+
+    cfg = raykd.load_config("configs/demo.yaml", ["distill.optim.epochs=4"])  # YAML <- overrides
+    raykd.teachers(cfg)                      # -> list of teacher records (teacher.json)
+    raykd.cache(cfg)                         # -> the cache manifest (manifest.json)
+    student = raykd.distill(cfg)             # -> the student record (student.json)
+    runs = raykd.compare(cfg)                # -> records of every run.compare entry (as `raykd run`)
+    summary = raykd.sweep(cfg)               # -> the sweep summary (sweep.json)
+    table = raykd.open_cache(cfg).read_table(views=[0])   # a view as a pyarrow Table (.to_pandas())
+    model = raykd.load_student(cfg, student["name"])      # the trained student, an nn.Module in eval mode
+
+Progress goes to the `raykd` logger (`pipeline.log`): `logging.getLogger("raykd").setLevel(logging.WARNING)`
+silences it. Errors in input raise `raykd.RaykdError` (ConfigError, CacheError, CheckpointError, ...).
+`raykd.with_changes(cfg, {"method.name": "dkd"})` is a validated copy with dotted changes.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import Config, load_config
+from pipeline.config import variant as _variant
+from pipeline.errors import RaykdError
+
+__all__ = ["Config", "RaykdError", "load_config", "with_changes", "teachers", "cache", "professor", "distill",
+           "compare", "sweep", "open_cache", "load_student", "__version__"]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raykd")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _version()
+
+
+def with_changes(cfg: Config, changes: dict) -> Config:
+    """`cfg` with `{dotted.key: value}` changes, validated like a YAML (errors name the key)."""
+    return _variant(cfg, changes, "raykd.with_changes")
+
+
+def teachers(cfg: Config) -> list[dict]:
+    """Train (or reuse, or evaluate given checkpoints of) every configured teacher; their records."""
+    from pipeline.teachers import run_teachers
+
+    return run_teachers(cfg)
+
+
+def cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> dict:
+    """Build (or reuse, or finish, or repair) the teacher cache; its manifest."""
+    from pipeline.cache import build_cache
+
+    return build_cache(cfg, overwrite=overwrite, repair=repair)
+
+
+def professor(cfg: Config) -> dict:
+    """Train (or reuse) the professor and add the cache's refined column; its manifest entry."""
+    from pipeline.professor import run_professor
+
+    return run_professor(cfg)
+
+
+def distill(cfg: Config) -> dict:
+    """Distil one student as configured (or reuse a finished one of the same fingerprint); its record."""
+    from pipeline.distill import run_distill
+
+    return run_distill(cfg)
+
+
+def compare(cfg: Config, parallel: int | None = None) -> list[dict]:
+    """`raykd run` without the printing: teachers, cache, the professor when a run needs it, then one
+    student per `run.compare` entry (or the configured one), `parallel` at a time; their records."""
+    from pipeline.distill import run_students
+
+    teachers(cfg)
+    runs = [_variant(cfg, c, f"run.compare.{i}") for i, c in enumerate(cfg.run.compare)] or [cfg]
+    if any(r.distill.teachers == "cache" for r in runs):
+        cache(cfg)
+    if any(r.method.targets in ("refined", "both") for r in runs):
+        professor(cfg)
+    return run_students(runs, parallel or cfg.run.parallel)
+
+
+def sweep(cfg: Config) -> dict:
+    """Run (or resume) `sweep.space` over the cache; the summary (rows sorted by the metric)."""
+    from pipeline.sweep import run_sweep
+
+    return run_sweep(cfg)
+
+
+def open_cache(where, s3_endpoint: str | None = None):
+    """A finished cache, checked (`pipeline.cache.Cache`): `.manifest`, `.read_table(columns, views)` (pyarrow,
+    no Ray), `.view_files(k)`. `where` is a config (its cache.uri) or a path / s3:// URI."""
+    from pipeline.cache import Cache, cache_uri
+
+    if isinstance(where, Config):
+        return Cache(cache_uri(where), s3_endpoint or where.cache.s3_endpoint)
+    return Cache(where, s3_endpoint)
+
+
+def load_student(cfg: Config, name: str):
+    """The finished student `name` of this config's out_dir as an `nn.Module` in eval mode (its weights
+    checked against their sha256). Its input is the data set's normalised images (see `raykd export`
+    for a model that takes pixels)."""
+    import os
+
+    from pipeline.checkpoints import load_into, load_state_dict
+    from pipeline.data import load_splits
+    from pipeline.distill import read_student
+    from pipeline.models import build_model
+
+    sdir = os.path.join(os.path.abspath(cfg.run.out_dir), "students", name)
+    rec = read_student(sdir)
+    if rec is None:
+        raise RaykdError(f"no finished student {name!r} under {sdir}")
+    splits = load_splits(cfg.data)
+    model = build_model(rec["arch"], splits.num_classes, splits.in_chans)
+    path = os.path.join(sdir, "student.safetensors")
+    load_into(model, load_state_dict(path, rec["files"]["student.safetensors"]), path, rec["arch"])
+    return model.eval()
