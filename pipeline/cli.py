@@ -167,6 +167,8 @@ def cmd_export(args) -> int:
     check = "not checked (onnxruntime not installed)" if res["max_abs_diff"] is None else \
         f"onnxruntime agrees with PyTorch (max |diff| {res['max_abs_diff']:.2g})"
     print(f"[export] {res['path']}: input pixels {res['inputs']['pixels']} in [0, 1] -> logits; {check}")
+    if "inference" in res:
+        print(f"[export] {res['inference']['path']}: IMF's inference model, the same input and output")
     return 0
 
 

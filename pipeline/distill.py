@@ -487,6 +487,7 @@ def finish_student(p: Plan, res) -> dict:
         "mode": "online" if p.online else "cache", "epochs": len(history), "val_acc": last["val_acc"],
         "test_acc": last["test_acc"], "best_val_acc": max(m["val_acc"] for m in history),
         "epoch_time_s": round(float(np.median(times)), 3), "files": files, "fingerprint": p.fp, "upstream": p.upstream,
+        "method_ctx": p.mctx,  # what rebuilds the method's modules later (raykd export of IMF's inference model)
     }
     rec.update(p.method.export(p.student, p.sdir, p.splits, files))
     rec["wall_time_s"] = round(time.time() - p.t0, 2)

@@ -31,7 +31,8 @@ class Normalized(nn.Module):
 
 
 def export_student(cfg, name: str, out: str | None = None, check: bool = True) -> dict:
-    """Write <out_dir>/students/<name>/student.onnx (or `out`); returns {path, max_abs_diff or None}."""
+    """Write <out_dir>/students/<name>/student.onnx (or `out`), and for IMF its deployed model as
+    inference.onnx beside it; returns {path, max_abs_diff or None, inputs[, inference]}."""
     from pipeline.checkpoints import load_into, load_state_dict
     from pipeline.data import load_splits
     from pipeline.distill import read_student
@@ -56,6 +57,36 @@ def export_student(cfg, name: str, out: str | None = None, check: bool = True) -
     net = Normalized(model.eval(), splits.mean, splits.std).eval()
     x = torch.rand(2, splits.in_chans, splits.image_size, splits.image_size)
     out = out or os.path.join(sdir, "student.onnx")
+    res = {**_write(net, x, out, name, check),
+           "inputs": {"pixels": ["batch", splits.in_chans, splits.image_size, splits.image_size]}}
+    if "inference" in rec:  # IMF: its deployed model too, rebuilt from the student and the method's modules
+        inf = _imf_inference(cfg, rec, sdir, model)
+        res["inference"] = _write(Normalized(inf, splits.mean, splits.std).eval(), x,
+                                  os.path.join(os.path.dirname(out), "inference.onnx"), name, check)
+    return res
+
+
+def _imf_inference(cfg, rec: dict, sdir: str, student: nn.Module) -> nn.Module:
+    from methods.base import MethodContext, build_method
+    from methods.imf import IMFInference
+    from pipeline.checkpoints import load_state_dict
+    from pipeline.config import MethodSection
+
+    if "method_ctx" not in rec:
+        raise RaykdError(f"student {rec['name']!r} was trained before raykd kept its method context; retrain it to "
+                         "export its IMF inference model")
+    method = build_method(MethodSection(**cfg.method.model_dump()), MethodContext(**rec["method_ctx"]))
+    path = os.path.join(sdir, "method.safetensors")
+    method.load_state_dict(load_state_dict(path, rec["files"]["method.safetensors"]))
+    inf = IMFInference(student, method).eval()
+    saved = load_state_dict(os.path.join(sdir, "inference.safetensors"), rec["files"]["inference.safetensors"])
+    if any(not torch.equal(v, saved[k]) for k, v in inf.state_dict().items()):
+        raise RaykdError(f"student {rec['name']!r}: the rebuilt IMF inference model differs from inference.safetensors "
+                         "(is this the config it was trained with?)")
+    return inf
+
+
+def _write(net: nn.Module, x: torch.Tensor, out: str, name: str, check: bool) -> dict:
     tmp = f"{out}.tmp{os.getpid()}.onnx"
     torch.onnx.export(net, (x,), tmp, input_names=["pixels"], output_names=["logits"],
                       dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, verbose=False)
@@ -66,7 +97,7 @@ def export_student(cfg, name: str, out: str | None = None, check: bool = True) -
         except ImportError:
             ort = None
         if ort is not None:
-            probe = torch.rand(5, splits.in_chans, splits.image_size, splits.image_size)
+            probe = torch.rand(5, *x.shape[1:])
             got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"pixels": probe.numpy()})[0]
             with torch.no_grad():
                 want = net(probe).numpy()
@@ -75,5 +106,4 @@ def export_student(cfg, name: str, out: str | None = None, check: bool = True) -
                 os.remove(tmp)
                 raise RaykdError(f"the ONNX export of {name!r} disagrees with PyTorch (max |diff| {diff:.3g}); nothing written")
     os.replace(tmp, out)
-    return {"path": out, "max_abs_diff": diff, "inputs": {"pixels": ["batch", splits.in_chans, splits.image_size,
-                                                                     splits.image_size]}}
+    return {"path": out, "max_abs_diff": diff}

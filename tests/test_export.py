@@ -36,3 +36,26 @@ def test_exported_student_matches_pytorch(tmp_path, cli, digits):
 
     code, _, err = cli("export", "--student", "nobody", f"run.out_dir={tmp_path}")
     assert code != 0 and "no finished student 'nobody'" in err
+
+
+def test_imf_inference_model_is_exported_too(tmp_path, cli, digits):
+    """IMF: `raykd export` also writes its deployed model (inference.onnx), rebuilt from the student and the
+    method's modules and checked against inference.safetensors; onnxruntime gives the recorded accuracy."""
+    import onnxruntime as ort
+
+    from pipeline.distill import run_distill
+    from pipeline.teachers import run_teachers
+
+    overrides = ["teachers.models=[{name: t, arch: cnn8, seed: 1}]", "cache.layers={}", "teachers.optim.epochs=3",
+                 "method.name=imf", "distill.teachers=online", "distill.optim.epochs=2", "distill.student.arch=cnn4"]
+    cfg = digits_cfg(str(tmp_path), *overrides)
+    run_teachers(cfg)
+    rec = run_distill(cfg)
+    code, out, err = cli("export", "--student", rec["name"], f"run.out_dir={tmp_path}", "teachers.optim.epochs=3",
+                         *overrides)
+    assert code == 0, err
+    path = os.path.join(tmp_path, "students", rec["name"], "inference.onnx")
+    assert path in out
+    pixels = (digits.test.images.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+    logits = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"pixels": pixels})[0]
+    assert (logits.argmax(1) == digits.test.labels).mean() == pytest.approx(rec["inference"]["test_acc"], abs=1e-9)
