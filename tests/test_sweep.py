@@ -77,12 +77,14 @@ def test_search_space_errors_before_any_trial(tmp_path, capsys, space, msg):
 
 def test_optuna_sweep_samples_the_space_from_the_cache(built):
     """sweep.search=optuna: Ray Tune's OptunaSearch (TPE, seeded) behind a concurrency limiter proposes each
-    trial's values inside the space; every trial reads the cache and finishes; the space's grid is refused."""
+    trial's values inside the space; every trial reads the cache, finishes and is tracked as its own MLflow
+    run; the space's grid is refused."""
     cfg0, _ = built
     space = "sweep.space={distill.optim.lr: {loguniform: [0.01, 0.3]}, method.kd.temperature: {choice: [2.0, 4.0]}}"
     cfg = digits_cfg(cfg0.run.out_dir, "method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=1",
                      "distill.workers.torch_threads=1", space, "sweep.search=optuna", "sweep.num_samples=3",
-                     "sweep.name=opt3", "sweep.max_concurrent=2")
+                     "sweep.name=opt3", "sweep.max_concurrent=2", "run.tracking=[mlflow]",
+                     f"run.mlflow_uri=sqlite:///{cfg0.run.out_dir}/opt3.db")
     rows = run_sweep(cfg)["rows"]
     assert len(rows) == 3 and not any(r["error"] for r in rows)
     assert all(0.01 <= r["distill.optim.lr"] <= 0.3 and r["method.kd.temperature"] in (2.0, 4.0) for r in rows)
@@ -90,6 +92,15 @@ def test_optuna_sweep_samples_the_space_from_the_cache(built):
     for r in rows:
         ms = [json.loads(x) for x in open(os.path.join(cfg.run.out_dir, "students", r["student"], "metrics.jsonl"))]
         assert [m["teachers_loaded"] for m in ms] == [0]
+    # tracked: one MLflow run per trial, named after its student, with the trial's own values as params
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cfg0.run.out_dir}/opt3.db")
+    runs = {x.info.run_name: x for x in client.search_runs([client.get_experiment_by_name("raykd-students").experiment_id])}
+    assert set(runs) == {r["student"] for r in rows}
+    for r in rows:
+        assert float(runs[r["student"]].data.params["distill.optim.lr"]) == pytest.approx(r["distill.optim.lr"])
+        assert runs[r["student"]].data.metrics["val_acc"] == pytest.approx(r["val_acc"])
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="optuna samples its dimensions; use choice instead of grid"):
