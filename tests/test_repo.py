@@ -20,3 +20,20 @@ def test_no_reference_to_a_document_outside_the_repository():
             if not os.path.isfile(os.path.join(ROOT, ref)):
                 bad.append(f"{f}: {ref}")
     assert not bad, "references to documents not in the repository:\n" + "\n".join(bad)
+
+
+def test_docs_list_every_method_option():
+    """docs/methods.md's option tables name every option of every registered method (and no other)."""
+    import methods  # noqa: F401  (registers them)
+    from methods.base import METHODS
+
+    text = open(os.path.join(ROOT, "docs", "methods.md"), encoding="utf-8").read()
+    for name, cls in METHODS.items():
+        opts = getattr(cls, "Options", None)
+        if opts is None:
+            continue
+        start = text.index(f"**`{name}`**")
+        end = text.find("**`", start + 1)
+        section = text[start:end if end > 0 else None]
+        listed = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
+        assert listed == list(opts.model_fields), f"docs/methods.md, {name}: {listed} vs {list(opts.model_fields)}"
