@@ -112,7 +112,7 @@ def targets(acc, speed, build, sweep) -> list[tuple[str, str, bool | None]]:
 
 
 def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
-    folder = f"bench/results/{profile}"
+    folder = f"bench/results/{profile}"  # image links are relative to docs/benchmarks.md
     lines = []
     if suite:
         lines.append(f"`{suite['command']}` ({suite['date']}, {suite['minutes']:.0f} min on this 2-core machine); "
@@ -178,7 +178,7 @@ def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
             f" {c['bytes_per_sample_without_features']:,.0f} B without them; built in {c['build_s']:.0f} s. "
             f"Times: teachers {acc['time_s']['teachers'] / 60:.1f} min, caches {acc['time_s']['cache'] / 60:.1f} min, "
             f"students {acc['time_s']['students'] / 60:.1f} min.")
-        lines.append(f"\n![accuracy per method]({folder}/accuracy.png) ![val accuracy per epoch]({folder}/accuracy_vs_epoch.png)\n")
+        lines.append(f"\n![accuracy per method](../{folder}/accuracy.png) ![val accuracy per epoch](../{folder}/accuracy_vs_epoch.png)\n")
     if speed:
         rows = speed["modes"]
         ce = rows["ce"]["median_epoch_s"]
@@ -188,7 +188,7 @@ def markdown(profile: str, acc, speed, build, sweep, suite) -> str:
         for mode, label in (("ce", "CE"), ("kd_cached", "KD from the cache"), ("kd_online", "KD, teachers online")):
             r = rows[mode]
             lines.append(f"| {label} | {r['median_epoch_s']:.2f} s | {r['samples_per_s']:,.0f} | {r['median_epoch_s'] / ce:.2f} |")
-        lines.append(f"\n![epoch time]({folder}/epoch_time.png)\n")
+        lines.append(f"\n![epoch time](../{folder}/epoch_time.png)\n")
     if build:
         lines.append(f"**Cache build** (`{build['command']}`): {build['train_samples']:,} samples × {build['views']} views × "
                      f"{len(build['teachers'])} teachers: plain torch loop {build['torch_loop_s']:.1f} s, `raykd cache` "
