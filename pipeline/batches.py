@@ -133,13 +133,30 @@ def resolve(ref):
     return ray.get(ref)
 
 
-def render_view(split, share: np.ndarray, view: int, data_seed: int, policy: ViewPolicy, mean, std) -> dict:
+def render_view(split, share: np.ndarray, view: int, data_seed: int, policy: ViewPolicy, mean, std,
+                defer: bool = False) -> dict:
     """View `view` of the rows `share` of a source split, rendered (the pure function of seed, sample id,
-    view id the cache uses) and prepared: {sample_id, y, x}."""
+    view id the cache uses) and prepared: {sample_id, y, x}. `defer`: the view's records instead of `x`,
+    for `RowFormat.render` to draw batch by batch (a streamed folder: its share is never decoded at once)."""
     ids = split.ids[share]
+    out = {"sample_id": torch.from_numpy(ids.astype(np.int64)), "y": torch.from_numpy(split.labels[share].astype(np.int64))}
+    if defer:
+        rec = policy.params(data_seed, ids, view, split.images.shape[1:3])
+        return {**out, **{C.record(k): torch.from_numpy(np.ascontiguousarray(v)) for k, v in rec.items()}}
     pixels, _ = make_views(split.images[share], ids, view, data_seed, policy)
-    return {"sample_id": torch.from_numpy(ids.astype(np.int64)), "y": torch.from_numpy(split.labels[share].astype(np.int64)),
-            "x": normalize(torch.from_numpy(pixels), mean, std).contiguous()}
+    return {**out, "x": normalize(torch.from_numpy(pixels), mean, std).contiguous()}
+
+
+def view_epochs(split, share: np.ndarray, data_seed: int, policy: ViewPolicy, mean, std, view_of, batch_size: int,
+                shuffle: bool, seed: int, keep: bool = True) -> "MemoryEpochs":
+    """Epochs of views rendered from a source split: in memory as pixels, or — for a streamed image
+    folder — as records rendered one batch ahead (`MemoryEpochs.finish`)."""
+    from pipeline.data import FileImages
+
+    streamed = isinstance(split.images, FileImages)
+    finish = RowFormat(mean, std, policy.as_dict(), split).render if streamed else None
+    return MemoryEpochs(lambda k: render_view(split, share, k, data_seed, policy, mean, std, defer=streamed),
+                        view_of, batch_size, shuffle, seed, keep=keep, finish=finish)
 
 
 class Refined:

@@ -147,7 +147,7 @@ def _load_professor(p: dict, num_classes: int, device):
 class StudentTask(Task):
     def __init__(self, job: StudentJob, ctx):
         from pipeline.batches import (MemoryEpochs, Refined, RowFormat, StreamEpochs, cache_view_loader, check_view,
-                                      render_view, worker_share)
+                                      view_epochs, worker_share)
         from pipeline.batches import resolve
 
         self.job, self.device = job, ctx.device
@@ -164,8 +164,8 @@ class StudentTask(Task):
             train = resolve(job.train)
             share = worker_share(len(train), ctx.rank, ctx.world, job.seed)
             policy = _policy(job.policy)
-            self.data = MemoryEpochs(lambda k: render_view(train, share, k, job.data_seed, policy, job.mean, job.std),
-                                     view_of, job.optim.batch_size, shuffle, job.seed)
+            self.data = view_epochs(train, share, job.data_seed, policy, job.mean, job.std, view_of,
+                                    job.optim.batch_size, shuffle, job.seed)
         else:
             fmt = RowFormat(job.mean, job.std, job.policy, job.train)
             refined = Refined(job.cache_fs, job.refined_files, job.checks) if job.refined_files else None

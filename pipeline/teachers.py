@@ -89,7 +89,7 @@ class TeacherTask(Task):
     optim_key = "teachers.optim"
 
     def __init__(self, job: TeacherJob, ctx):
-        from pipeline.batches import MemoryEpochs, render_view, resolve, worker_share
+        from pipeline.batches import resolve, view_epochs, worker_share
         from pipeline.views import ViewPolicy
 
         self.job, self.device = job, ctx.device
@@ -97,8 +97,8 @@ class TeacherTask(Task):
         train = resolve(job.train)
         share = worker_share(len(train), ctx.rank, ctx.world, job.seed)
         policy = ViewPolicy(**job.policy)
-        self.data = MemoryEpochs(lambda e: render_view(train, share, e, job.data_seed, policy, job.mean, job.std),
-                                 lambda e: e, job.optim.batch_size, True, job.seed, keep=False)
+        self.data = view_epochs(train, share, job.data_seed, policy, job.mean, job.std, lambda e: e,
+                                job.optim.batch_size, True, job.seed, keep=False)
         steps = max(1, math.ceil(len(share) / job.optim.batch_size))
         self.opt, self.sched = make_optimizer(self.model.parameters(), job.optim, steps, job.epochs, job.lr)
         self.evaluator = Evaluator({"val": resolve(job.val), "test": resolve(job.test)}, job.mean, job.std, ctx.device)

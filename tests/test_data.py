@@ -119,3 +119,29 @@ def test_streamed_imagefolder_equals_in_memory(digit_folder):
     victim = lazy.train.images.paths[0]
     Image.open(victim).rotate(90).save(victim)
     assert load_splits(cfg).fingerprint != lazy.fingerprint
+
+
+def test_a_teacher_trains_on_a_streamed_folder_batch_by_batch(digit_folder, tmp_path):
+    """A teacher trained on a streamed folder holds its epoch as view records and decodes each batch
+    (one ahead, in a thread): it trains exactly as on the folder decoded into memory."""
+    from pipeline.config import load_config
+    from pipeline.teachers import run_teachers
+
+    base = ["run.device=cpu", "data.name=imagefolder", f"data.root={digit_folder}", "data.image_size=16",
+            "data.val_fraction=0.2", "teachers.optim.epochs=2", "teachers.optim.batch_size=16",
+            "teachers.models=[{name: t, arch: cnn4, seed: 1}]", "cache.layers={}"]
+    (lazy,) = run_teachers(load_config(None, [f"run.out_dir={tmp_path / 'lazy'}", *base]))
+    (eager,) = run_teachers(load_config(None, [f"run.out_dir={tmp_path / 'eager'}", "data.in_memory=true", *base]))
+    assert lazy["val_acc"] == eager["val_acc"] and lazy["test_acc"] == eager["test_acc"]
+    assert lazy["best"]["sha256"] == eager["best"]["sha256"]  # the same weights, bit for bit
+
+
+def test_streamed_epochs_hold_records_not_pixels(digit_folder):
+    from pipeline.batches import view_epochs
+
+    s = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=16, val_fraction=0.2))
+    epochs = view_epochs(s.train, np.arange(len(s.train)), 0, s.policy, s.mean, s.std, lambda e: e, 8, True, 0)
+    epochs.prepare(0)
+    assert "x" not in epochs.views[0] and "view_ox" in epochs.views[0]
+    batches = list(epochs(0))
+    assert sum(len(b["y"]) for b in batches) == len(s.train) and all(b["x"].shape[1:] == (3, 16, 16) for b in batches)
