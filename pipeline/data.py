@@ -10,6 +10,7 @@ downloaded: data come from a local root or a package.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -72,11 +73,18 @@ class FileImages:
 def decode_image(path: str, size: int) -> np.ndarray:
     """One image file as uint8 (S, S, 3): RGB, short side resized to S (antialiased), centre crop."""
     from PIL import Image
-    from torchvision.transforms import v2
 
     with open(path, "rb") as f:
         img = Image.open(f).convert("RGB")
-    return np.asarray(v2.CenterCrop(size)(v2.Resize(size)(img)), dtype=np.uint8)
+    return np.asarray(_fit(size)(img), dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _fit(size: int):
+    """Resize + centre crop to `size`, built once per size (decode_image runs per image on the hot path)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
 
 
 def take(images, idx):

@@ -30,19 +30,14 @@ class Normalized(nn.Module):
         return self.model((pixels - self.mean) / self.std)
 
 
-def export_student(cfg, name: str, out: str | None = None, check: bool = True) -> dict:
-    """Write <out_dir>/students/<name>/student.onnx (or `out`), and for IMF its deployed model as
-    inference.onnx beside it; returns {path, max_abs_diff or None, inputs[, inference]}."""
+def load_student(cfg, name: str):
+    """(the finished student `name` as an nn.Module in eval mode, its record, its directory, the data splits),
+    its weights checked against their sha256."""
     from pipeline.checkpoints import load_into, load_state_dict
     from pipeline.data import load_splits
     from pipeline.distill import read_student
     from pipeline.models import build_model
 
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise RaykdError("raykd export needs onnx and onnxscript: pip install 'raykd[export]'") from None
     sdir = os.path.join(os.path.abspath(cfg.run.out_dir), "students", name)
     rec = read_student(sdir)
     if rec is None:
@@ -54,6 +49,18 @@ def export_student(cfg, name: str, out: str | None = None, check: bool = True) -
         load_into(model, load_state_dict(path, rec["files"]["student.safetensors"]), path, rec["arch"])
     except CheckpointError as e:
         raise CheckpointError(f"student {name!r}: {e} (was it trained on this config's data set?)") from None
+    return model.eval(), rec, sdir, splits
+
+
+def export_student(cfg, name: str, out: str | None = None, check: bool = True) -> dict:
+    """Write <out_dir>/students/<name>/student.onnx (or `out`), and for IMF its deployed model as
+    inference.onnx beside it; returns {path, max_abs_diff or None, inputs[, inference]}."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise RaykdError("raykd export needs onnx and onnxscript: pip install 'raykd[export]'") from None
+    model, rec, sdir, splits = load_student(cfg, name)
     net = Normalized(model.eval(), splits.mean, splits.std).eval()
     x = torch.rand(2, splits.in_chans, splits.image_size, splits.image_size)
     out = out or os.path.join(sdir, "student.onnx")
@@ -70,12 +77,11 @@ def _imf_inference(cfg, rec: dict, sdir: str, student: nn.Module) -> nn.Module:
     from methods.base import MethodContext, build_method
     from methods.imf import IMFInference
     from pipeline.checkpoints import load_state_dict
-    from pipeline.config import MethodSection
 
     if "method_ctx" not in rec:
         raise RaykdError(f"student {rec['name']!r} was trained before raykd kept its method context; retrain it to "
                          "export its IMF inference model")
-    method = build_method(MethodSection(**cfg.method.model_dump()), MethodContext(**rec["method_ctx"]))
+    method = build_method(cfg.method, MethodContext(**rec["method_ctx"]))
     path = os.path.join(sdir, "method.safetensors")
     method.load_state_dict(load_state_dict(path, rec["files"]["method.safetensors"]))
     inf = IMFInference(student, method).eval()

@@ -281,7 +281,7 @@ class TappedModel(nn.Module):
     def __init__(self, net: nn.Module, num_classes: int, in_chans: int, grey_to_rgb: bool = False):
         super().__init__()
         self.net, self.num_classes, self.in_chans, self.grey_to_rgb = net, num_classes, in_chans, grey_to_rgb
-        modules = dict(net.named_modules())
+        modules = dict(net.named_modules())  # looked up once: forward_stages runs on every training step
         own = getattr(net, "raykd_stages", None)
         if own is not None:
             unknown = [n for n in own if n not in modules or not n]
@@ -290,13 +290,13 @@ class TappedModel(nn.Module):
             self._stages = list(own)
         else:
             self._stages = _trunk(net)
+        self._taps = [(n, modules[n]) for n in self._stages]
 
     def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.preprocess is not None:
             x = self.preprocess(x)
         out: dict[str, torch.Tensor] = {}
-        modules = dict(self.net.named_modules())
-        hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in self._stages]
+        hooks = [mod.register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n, mod in self._taps]
         try:
             logits = self.net(x.expand(-1, 3, -1, -1) if self.grey_to_rgb and x.shape[1] == 1 else x)
         finally:

@@ -18,21 +18,13 @@ silences it. Errors in input raise `raykd.RaykdError` (ConfigError, CacheError, 
 
 from __future__ import annotations
 
+from pipeline.cli import _version
 from pipeline.config import Config, load_config
 from pipeline.config import variant as _variant
 from pipeline.errors import RaykdError
 
 __all__ = ["Config", "RaykdError", "load_config", "with_changes", "teachers", "cache", "professor", "distill",
            "compare", "sweep", "open_cache", "load_student", "__version__"]
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("raykd")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 __version__ = _version()
@@ -106,19 +98,6 @@ def load_student(cfg: Config, name: str):
     """The finished student `name` of this config's out_dir as an `nn.Module` in eval mode (its weights
     checked against their sha256). Its input is the data set's normalised images (see `raykd export`
     for a model that takes pixels)."""
-    import os
+    from pipeline.export import load_student as _load
 
-    from pipeline.checkpoints import load_into, load_state_dict
-    from pipeline.data import load_splits
-    from pipeline.distill import read_student
-    from pipeline.models import build_model
-
-    sdir = os.path.join(os.path.abspath(cfg.run.out_dir), "students", name)
-    rec = read_student(sdir)
-    if rec is None:
-        raise RaykdError(f"no finished student {name!r} under {sdir}")
-    splits = load_splits(cfg.data)
-    model = build_model(rec["arch"], splits.num_classes, splits.in_chans)
-    path = os.path.join(sdir, "student.safetensors")
-    load_into(model, load_state_dict(path, rec["files"]["student.safetensors"]), path, rec["arch"])
-    return model.eval()
+    return _load(cfg, name)[0]
