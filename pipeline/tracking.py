@@ -25,10 +25,40 @@ def tracking_spec(cfg, stage: str, name: str, run_name: str) -> dict | None:
     spec: dict = {"stage": stage, "name": name, "run_name": run_name, "params": _flat(cfg.model_dump(mode="json"))}
     if "tensorboard" in cfg.run.tracking:
         spec["tensorboard"] = os.path.join(out, "tensorboard", stage, name)
-    if "mlflow" in cfg.run.tracking:
-        spec["mlflow"] = cfg.run.mlflow_uri or "sqlite:///" + os.path.join(out, "mlflow.db")
     _available(cfg.run.tracking)
+    if "mlflow" in cfg.run.tracking:
+        spec["mlflow"] = prepare_mlflow(cfg, stage)
     return spec
+
+
+_prepared: set = set()
+
+
+def prepare_mlflow(cfg, stage: str) -> str:
+    """Create the MLflow store and the stage's experiment once, in the calling (driver) process, before
+    any worker opens it: MLflow migrates a new SQLite store on first use, and two workers migrating it at
+    once break it ("duplicate column name"). Returns the store's URI."""
+    uri = cfg.run.mlflow_uri or "sqlite:///" + os.path.join(os.path.abspath(cfg.run.out_dir), "mlflow.db")
+    if (uri, stage) not in _prepared:
+        _available(["mlflow"])
+        from mlflow.tracking import MlflowClient
+
+        _experiment(MlflowClient(tracking_uri=uri), f"raykd-{stage}")
+        _prepared.add((uri, stage))
+    return uri
+
+
+def _experiment(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created by another process since the lookup
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _available(backends) -> None:
@@ -68,9 +98,7 @@ class Tracker:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=spec["mlflow"])
-            experiment = f"raykd-{spec['stage']}"
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = _experiment(self.client, f"raykd-{spec['stage']}")
             found = self.client.search_runs([exp_id], f"tags.`raykd.run_name` = '{spec['run_name']}'", max_results=1)
             if found:
                 self.run_id = found[0].info.run_id

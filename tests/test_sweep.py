@@ -1,6 +1,7 @@
 """`raykd sweep`: Ray Tune trials over the shared digits cache; search-space errors before any trial."""
 
 import csv
+import glob
 import json
 import os
 
@@ -87,6 +88,8 @@ def test_optuna_sweep_samples_the_space_from_the_cache(built):
                      f"run.mlflow_uri=sqlite:///{cfg0.run.out_dir}/opt3.db")
     rows = run_sweep(cfg)["rows"]
     assert len(rows) == 3 and not any(r["error"] for r in rows)
+    # no attempt failed either (a retry would hide two trials racing to create the tracking store)
+    assert not glob.glob(os.path.join(cfg.run.out_dir, "sweeps", "opt3", "tune", "*", "error.txt"))
     assert all(0.01 <= r["distill.optim.lr"] <= 0.3 and r["method.kd.temperature"] in (2.0, 4.0) for r in rows)
     assert len({r["distill.optim.lr"] for r in rows}) == 3  # sampled, not a grid
     for r in rows:
