@@ -4,11 +4,10 @@ teachers (run `make bench` first), 5 seeds.
 
     python bench/plateau.py [--epochs N] [--out bench/results/full/plateau.json]
 
-The committed plateau.json is the probe of the 16-epoch regime at 32 epochs, which moved CE by 3 points
-and so set today's regime to 32.
-
-Tells whether the regime's students were trained to a plateau: if longer training moves CE and KD (or
-the gap between them), the regime's epochs were too few. Students already trained are reused.
+Tells whether the regime's students were trained long enough: if twice the epochs moves CE or KD (or
+the gap between them), the regime's epochs were too few; `bench/report.py` reads plateau.json for that
+target. plateau-16.json is the probe of the former 16-epoch regime at 32 epochs, which moved CE by
+3 points and so set today's regime to 32. Students already trained are reused.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Streamed image folders: memory that stays flat as the folder grows 10x, and speed against bare loops.
 
-    python bench/stream.py [--sizes 2000 20000] [--image-size 64] [--out bench/results/stream.json]
+    python bench/stream.py [--sizes 2000 20000] [--image-size 64] [--rounds 3] [--out bench/results/stream.json]
 
 Makes image folders of N JPEGs from Fashion-MNIST training images (upscaled 28 -> 64 px; test/ is the
 same 1,000 test images for every N), then for each N, in a fresh process, runs the FKD-style pipeline on
@@ -8,7 +8,9 @@ the streamed folder: a torchvision ResNet-18 teacher given as a checkpoint (rand
 this measures memory and speed, not accuracy) is evaluated, cached over K=1 random_resized_crop views
 (records + logits, Ray Data decoding the files), and a cnn16 student trains one epoch from the records
 (each crop decoded and replayed in the training loop). A thread samples the RSS of the driver and of every
-Ray worker process (the driver's descendants named ray::*) every 0.2 s; the peaks are reported.
+Ray worker process (the driver's descendants named ray::*) every 0.2 s, and each worker's private memory
+outside Ray's object store; the peaks are reported. Every size runs `--rounds` times (sizes in turn, a
+fresh process each); the growth and the ratios are taken from the medians over the rounds.
 
 At the largest N it also times the floor, each side by side with raykd's own phase in the same process:
 - cache build vs torchvision's ImageFolder + DataLoader (RandomResizedCrop, 2 loader workers) + the
@@ -58,26 +60,46 @@ def make_folder(n: int, size: int, test_n: int = 1000) -> str:
 
 
 class RssSampler(threading.Thread):
-    """Peak RSS of this process and of each of its descendants whose command line starts with ray::."""
+    """Peak RSS of this process and of each of its descendants whose command line starts with ray::, and
+    each worker's peak private memory outside Ray's object store: RSS (and USS) also count the pages of
+    the shared object store (/dev/shm) a worker has written, which belong to the store, whose size Ray
+    bounds (`ray.object_store_mb`), not to the worker. Reading a worker's page map costs CPU, so it is read
+    once a second (RSS every 0.2 s), and the sampler keeps sampling, without recording, while the floor
+    runs: both sides of a ratio pay for it alike."""
 
     def __init__(self, every: float = 0.2):
         super().__init__(daemon=True)
         import psutil
 
-        self.me, self.every, self.stop = psutil.Process(), every, threading.Event()
-        self.driver, self.workers = 0, {}
+        self.me, self.every, self.stop, self.record = psutil.Process(), every, threading.Event(), True
+        self.driver, self.workers, self.private, self.names = 0, {}, {}, {}
+        self.timeline, self.t0 = [], time.perf_counter()  # (seconds, largest worker private MB) every ~2 s
 
     def run(self):
         import psutil
 
+        last_maps = 0.0
         while not self.stop.is_set():
-            self.driver = max(self.driver, self.me.memory_info().rss)
+            now = time.perf_counter() - self.t0
+            maps, rec = now - last_maps >= 1.0, self.record
+            last_maps = now if maps else last_maps
+            driver = self.me.memory_info().rss
+            self.driver = max(self.driver, driver) if rec else self.driver
             for p in self.me.children(recursive=True):
                 try:
                     if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
-                        self.workers[p.pid] = max(self.workers.get(p.pid, 0), p.memory_info().rss)
+                        rss = p.memory_info().rss
+                        own = sum(m.private_clean + m.private_dirty for m in p.memory_maps(grouped=True)
+                                  if not m.path.startswith("/dev/shm") and "plasma" not in m.path) if maps else 0
+                        if rec:
+                            self.workers[p.pid] = max(self.workers.get(p.pid, 0), rss)
+                            self.private[p.pid] = max(self.private.get(p.pid, 0), own)
+                            if not p.cmdline()[0].startswith("ray::IDLE"):
+                                self.names[p.pid] = p.cmdline()[0]
                 except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
                     pass
+            if rec and self.private and (not self.timeline or now - self.timeline[-1][0] >= 2):
+                self.timeline.append((round(now, 1), round(max(self.private.values()) / 2**20)))
             self.stop.wait(self.every)
 
 
@@ -87,7 +109,7 @@ def child(args) -> dict:
 
     from pipeline.cache import build_cache
     from pipeline.checkpoints import save_state_dict
-    from pipeline.config import load_config
+    from pipeline.config import load_config, variant
     from pipeline.distill import run_distill
     from pipeline.models import build_model
     from pipeline.raysetup import init_ray
@@ -104,35 +126,38 @@ def child(args) -> dict:
         f"data.image_size={args.image_size}", "data.val_fraction=0.05", "data.view_policy=random_resized_crop",
         "data.flip=true", f"teachers.models=[{{name: r18, arch: 'torchvision:resnet18', checkpoint: {ckpt}}}]",
         "cache.views=1", "cache.batch_size=256", "distill.student={arch: cnn16}", "distill.optim.epochs=1",
-        "distill.optim.batch_size=128", "method.name=kd"])
+        "distill.optim.batch_size=128", "method.name=kd", *args.overrides])
     sampler = RssSampler()
     sampler.start()
-    times = {}
     t0 = time.perf_counter()
     run_teachers(cfg)
-    times["teachers_s"] = time.perf_counter() - t0
+    teachers_s = time.perf_counter() - t0
     init_ray(cfg)
     t0 = time.perf_counter()
     m = build_cache(cfg, overwrite=True)
-    times["cache_s"] = time.perf_counter() - t0
+    cache_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rec = run_distill(cfg)
-    times["distill_s"] = time.perf_counter() - t0
-    sampler.stop.set()
-    sampler.join()
+    rec = run_distill(variant(cfg, {"distill.name": f"round{args.round}"}, "stream bench round"))
+    distill_s = time.perf_counter() - t0
+    sampler.record = False  # still sampling (its cost on both sides), no longer recording
     res = {"n": args.n, "rows": m["rows"], "store_views": m["store_views"], "cache_bytes": m["bytes"],
            "driver_peak_rss_mb": round(sampler.driver / 2**20, 1),
            "worker_peak_rss_mb": round(max(sampler.workers.values(), default=0) / 2**20, 1),
-           "workers_seen": len(sampler.workers),
-           "student_epoch_s": rec["epoch_time_s"],
-           **{k: round(v, 2) for k, v in times.items()}}
-    if args.floor:
-        res["floor"] = floor(cfg, root, ckpt, args.image_size, m, res)
+           "worker_peak_private_mb": round(max(sampler.private.values(), default=0) / 2**20, 1),
+           "largest_worker": sampler.names.get(max(sampler.workers, key=sampler.workers.get, default=None), "?"),
+           "workers_seen": len(sampler.workers), "worker_private_timeline": sampler.timeline,
+           "teachers_s": round(teachers_s, 2), "cache_s": round(cache_s, 2), "distill_s": round(distill_s, 2),
+           "student_epoch_s": rec["epoch_time_s"]}
+    if args.floor:  # the floor's memory is not raykd's: not recorded
+        res["floor"] = floor(cfg, root, ckpt, args.image_size, res)
+    sampler.stop.set()
+    sampler.join()
     return res
 
 
-def floor(cfg, root: str, ckpt: str, size: int, manifest: dict, res: dict) -> dict:
-    """Bare torchvision loops for the same work, timed here (after raykd's, same process, same data)."""
+def floor(cfg, root: str, ckpt: str, size: int, res: dict) -> dict:
+    """Bare torchvision loops for the same work, timed here (right after raykd's round, same process, same
+    data), and their ratios to that round's."""
     import torch
     import torch.nn.functional as F
     import torchvision
@@ -175,8 +200,8 @@ def floor(cfg, root: str, ckpt: str, size: int, manifest: dict, res: dict) -> di
         epochs[workers] = time.perf_counter() - t0
     best = min(epochs.values())
     return {"cache_bare_s": round(t_cache, 2), "cache_throughput_ratio": round(t_cache / res["cache_s"], 3),
-            "cache_target": 0.85, "student_epoch_bare_s": {str(k): round(v, 2) for k, v in epochs.items()},
-            "student_epoch_ratio": round(res["student_epoch_s"] / best, 3), "student_epoch_target": 1.15}
+            "student_epoch_bare_s": {str(k): round(v, 2) for k, v in epochs.items()},
+            "student_epoch_ratio": round(res["student_epoch_s"] / best, 3)}
 
 
 def main() -> None:
@@ -187,30 +212,44 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3, help="every size this many times, each run in a fresh process, "
+                    "sizes in turn; peaks and ratios are the medians over the rounds")
+    ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
     cmd = "python bench/stream.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    import statistics
+
     runs = []
-    for n in args.sizes:
-        make_folder(n, args.image_size)
-        argv = [sys.executable, __file__, "--child", "--n", str(n), "--image-size", str(args.image_size)]
-        if n == max(args.sizes):
-            argv.append("--floor")
-        print(f"[bench] streamed folder of {n} images: {' '.join(argv[1:])}", flush=True)
-        p = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if p.returncode or line is None:
-            sys.exit(f"[bench] the run on {n} images failed (exit {p.returncode})")
-        runs.append(json.loads(line[7:]))
-        print(f"[bench] {n}: {runs[-1]}", flush=True)
-    small, big = runs[0], runs[-1]
+    for r in range(args.rounds):  # the sizes in turn, so the machine's drift reaches both alike
+        for n in args.sizes:
+            make_folder(n, args.image_size)
+            argv = [sys.executable, __file__, "--child", "--n", str(n), "--image-size", str(args.image_size),
+                    "--round", str(r), *args.overrides] + (["--floor"] if n == max(args.sizes) else [])
+            print(f"[bench] round {r}, streamed folder of {n} images: {' '.join(argv[1:])}", flush=True)
+            p = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if p.returncode or line is None:
+                sys.exit(f"[bench] round {r} on {n} images failed (exit {p.returncode})")
+            runs.append({"round": r, **json.loads(line[7:])})
+            print(f"[bench] {n}: {runs[-1]}", flush=True)
+
+    def med(n, key, sub=None):
+        return statistics.median((x[sub] if sub else x)[key] for x in runs if x["n"] == n)
+
+    small, big = min(args.sizes), max(args.sizes)
+    peaks = {n: {k: med(n, k) for k in ("driver_peak_rss_mb", "worker_peak_rss_mb", "worker_peak_private_mb")}
+             for n in (small, big)}
     res = {"command": cmd, "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores",
-           "image_size": args.image_size, "runs": runs,
-           "driver_rss_growth": round(big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"] - 1, 3),
-           "worker_rss_growth": round(big["worker_peak_rss_mb"] / small["worker_peak_rss_mb"] - 1, 3),
-           "rss_target": 0.15}
+           "image_size": args.image_size, "rounds": args.rounds, "runs": runs, "median_peaks_mb": peaks,
+           **{f"{k.replace('_peak', '').replace('_mb', '')}_growth": round(peaks[big][k] / peaks[small][k] - 1, 3)
+              for k in peaks[big]},
+           "rss_target": 0.15,
+           "cache_throughput_ratio": round(med(big, "cache_throughput_ratio", "floor"), 3), "cache_target": 0.85,
+           "student_epoch_ratio": round(med(big, "student_epoch_ratio", "floor"), 3), "student_epoch_target": 1.15}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
