@@ -48,7 +48,7 @@ def _d(x: dict | None) -> str:
     return "—" if not x else f"{100 * x['mean']:+.2f} ± {100 * x['ci95']:.2f}"
 
 
-def converged(acc: dict, plateau: dict | None) -> tuple[str, str, bool | None] | None:
+def converged(acc: dict, plateau: dict | None) -> tuple[str, str, bool | None]:
     """Were the students trained long enough? Under a decaying schedule (one-cycle) the validation curve
     rises until the learning rate reaches 0 whatever the length, so its last epochs cannot tell; the
     probe (bench/plateau.py) trains CE and KD again for twice the epochs with the same seeds and cache:

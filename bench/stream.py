@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -83,8 +84,9 @@ class RssSampler(threading.Thread):
             now = time.perf_counter() - self.t0
             maps, rec = now - last_maps >= 1.0, self.record
             last_maps = now if maps else last_maps
-            driver = self.me.memory_info().rss
-            self.driver = max(self.driver, driver) if rec else self.driver
+            driver = self.me.memory_info().rss  # read either way: the sampler costs the same on both sides
+            if rec:
+                self.driver = max(self.driver, driver)
             for p in self.me.children(recursive=True):
                 try:
                     if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
@@ -221,8 +223,6 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
     cmd = "python bench/stream.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    import statistics
-
     runs = []
     for r in range(args.rounds):  # the sizes in turn, so the machine's drift reaches both alike
         for n in args.sizes:

@@ -111,10 +111,6 @@ def run_sweep(cfg: Config) -> dict:
     out = os.path.join(root, name)
     os.makedirs(out, exist_ok=True)
     init_ray(cfg)
-    if "mlflow" in cfg.run.tracking:  # the trials log into one store: made here, not by two trials at once
-        from pipeline.tracking import prepare_mlflow
-
-        prepare_mlflow(cfg, "students")
     w = cfg.distill.workers
     concurrent = sw.max_concurrent or concurrent_jobs(cfg.ray, w.num_workers * w.cpus_per_worker, w.num_workers)
     if w.num_workers == 1:  # the trial trains its student itself: it holds the worker's CPUs (and GPU)

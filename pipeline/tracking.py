@@ -10,6 +10,7 @@ checkpoint logs on into the same run instead of opening another.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -27,25 +28,34 @@ def tracking_spec(cfg, stage: str, name: str, run_name: str) -> dict | None:
         spec["tensorboard"] = os.path.join(out, "tensorboard", stage, name)
     _available(cfg.run.tracking)
     if "mlflow" in cfg.run.tracking:
-        spec["mlflow"] = prepare_mlflow(cfg, stage)
+        spec["mlflow"], spec["mlflow_experiment"] = prepare_mlflow(cfg, stage)
     return spec
 
 
-_prepared: set = set()
+_prepared: dict = {}  # (uri, stage) -> experiment id, once per process
 
 
-def prepare_mlflow(cfg, stage: str) -> str:
-    """Create the MLflow store and the stage's experiment once, in the calling (driver) process, before
-    any worker opens it: MLflow migrates a new SQLite store on first use, and two workers migrating it at
-    once break it ("duplicate column name"). Returns the store's URI."""
+def prepare_mlflow(cfg, stage: str) -> tuple[str, str]:
+    """(the store's URI, the stage's experiment id): the store and the experiment made once per process,
+    before any worker of it logs. MLflow migrates a new SQLite store on first use, and two processes doing
+    it at once (two sweep trials, two commands) break it ("duplicate column name"): a file lock beside the
+    database makes them take turns."""
     uri = cfg.run.mlflow_uri or "sqlite:///" + os.path.join(os.path.abspath(cfg.run.out_dir), "mlflow.db")
     if (uri, stage) not in _prepared:
         _available(["mlflow"])
         from mlflow.tracking import MlflowClient
 
-        _experiment(MlflowClient(tracking_uri=uri), f"raykd-{stage}")
-        _prepared.add((uri, stage))
-    return uri
+        with _store_lock(uri):
+            _prepared[(uri, stage)] = _experiment(MlflowClient(tracking_uri=uri), f"raykd-{stage}")
+    return uri, _prepared[(uri, stage)]
+
+
+def _store_lock(uri: str):
+    if uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        return FileLock(uri[len("sqlite:///"):] + ".lock")
+    return contextlib.nullcontext()  # a tracking server migrates its own store
 
 
 def _experiment(client, name: str) -> str:
@@ -98,7 +108,7 @@ class Tracker:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=spec["mlflow"])
-            exp_id = _experiment(self.client, f"raykd-{spec['stage']}")
+            exp_id = spec["mlflow_experiment"]
             found = self.client.search_runs([exp_id], f"tags.`raykd.run_name` = '{spec['run_name']}'", max_results=1)
             if found:
                 self.run_id = found[0].info.run_id
