@@ -26,6 +26,16 @@ from pipeline.config import load_config, variant  # noqa: E402
 from pipeline.distill import run_students, student_dir  # noqa: E402
 
 
+def on_regime_logits(cfg) -> dict:
+    """Overrides that train a student on the regime's logits cache (K = its epochs) and teachers, as
+    `make bench` left them (bench/accuracy.py --teachers-on-all-data)."""
+    out_dir = os.path.abspath(cfg.run.out_dir)
+    base = {f"teachers.models.{i}.checkpoint": os.path.join(out_dir + "-teachers", "teachers", t.name, "best.safetensors")
+            for i, t in enumerate(cfg.teachers.models)}
+    return {**base, "cache.uri": os.path.join(out_dir, "cache-logits"), "cache.views": cfg.distill.optim.epochs,
+            "cache.layers": {}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-c", "--config", default="configs/bench.yaml")
@@ -35,11 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config)
     args.epochs = args.epochs or 2 * cfg.distill.optim.epochs
-    out_dir = os.path.abspath(cfg.run.out_dir)
-    base = {f"teachers.models.{i}.checkpoint": os.path.join(out_dir + "-teachers", "teachers", t.name, "best.safetensors")
-            for i, t in enumerate(cfg.teachers.models)}
-    base.update({"cache.uri": os.path.join(out_dir, "cache-logits"), "cache.views": cfg.distill.optim.epochs,
-                 "cache.layers": {}, "distill.optim.epochs": args.epochs})
+    base = {**on_regime_logits(cfg), "distill.optim.epochs": args.epochs}
     cfgs = [variant(cfg, {**base, "method.name": m, "distill.student.seed": s,
                           "distill.name": f"plateau{args.epochs}-{m}-s{s}"}, "plateau probe")
             for m in ("ce", "kd") for s in args.seeds]

@@ -1,12 +1,13 @@
 """Schedule probe: which (batch size, peak learning rate) lets the regime's student converge in its epochs?
-CE students (and, with `--methods`, KD from the teachers' mean probability) on the regime's logits cache and teachers (run `make bench` first) at the regime's epochs
-and at twice them, 2 seeds per setting; the gain from doubling, paired by seed, is what a setting leaves
-on the table (the plateau target asks ≤ 0.5 points).
 
     python bench/schedule.py [--grid 128:0.05 64:0.05 128:0.2 128:0.4 64:0.2] [--seeds 0 1] [--methods ce kd]
                              [--out bench/results/full/schedule.json]
 
-Students already trained are reused (by name and fingerprint).
+CE students (with `--methods`, also KD from the teachers' mean probability) on the regime's logits cache
+and teachers (run `make bench` first), at the regime's epochs and at twice them, 2 seeds per setting. The
+gain from doubling, paired by seed, is what a setting leaves on the table (the plateau target asks
+≤ 0.5 points); the time per epoch is the median of the students' own (their records). Students already
+trained are reused.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import load_config, variant  # noqa: E402
-from pipeline.distill import run_students, student_dir  # noqa: E402
+from pipeline.distill import run_students  # noqa: E402
+from plateau import on_regime_logits  # noqa: E402  (bench/plateau.py, beside this script)
 
 
 def main() -> None:
@@ -35,40 +37,32 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/full/schedule.json")
     args = ap.parse_args()
     cfg = load_config(args.config)
-    epochs = cfg.distill.optim.epochs
-    out_dir = os.path.abspath(cfg.run.out_dir)
-    base = {f"teachers.models.{i}.checkpoint": os.path.join(out_dir + "-teachers", "teachers", t.name, "best.safetensors")
-            for i, t in enumerate(cfg.teachers.models)}
-    base.update({"cache.uri": os.path.join(out_dir, "cache-logits"), "cache.views": epochs, "cache.layers": {}})
-    runs = [(m, g, e, s) for m in args.methods for g in args.grid for e in (epochs, 2 * epochs) for s in args.seeds]
+    base, short = on_regime_logits(cfg), cfg.distill.optim.epochs
+    runs = [(m, g, e, s) for m in args.methods for g in args.grid for e in (short, 2 * short) for s in args.seeds]
     cfgs = []
     for m, g, e, s in runs:
         bs, lr = g.split(":")
         cfgs.append(variant(cfg, {**base, "method.name": m, "distill.optim.batch_size": int(bs),
                                   "distill.optim.lr": float(lr), "distill.optim.epochs": e, "distill.student.seed": s,
                                   "distill.name": f"sched-{m}-b{bs}-lr{lr}-e{e}-s{s}"}, "schedule probe"))
-    recs = run_students(cfgs, cfg.run.parallel)
+    recs = dict(zip(runs, run_students(cfgs, cfg.run.parallel)))
     res = {"command": "python bench/schedule.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d"), "student": cfg.distill.student.arch,
-           "epochs": [epochs, 2 * epochs], "seeds": args.seeds, "settings": {}}
-    for m, g in [(m, g) for m in args.methods for g in args.grid]:
-        acc, train_s = {}, {}
-        for (mm, gg, e, s), c, r in zip(runs, cfgs, recs):
-            if (mm, gg) == (m, g):
-                acc.setdefault(e, {})[s] = r["test_acc"]
-                with open(os.path.join(student_dir(c), "metrics.jsonl")) as f:
-                    train_s.setdefault(e, []).append(sum(json.loads(line)["epoch_time_s"] for line in f) / e)
-        gains = [acc[2 * epochs][s] - acc[epochs][s] for s in args.seeds]
-        res["settings"][f"{m} {g}"] = {
-            "test_acc": {e: {"per_seed": a, "mean": round(statistics.mean(a.values()), 5)} for e, a in acc.items()},
-            "gain_from_doubling": {"per_seed": [round(x, 5) for x in gains], "mean": round(statistics.mean(gains), 5)},
-            "train_s_per_epoch": round(statistics.median(train_s[epochs] + train_s[2 * epochs]), 3)}
+           "epochs": [short, 2 * short], "seeds": args.seeds, "settings": {}}
+    for m in args.methods:
+        for g in args.grid:
+            acc = {e: {s: recs[m, g, e, s]["test_acc"] for s in args.seeds} for e in (short, 2 * short)}
+            gains = [acc[2 * short][s] - acc[short][s] for s in args.seeds]
+            res["settings"][f"{m} {g}"] = {
+                "test_acc": {e: {"per_seed": a, "mean": round(statistics.mean(a.values()), 5)} for e, a in acc.items()},
+                "gain_from_doubling": {"per_seed": [round(x, 5) for x in gains], "mean": round(statistics.mean(gains), 5)},
+                "train_s_per_epoch": statistics.median(recs[m, g, e, s]["epoch_time_s"] for e in acc for s in args.seeds)}
+            r = res["settings"][f"{m} {g}"]
+            print(f"{m}, batch:lr {g}: {100 * r['test_acc'][short]['mean']:.2f} at {short} epochs, "
+                  f"{100 * r['test_acc'][2 * short]['mean']:.2f} at {2 * short} "
+                  f"(gain {100 * r['gain_from_doubling']['mean']:+.2f}), {r['train_s_per_epoch']:.2f} s/epoch")
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
-    for g, r in res["settings"].items():
-        print(f"method batch:lr {g}: {100 * r['test_acc'][epochs]['mean']:.2f} at {epochs} epochs, "
-              f"{100 * r['test_acc'][2 * epochs]['mean']:.2f} at {2 * epochs} "
-              f"(gain {100 * r['gain_from_doubling']['mean']:+.2f}), {r['train_s_per_epoch']:.2f} s/epoch")
     print("->", args.out)
 
 
