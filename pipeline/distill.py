@@ -109,6 +109,7 @@ class StudentJob(Job):
     refined_files: dict | None = None
     in_memory: bool = True
     shuffle_buffer: int = 0
+    test_every: int = 1  # DistillSection.test_every
     online_teachers: tuple = ()  # ({name, arch, path, weights}, ...): run inside the worker
     online_professor: dict | None = None
 
@@ -224,8 +225,11 @@ class StudentTask(Task):
                        self.precision.scaler)
         return terms, len(y), (logits.argmax(1) == y).sum()
 
-    def evaluate(self):
-        return self.evaluator(self.bare.student)
+    def evaluate(self, epoch):
+        last = epoch + 1 == self.job.epochs
+        every = self.job.test_every
+        test = last or (every > 0 and (epoch + 1) % every == 0)
+        return self.evaluator(self.bare.student, skip=() if test else ("test",))
 
     def epoch_info(self, epoch):
         return {"view": epoch % self.job.views, "lr": self.sched.get_last_lr()[0],
@@ -245,7 +249,7 @@ class StudentTask(Task):
         parts = " ".join(f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("train_") and k not in
                          ("train_loss", "train_acc") and not k.startswith("train_w"))  # teacher weights: metrics only
         return (f"view {m['view']} loss {m['train_loss']:.3f} ({parts}) train {m['train_acc']:.4f} "
-                f"val {m['val_acc']:.4f} test {m['test_acc']:.4f}")
+                f"val {m['val_acc']:.4f}" + (f" test {m['test_acc']:.4f}" if "test_acc" in m else ""))
 
 
 def _policy(d: dict):
@@ -449,6 +453,7 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
         method=cfg.method.model_dump(mode="json"), method_ctx=p.mctx, optim=d.optim,
         views=p.views, data_seed=cfg.data.seed, policy=splits.policy.as_dict(), mean=splits.mean, std=splits.std,
         n_train=len(splits.train), val=refs["val"], test=refs["test"], shuffle_buffer=d.shuffle_buffer,
+        test_every=d.test_every,
         # weights travel with the job (Ray's object store), not as paths: no node needs this one's disk
         online_teachers=tuple({**t, "weights": read_verified(t["path"], t["sha256"])} for t in p.online_teachers),
         online_professor=p.online_professor and {

@@ -81,7 +81,8 @@ class Task:
     def step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], int, torch.Tensor | None]:
         raise NotImplementedError
 
-    def evaluate(self) -> dict:
+    def evaluate(self, epoch: int) -> dict:
+        """Metrics on the held-out splits after `epoch` (0-based)."""
         return {}
 
     def epoch_info(self, epoch: int) -> dict:
@@ -431,7 +432,7 @@ def _epochs(job, ctx, task, start, history, resumed, last, prof, tracker):
              **{f"{task.prefix}{k}": v / max(1, rows) for k, v in term_sums.items()}}
         if sums.correct is not None and task.prefix:
             m["train_acc"] = correct / max(1, rows)
-        m.update(task.evaluate())
+        m.update(task.evaluate(epoch))
         t_report = time.perf_counter()
         m.update({"epoch_time_s": dt, "load_s": t0 - t_load, "eval_s": t_report - t_eval,
                   "samples_per_s": rows / max(dt, 1e-9), "samples": rows, "workers": ctx.world, "resumed_after": resumed})

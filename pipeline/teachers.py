@@ -125,7 +125,7 @@ class TeacherTask(Task):
         optimizer_step(self.opt, self.sched, loss, self.net.parameters(), self.job.optim.grad_clip, self.precision.scaler)
         return {"loss": loss}, len(y), (logits.argmax(1) == y).sum()
 
-    def evaluate(self):
+    def evaluate(self, epoch):
         m = self.evaluator(self.bare)
         if self.best is None or m["val_acc"] >= self.best["val_acc"]:  # ties: the later epoch
             self.best = {"model": {k: v.detach().cpu().clone() for k, v in self.bare.state_dict().items()},

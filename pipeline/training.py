@@ -131,9 +131,11 @@ class Evaluator:
                            torch.tensor(s.labels, dtype=torch.int64).to(device))
                      for name, s in splits.items()}  # a streamed folder's splits are decoded at every call
 
-    def __call__(self, model: torch.nn.Module) -> dict:
+    def __call__(self, model: torch.nn.Module, skip: tuple = ()) -> dict:
         out = {}
         for name, (x, y) in self.sets.items():
+            if name in skip:
+                continue
             if isinstance(x, torch.Tensor):
                 acc, loss = _accuracy_loss(model, x, y)
             else:

@@ -51,6 +51,13 @@ def test_kd_from_the_cache_end_to_end(built, digits, capsys):
     capsys.readouterr()
     assert run_distill(cfg) == read_student(sdir)
     assert "up to date" in capsys.readouterr().out
+    # the test split only after the last epoch: the same training, the same final accuracy
+    last = digits_cfg(cfg0.run.out_dir, "method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=3",
+                      "distill.optim.lr=0.1", "distill.test_every=0", "distill.name=kd-test-last")
+    rl, ml = run_distill(last), _metrics(last)
+    assert ["test_acc" in m for m in ml] == [False, False, True] and all("val_acc" in m for m in ml)
+    assert rl["test_acc"] == pytest.approx(rec["test_acc"], abs=1e-9)
+    assert [m["train_loss"] for m in ml] == pytest.approx([m["train_loss"] for m in ms], rel=1e-6)
 
 
 def test_cached_and_online_losses_agree(built, tmp_path):
@@ -95,7 +102,8 @@ def test_interrupted_run_resumes_when_rerun(built, tmp_path, monkeypatch):
     cfg0, _ = built
     monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 3, "step": 0, "marker": str(tmp_path / "f"), "kind": "exit"}))
     cfg = digits_cfg(cfg0.run.out_dir, "method.name=ce", "distill.student.arch=cnn4", "distill.optim.epochs=3",
-                     "distill.workers.max_failures=0", "run.in_process=false")  # the job's process dies, not pytest
+                     "distill.workers.max_failures=0", "run.in_process=false",  # the job's process dies, not pytest
+                     "distill.test_every=2")
     with pytest.raises(StageFailed, match="rerun the same command to resume"):
         run_distill(cfg)
     assert read_student(student_dir(cfg)) is None
@@ -103,6 +111,7 @@ def test_interrupted_run_resumes_when_rerun(built, tmp_path, monkeypatch):
     run_distill(cfg)
     ms = _metrics(cfg)
     assert [m["epoch"] for m in ms] == [1, 2, 3] and ms[2]["resumed_after"] == 2  # epoch 2's checkpoint
+    assert ["test_acc" in m for m in ms] == [False, True, True]  # every 2nd epoch and the last, across the resume
 
 
 def test_corrupt_checkpoint_is_named_and_kept(built, tmp_path, monkeypatch):
