@@ -190,6 +190,7 @@ def main() -> None:
         "command": cmd, "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores",
         "dataset": cfg.data.name, "train_samples": n, "views": manifest["views"],
         "student": cfg.distill.student.arch, "epochs": cfg.distill.optim.epochs, "batch_size": cfg.distill.optim.batch_size,
+        "lr": cfg.distill.optim.lr,
         "parallel": cfg.run.parallel, "seeds": args.seeds,
         "teachers": {t["name"]: {"arch": t["arch"], "params": t.get("params"), "val_acc": t["val_acc"],
                                  "test_acc": t["test_acc"]} for t in teachers},

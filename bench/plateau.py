@@ -52,6 +52,7 @@ def main() -> None:
     recs = run_students(cfgs, cfg.run.parallel)
     res = {"command": "python bench/plateau.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "regime_epochs": cfg.distill.optim.epochs,
+           "regime_batch_size": cfg.distill.optim.batch_size, "regime_lr": cfg.distill.optim.lr,
            "seeds": args.seeds, "methods": {}}
     for m in ("ce", "kd"):
         rs = [r for c, r in zip(cfgs, recs) if c.method.name == m]

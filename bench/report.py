@@ -54,8 +54,9 @@ def converged(acc: dict, plateau: dict | None) -> tuple[str, str, bool | None]:
     probe (bench/plateau.py) trains CE and KD again for twice the epochs with the same seeds and cache:
     met when that moves neither by more than 0.5 points (paired by seed)."""
     target = "students trained long enough (twice the epochs moves CE and KD by ≤ 0.5 pp, paired)"
-    if not plateau or plateau.get("regime_epochs") != acc["epochs"]:
-        return (target, "no probe of these epochs: run `python bench/plateau.py`", None)
+    same = plateau and all(plateau.get(f"regime_{k}") == acc[k] for k in ("epochs", "batch_size", "lr") if k in acc)
+    if not same:  # a probe of another regime (epochs, batch or learning rate) says nothing of this one
+        return (target, "no probe of this regime: run `python bench/plateau.py`", None)
     ms = acc["methods"]
     gains = {m: paired(plateau["methods"][m], ms[m]) for m in ("ce", "kd") if m in ms and m in plateau["methods"]}
     measured = ", ".join(f"{NAMES[m]} {_d(d)} pp at {plateau['epochs']} epochs" for m, d in gains.items())

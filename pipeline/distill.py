@@ -610,7 +610,8 @@ class _Students:
                 self.errors[i] = e
                 return
             if isinstance(plan, dict):
-                _say(self.progress, f"[distill] {plan['name']}: up to date ({student_dir(cfg)}), not retrained")
+                _say(self.progress, f"[distill] {os.path.basename(student_dir(cfg))}: up to date ({student_dir(cfg)}), "
+                                    "not retrained")  # the folder's name: a renamed folder keeps its record's
                 done.append(plan)
                 if len(done) == len(chain):
                     return self._chain_done(i, chain, done)
