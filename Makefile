@@ -32,7 +32,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ray"
 
-# The benchmark suite on Fashion-MNIST (bench/run.py): the accuracy regime ~2 h, speed ~15 min on 2 cores.
+# The benchmark suite on Fashion-MNIST (bench/run.py): the accuracy regime ~100 min, speed ~15 min on 2 cores.
 bench: $(STAMP) fashion-mnist
 	$(BIN)/python bench/run.py --profile full
 

@@ -1,4 +1,4 @@
-"""The benchmark suite: `make bench` (the accuracy regime, about 2 h on 2 CPU cores), `make bench-speed`
+"""The benchmark suite: `make bench` (the accuracy regime, about 100 min on 2 CPU cores), `make bench-speed`
 (speed against the bare loop and the online teachers) or `make bench-quick` (a small check of the same).
 
     python bench/run.py [--profile full|speed|quick] [--only accuracy cache_build distill_speed sweep_speed]
