@@ -25,6 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.config import load_config, variant  # noqa: E402
 from pipeline.distill import run_students, student_dir  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from stats import paired  # noqa: E402  (bench/stats.py)
+
 
 def on_regime_logits(cfg) -> dict:
     """Overrides that train a student on the regime's logits cache (K = its epochs) and teachers, as
@@ -40,31 +43,43 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-c", "--config", default="configs/bench.yaml")
     ap.add_argument("--epochs", type=int, default=None, help="default: twice the regime's distill.optim.epochs")
+    ap.add_argument("--from-epochs", type=int, default=None,
+                    help="probe another length: train CE and KD at N epochs too (on the regime's cache) and record "
+                         "the paired gain from N to --epochs (default 2N); default: the regime's own students")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", default="bench/results/full/plateau.json")
     args = ap.parse_args()
     cfg = load_config(args.config)
-    args.epochs = args.epochs or 2 * cfg.distill.optim.epochs
-    base = {**on_regime_logits(cfg), "distill.optim.epochs": args.epochs}
-    cfgs = [variant(cfg, {**base, "method.name": m, "distill.student.seed": s,
-                          "distill.name": f"plateau{args.epochs}-{m}-s{s}"}, "plateau probe")
-            for m in ("ce", "kd") for s in args.seeds]
+    args.epochs = args.epochs or 2 * (args.from_epochs or cfg.distill.optim.epochs)
+    lengths = [args.epochs] + ([args.from_epochs] if args.from_epochs else [])
+    cfgs = [variant(cfg, {**on_regime_logits(cfg), "distill.optim.epochs": e, "method.name": m, "distill.student.seed": s,
+                          "distill.name": f"plateau{e}-{m}-s{s}"}, "plateau probe")
+            for e in lengths for m in ("ce", "kd") for s in args.seeds]
     recs = run_students(cfgs, cfg.run.parallel)
+    short = {(c.method.name, c.distill.student.seed): r for c, r in zip(cfgs, recs)
+             if c.distill.optim.epochs != args.epochs}
     res = {"command": "python bench/plateau.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "regime_epochs": cfg.distill.optim.epochs,
            "regime_batch_size": cfg.distill.optim.batch_size, "regime_lr": cfg.distill.optim.lr,
            "seeds": args.seeds, "methods": {}}
     for m in ("ce", "kd"):
-        rs = [r for c, r in zip(cfgs, recs) if c.method.name == m]
+        rs = [r for c, r in zip(cfgs, recs) if c.method.name == m and c.distill.optim.epochs == args.epochs]
         curves = [[json.loads(line)["val_acc"] for line in open(os.path.join(student_dir(variant(
             cfg, {"distill.name": r["name"]}, "plateau")), "metrics.jsonl"))] for r in rs]
         accs = [r["test_acc"] for r in rs]
         res["methods"][m] = {"per_seed": dict(zip(args.seeds, accs)), "test_acc_mean": round(statistics.mean(accs), 5),
                              "test_acc_std": round(statistics.stdev(accs), 5),
                              "val_curve": [round(statistics.mean(v), 5) for v in zip(*curves)]}
+        if short:  # --from-epochs: the paired gain from N epochs to args.epochs, seed by seed
+            before = {s: short[m, s]["test_acc"] for s in args.seeds}
+            gain = paired(res["methods"][m], {"per_seed": before})
+            res["methods"][m]["from"] = {"epochs": args.from_epochs, "per_seed": before,
+                                         "test_acc_mean": round(statistics.mean(before.values()), 5),
+                                         "gain_mean": round(gain["mean"], 5), "gain_ci95": round(gain["ci95"], 5)}
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
-    print({m: (r["test_acc_mean"], r["test_acc_std"]) for m, r in res["methods"].items()}, "->", args.out)
+    print({m: (r["test_acc_mean"], r["test_acc_std"], r.get("from", {}).get("gain_mean")) for m, r in res["methods"].items()},
+          "->", args.out)
 
 
 if __name__ == "__main__":
