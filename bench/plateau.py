@@ -52,26 +52,25 @@ def main() -> None:
     cfg = load_config(args.config)
     args.epochs = args.epochs or 2 * (args.from_epochs or cfg.distill.optim.epochs)
     lengths = [args.epochs] + ([args.from_epochs] if args.from_epochs else [])
-    cfgs = [variant(cfg, {**on_regime_logits(cfg), "distill.optim.epochs": e, "method.name": m, "distill.student.seed": s,
-                          "distill.name": f"plateau{e}-{m}-s{s}"}, "plateau probe")
-            for e in lengths for m in ("ce", "kd") for s in args.seeds]
-    recs = run_students(cfgs, cfg.run.parallel)
-    short = {(c.method.name, c.distill.student.seed): r for c, r in zip(cfgs, recs)
-             if c.distill.optim.epochs != args.epochs}
+    runs = [(e, m, s) for e in lengths for m in ("ce", "kd") for s in args.seeds]
+    base = on_regime_logits(cfg)
+    cfgs = [variant(cfg, {**base, "distill.optim.epochs": e, "method.name": m, "distill.student.seed": s,
+                          "distill.name": f"plateau{e}-{m}-s{s}"}, "plateau probe") for e, m, s in runs]
+    recs = dict(zip(runs, run_students(cfgs, cfg.run.parallel)))
     res = {"command": "python bench/plateau.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "regime_epochs": cfg.distill.optim.epochs,
            "regime_batch_size": cfg.distill.optim.batch_size, "regime_lr": cfg.distill.optim.lr,
            "seeds": args.seeds, "methods": {}}
     for m in ("ce", "kd"):
-        rs = [r for c, r in zip(cfgs, recs) if c.method.name == m and c.distill.optim.epochs == args.epochs]
+        rs = [recs[args.epochs, m, s] for s in args.seeds]
         curves = [[json.loads(line)["val_acc"] for line in open(os.path.join(student_dir(variant(
             cfg, {"distill.name": r["name"]}, "plateau")), "metrics.jsonl"))] for r in rs]
         accs = [r["test_acc"] for r in rs]
         res["methods"][m] = {"per_seed": dict(zip(args.seeds, accs)), "test_acc_mean": round(statistics.mean(accs), 5),
                              "test_acc_std": round(statistics.stdev(accs), 5),
                              "val_curve": [round(statistics.mean(v), 5) for v in zip(*curves)]}
-        if short:  # --from-epochs: the paired gain from N epochs to args.epochs, seed by seed
-            before = {s: short[m, s]["test_acc"] for s in args.seeds}
+        if args.from_epochs:  # the paired gain from N epochs to args.epochs, seed by seed
+            before = {s: recs[args.from_epochs, m, s]["test_acc"] for s in args.seeds}
             gain = paired(res["methods"][m], {"per_seed": before})
             res["methods"][m]["from"] = {"epochs": args.from_epochs, "per_seed": before,
                                          "test_acc_mean": round(statistics.mean(before.values()), 5),

@@ -610,8 +610,8 @@ class _Students:
                 self.errors[i] = e
                 return
             if isinstance(plan, dict):
-                _say(self.progress, f"[distill] {os.path.basename(student_dir(cfg))}: up to date ({student_dir(cfg)}), "
-                                    "not retrained")  # the folder's name: a renamed folder keeps its record's
+                sdir = student_dir(cfg)  # its folder's name: a renamed folder keeps its record's
+                _say(self.progress, f"[distill] {os.path.basename(sdir)}: up to date ({sdir}), not retrained")
                 done.append(plan)
                 if len(done) == len(chain):
                     return self._chain_done(i, chain, done)
