@@ -1,12 +1,12 @@
-"""Plateau probe: CE and KD (the teachers' mean probability) trained twice the regime's epochs (by default),
-on the regime's logits cache (K = the regime's epochs; a longer run reads each view more than once) and
-teachers (run `make bench` first), 5 seeds.
+"""Plateau probe: CE and KD (the teachers' mean probability), and any other rows of bench/accuracy.py,
+trained twice the regime's epochs (by default) on the regime's caches (the logits one has K = the regime's
+epochs: a longer run reads each view more than once) and teachers (run `make bench` first), 5 seeds.
 
-    python bench/plateau.py [--epochs N] [--out bench/results/full/plateau.json]
+    python bench/plateau.py [--epochs N] [--methods ce kd ...] [--out bench/results/full/plateau.json]
 
 Tells whether the regime's students were trained long enough: if twice the epochs moves CE or KD (or
 the gap between them), the regime's epochs were too few; `bench/report.py` reads plateau.json for that
-target. plateau-16.json is the probe of the former 16-epoch regime at 32 epochs, which moved CE by
+target, and for the other rows probed, whether their differences to CE and KD hold at twice the epochs. plateau-16.json is the probe of the former 16-epoch regime at 32 epochs, which moved CE by
 3 points and so set today's regime to 32. Students already trained are reused.
 """
 
@@ -26,17 +26,30 @@ from pipeline.config import load_config, variant  # noqa: E402
 from pipeline.distill import run_students, student_dir  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy import LOGITS, SLOW, VARIANTS  # noqa: E402  (bench/accuracy.py: the rows of the table)
 from stats import paired  # noqa: E402  (bench/stats.py)
 
 
-def on_regime_logits(cfg) -> dict:
-    """Overrides that train a student on the regime's logits cache (K = its epochs) and teachers, as
-    `make bench` left them (bench/accuracy.py --teachers-on-all-data)."""
+def on_regime_teachers(cfg) -> dict:
+    """Overrides that load the regime's teachers as `make bench` left them (bench/accuracy.py
+    --teachers-on-all-data): a student with only these reads the regime's feature cache."""
     out_dir = os.path.abspath(cfg.run.out_dir)
-    base = {f"teachers.models.{i}.checkpoint": os.path.join(out_dir + "-teachers", "teachers", t.name, "best.safetensors")
+    return {f"teachers.models.{i}.checkpoint": os.path.join(out_dir + "-teachers", "teachers", t.name, "best.safetensors")
             for i, t in enumerate(cfg.teachers.models)}
-    return {**base, "cache.uri": os.path.join(out_dir, "cache-logits"), "cache.views": cfg.distill.optim.epochs,
-            "cache.layers": {}}
+
+
+def on_regime_logits(cfg) -> dict:
+    """Overrides that train a student on the regime's logits cache (K = its epochs) and teachers."""
+    return {**on_regime_teachers(cfg), "cache.uri": os.path.join(os.path.abspath(cfg.run.out_dir), "cache-logits"),
+            "cache.views": cfg.distill.optim.epochs, "cache.layers": {}}
+
+
+def row_changes(m: str, regime: dict) -> dict:
+    """bench/accuracy.py's config changes of row m, its teacher placeholders resolved as the regime's run
+    resolved them (`regime`: its accuracy.json)."""
+    smallest = min(regime["teachers"], key=lambda t: regime["teachers"][t]["params"])
+    names = {"<best>": [regime["best_teacher"]], "<smallest>": [smallest]}
+    return {k: names.get(v, v) if isinstance(v, str) else v for k, v in VARIANTS[m][0].items()}
 
 
 def main() -> None:
@@ -47,21 +60,32 @@ def main() -> None:
                     help="probe another length: train CE and KD at N epochs too (on the regime's cache) and record "
                          "the paired gain from N to --epochs (default 2N); default: the regime's own students")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--methods", nargs="+", default=["ce", "kd"], choices=list(VARIANTS),
+                    help="rows of bench/accuracy.py to probe (CE and KD are the convergence target's)")
+    ap.add_argument("--regime", default="bench/results/full/accuracy.json",
+                    help="the regime's result: which teacher was best and smallest")
     ap.add_argument("--out", default="bench/results/full/plateau.json")
     args = ap.parse_args()
     cfg = load_config(args.config)
+    regime = json.load(open(args.regime))
     args.epochs = args.epochs or 2 * (args.from_epochs or cfg.distill.optim.epochs)
     lengths = [args.epochs] + ([args.from_epochs] if args.from_epochs else [])
-    runs = [(e, m, s) for e in lengths for m in ("ce", "kd") for s in args.seeds]
-    base = on_regime_logits(cfg)
-    cfgs = [variant(cfg, {**base, "distill.optim.epochs": e, "method.name": m, "distill.student.seed": s,
-                          "distill.name": f"plateau{e}-{m}-s{s}"}, "plateau probe") for e, m, s in runs]
+    methods = sorted(args.methods, key=lambda m: m not in SLOW)  # the slow ones first: none runs alone at the end
+    runs = [(e, m, s) for m in methods for e in lengths for s in args.seeds]
+    base = {LOGITS: on_regime_logits(cfg)}
+    cfgs = [variant(cfg, {**base.get(VARIANTS[m][1], on_regime_teachers(cfg)), **row_changes(m, regime),
+                          "distill.optim.epochs": e, "distill.student.seed": s, "distill.name": f"plateau{e}-{m}-s{s}"},
+                    "plateau probe") for e, m, s in runs]
+    for c in {VARIANTS[m][1]: c for (_, m, _), c in zip(runs, cfgs) if c.method.targets in ("refined", "both")}.values():
+        from pipeline.professor import run_professor
+
+        run_professor(c)  # the regime's professor, reused (its fingerprint does not hold the student's epochs)
     recs = dict(zip(runs, run_students(cfgs, cfg.run.parallel)))
-    res = {"command": "python bench/plateau.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    res = {"command": " ".join(["python bench/plateau.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
            "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "regime_epochs": cfg.distill.optim.epochs,
            "regime_batch_size": cfg.distill.optim.batch_size, "regime_lr": cfg.distill.optim.lr,
            "seeds": args.seeds, "methods": {}}
-    for m in ("ce", "kd"):
+    for m in args.methods:
         rs = [recs[args.epochs, m, s] for s in args.seeds]
         curves = [[json.loads(line)["val_acc"] for line in open(os.path.join(student_dir(variant(
             cfg, {"distill.name": r["name"]}, "plateau")), "metrics.jsonl"))] for r in rs]
@@ -69,6 +93,10 @@ def main() -> None:
         res["methods"][m] = {"per_seed": dict(zip(args.seeds, accs)), "test_acc_mean": round(statistics.mean(accs), 5),
                              "test_acc_std": round(statistics.stdev(accs), 5),
                              "val_curve": [round(statistics.mean(v), 5) for v in zip(*curves)]}
+        if "inference" in rs[0]:  # IMF: its exported inference model
+            inf = [r["inference"]["test_acc"] for r in rs]
+            res["methods"][m]["inference"] = {"per_seed": dict(zip(args.seeds, inf)),
+                                              "test_acc_mean": round(statistics.mean(inf), 5)}
         if args.from_epochs:  # the paired gain from N epochs to args.epochs, seed by seed
             before = {s: recs[args.from_epochs, m, s]["test_acc"] for s in args.seeds}
             gain = paired(res["methods"][m], {"per_seed": before})

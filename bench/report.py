@@ -48,14 +48,18 @@ def _d(x: dict | None) -> str:
     return "—" if not x else f"{100 * x['mean']:+.2f} ± {100 * x['ci95']:.2f}"
 
 
+def probe_of(acc: dict, plateau: dict | None) -> bool:
+    """Is `plateau` a probe of this regime? One of other epochs, batch or learning rate says nothing of it."""
+    return bool(plateau) and all(plateau.get(f"regime_{k}") == acc[k] for k in ("epochs", "batch_size", "lr") if k in acc)
+
+
 def converged(acc: dict, plateau: dict | None) -> tuple[str, str, bool | None]:
     """Were the students trained long enough? Under a decaying schedule (one-cycle) the validation curve
     rises until the learning rate reaches 0 whatever the length, so its last epochs cannot tell; the
     probe (bench/plateau.py) trains CE and KD again for twice the epochs with the same seeds and cache:
     met when that moves neither by more than 0.5 points (paired by seed)."""
     target = "students trained long enough (twice the epochs moves CE and KD by ≤ 0.5 pp, paired)"
-    same = plateau and all(plateau.get(f"regime_{k}") == acc[k] for k in ("epochs", "batch_size", "lr") if k in acc)
-    if not same:  # a probe of another regime (epochs, batch or learning rate) says nothing of this one
+    if not probe_of(acc, plateau):
         return (target, "no probe of this regime: run `python bench/plateau.py`", None)
     ms = acc["methods"]
     gains = {m: paired(plateau["methods"][m], ms[m]) for m in ("ce", "kd") if m in ms and m in plateau["methods"]}
@@ -80,32 +84,43 @@ def accuracy_rows(acc: dict) -> list[tuple[str, dict]]:
     return rows
 
 
+def method_targets(ms: dict, at: str = "") -> list[tuple[str, str, bool | None]]:
+    """The methods' targets on one set of rows (the regime's, or the probe's at twice the epochs: `at`)."""
+    out = []
+    if "ce" in ms:
+        below = {m: paired(r, ms["ce"]) for m, r in ms.items() if m not in CONTROLS and "per_seed" in r}
+        below = {m: d for m, d in below.items() if d and d["mean"] - d["ci95"] <= 0}
+        out.append((f"every method{' probed' if at else ''} above CE (paired 95 % CI above 0){at}",
+                    "all" if not below else "not: " + ", ".join(f"{NAMES.get(m, m)} {_d(d)} pp" for m, d in below.items()),
+                    not below))
+    ens = [m for m in ENSEMBLES if m in ms]
+    if ens and "kd_best" in ms and "kd" in ms:
+        best = max(ens, key=lambda m: ms[m]["test_acc_mean"])
+        for base in ("kd_best", "kd"):
+            d = paired(ms[best], ms[base])
+            out.append((f"best per-sample ensemble ({NAMES[best]}) ≥ {NAMES[base]}{at}", f"{_d(d)} pp", d["mean"] >= 0))
+    if "professor_kd" in ms and "label_mix" in ms:
+        d = paired(ms["professor_kd"], ms["label_mix"])
+        out.append((f"professor + KD > label-mix KD{at}", f"{_d(d)} pp", d["mean"] - d["ci95"] > 0))
+    return out
+
+
 def targets(acc, speed, build, sweep, plateau=None) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) for every target of the benchmark issues; differences are paired by seed."""
+    """(target, measured, met) for every target of the benchmark issues; differences are paired by seed.
+    With a probe of this regime that trained more rows than CE and KD, the methods' targets are given
+    again at its length."""
     out = []
     if acc:
         ms = acc["methods"]
-        if "ce" in ms:
-            below = {m: paired(r, ms["ce"]) for m, r in ms.items() if m not in CONTROLS and "per_seed" in r}
-            below = {m: d for m, d in below.items() if d and d["mean"] - d["ci95"] <= 0}
-            out.append(("every method above CE (paired 95 % CI above 0)", "all" if not below else "not: " + ", ".join(
-                f"{NAMES.get(m, m)} {_d(d)} pp" for m, d in below.items()), not below))
-        ens = [m for m in ENSEMBLES if m in ms]
-        if ens and "kd_best" in ms and "kd" in ms:
-            best = max(ens, key=lambda m: ms[m]["test_acc_mean"])
-            for base in ("kd_best", "kd"):
-                d = paired(ms[best], ms[base])
-                out.append((f"best per-sample ensemble ({NAMES[best]}) ≥ {NAMES[base]}", f"{_d(d)} pp",
-                            d["mean"] >= 0))
-        if "professor_kd" in ms and "label_mix" in ms:
-            d = paired(ms["professor_kd"], ms["label_mix"])
-            out.append(("professor + KD > label-mix KD", f"{_d(d)} pp", d["mean"] - d["ci95"] > 0))
+        out += method_targets(ms)
         if "kd_aa_cached" in ms and "kd_aa_online" in ms:
             d = paired(ms["kd_aa_cached"], ms["kd_aa_online"])
             out.append(("cached KD (K ≥ epochs) = online KD (0 inside the paired 95 % CI)", f"{_d(d)} pp",
                         abs(d["mean"]) <= d["ci95"]))
         if "ce" in ms:
             out.append(converged(acc, plateau))
+        if probe_of(acc, plateau) and set(plateau["methods"]) - {"ce", "kd"}:
+            out += method_targets(plateau["methods"], f", at {plateau['epochs']} epochs")
     if speed:
         out.append(("cached-KD / CE epoch time ≤ 1.05", f"{speed['kd_cached_over_ce']:.3f}",
                     speed["kd_cached_over_ce"] <= 1.05))
@@ -115,6 +130,40 @@ def targets(acc, speed, build, sweep, plateau=None) -> list[tuple[str, str, bool
     if sweep:
         out.append(("sweep (cache + cached trials) / online ≤ 0.45", f"{sweep['ratio']:.3f}", sweep["ratio"] <= 0.45))
     return out
+
+
+def baseline_pairs(ms: dict) -> str:
+    """A method minus the baseline that could explain its gain, for every such pair in the rows `ms`."""
+    pairs = [(a, b) for a, b in (("dkd", "kd_wce1"), ("aekt", "kd_wce1"), ("skd", "kd_wce1"), ("label_mix", "kd_wce1"),
+                                 ("professor_kd", "label_mix"), ("aekt", "aekt_no_norm"))
+             if "per_seed" in ms.get(a, {}) and "per_seed" in ms.get(b, {})]
+    if "inference" in ms.get("imf", {}) and "inference" in ms.get("imf_kd", {}):
+        pairs.append(("imf", "imf_kd"))
+
+    def _pair(a, b):
+        ra, rb = (ms[x]["inference"] if (a, b) == ("imf", "imf_kd") else ms[x] for x in (a, b))
+        return f"{NAMES.get(a, a)} − {NAMES.get(b, b)}: {_d(paired(ra, rb))}"
+    return "; ".join(_pair(a, b) for a, b in pairs)
+
+
+def probe_table(acc: dict, plateau: dict) -> list[str]:
+    """The rows the probe trained again at twice the epochs, beside the regime's: does each difference hold?"""
+    ms, pm, e, e2 = acc["methods"], plateau["methods"], acc["epochs"], plateau["epochs"]
+    lines = ["", f"**At twice the epochs** (`{plateau['command']}`): these rows trained again for {e2} epochs, the "
+             f"same seeds, caches and one-cycle schedule (its length doubled); test accuracy, its paired gain over the "
+             f"regime's {e} epochs, and the paired differences to CE and to KD at both lengths (points).", "",
+             f"| method | test acc at {e2} | gain from {e} | vs CE at {e} | vs CE at {e2} | vs KD at {e} | vs KD at {e2} |",
+             "|---|---|---|---|---|---|---|"]
+    rows = [(NAMES.get(m, m), ms[m], r) for m, r in pm.items() if m in ms]
+    rows += [(f"{NAMES.get(m, m).split(' (')[0]}, exported inference model", ms[m]["inference"], r["inference"])
+             for m, r in pm.items() if "inference" in r and "inference" in ms.get(m, {})]
+    for label, r, p in rows:
+        vs = [_d(paired(x, base[b])) if b in base and x is not base[b] else "—" for b in ("ce", "kd") for x, base in
+              ((r, ms), (p, pm))]
+        lines.append(f"| {label} | {100 * p['test_acc_mean']:.2f} | {_d(paired(p, r))} | " + " | ".join(vs) + " |")
+    if baseline_pairs(pm):
+        lines.append(f"\nAt {e2} epochs, against the baselines that could explain a gain: {baseline_pairs(pm)}.")
+    return lines
 
 
 def markdown(profile: str, acc, speed, build, sweep, suite, plateau=None) -> str:
@@ -152,17 +201,11 @@ def markdown(profile: str, acc, speed, build, sweep, suite, plateau=None) -> str
             vs = [_d(paired(r, ms[b])) if b in ms and r is not ms[b] and "per_seed" in r else "—" for b in ("ce", "kd")]
             mp = f"{r['method_params']:,}" if r.get("method_params") else "—"
             lines.append(f"| {label} | {test} | {vs[0]} | {vs[1]} | {val} | {r['params']:,} | {mp} | {tt} |")
-        pairs = [(a, b) for a, b in (("dkd", "kd_wce1"), ("aekt", "kd_wce1"), ("skd", "kd_wce1"), ("label_mix", "kd_wce1"),
-                                     ("professor_kd", "label_mix"), ("aekt", "aekt_no_norm"))
-                 if "per_seed" in ms.get(a, {}) and "per_seed" in ms.get(b, {})]
-        if "inference" in ms.get("imf", {}) and "inference" in ms.get("imf_kd", {}):
-            pairs.append(("imf", "imf_kd"))
-        if pairs:
-            def _pair(a, b):
-                ra, rb = (ms[x]["inference"] if (a, b) == ("imf", "imf_kd") else ms[x] for x in (a, b))
-                return f"{NAMES.get(a, a)} − {NAMES.get(b, b)}: {_d(paired(ra, rb))}"
+        if baseline_pairs(ms):
             lines.append("\nPaired differences against the baselines that could explain a gain (points, mean ± 95 % CI; "
-                         "IMF: the exported models): " + "; ".join(_pair(a, b) for a, b in pairs) + ".")
+                         "IMF: the exported models): " + baseline_pairs(ms) + ".")
+        if probe_of(acc, plateau) and set(plateau["methods"]) - {"ce", "kd"}:
+            lines += probe_table(acc, plateau)
         imf = ms.get("imf", {}).get("inference")
         if imf:
             lines.append(f"\nIMF's exported model: {imf['params']:,} parameters and {imf['flops']:,} FLOPs per image "
