@@ -98,7 +98,8 @@ def method_targets(ms: dict, at: str = "") -> list[tuple[str, str, bool | None]]
         best = max(ens, key=lambda m: ms[m]["test_acc_mean"])
         for base in ("kd_best", "kd"):
             d = paired(ms[best], ms[base])
-            out.append((f"best per-sample ensemble ({NAMES[best]}) ≥ {NAMES[base]}{at}", f"{_d(d)} pp", d["mean"] >= 0))
+            out.append((f"best per-sample ensemble ({NAMES[best]}) ≥ {NAMES[base]} (paired 95 % CI above 0){at}",
+                        f"{_d(d)} pp", d["mean"] - d["ci95"] > 0))
     if "professor_kd" in ms and "label_mix" in ms:
         d = paired(ms["professor_kd"], ms["label_mix"])
         out.append((f"professor + KD > label-mix KD{at}", f"{_d(d)} pp", d["mean"] - d["ci95"] > 0))
@@ -162,7 +163,8 @@ def probe_table(acc: dict, plateau: dict) -> list[str]:
               ((r, ms), (p, pm))]
         lines.append(f"| {label} | {100 * p['test_acc_mean']:.2f} | {_d(paired(p, r))} | " + " | ".join(vs) + " |")
     if baseline_pairs(pm):
-        lines.append(f"\nAt {e2} epochs, against the baselines that could explain a gain: {baseline_pairs(pm)}.")
+        lines.append(f"\nAt {e2} epochs, against the baselines that could explain a gain (IMF: the exported models): "
+                     f"{baseline_pairs(pm)}.")
     return lines
 
 

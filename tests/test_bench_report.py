@@ -55,7 +55,7 @@ def test_the_probed_rows_targets_are_judged_at_its_length():
     tg = {t[0]: t for t in report.targets(acc, None, None, None, probe)}
     conv = tg["students trained long enough (twice the epochs moves CE and KD by ≤ 0.5 pp, paired)"]
     assert conv[2] is True and "+0.40 ± 0.00 pp at 64 epochs" in conv[1]  # CE +0.4, KD +0.2: both ≤ 0.5
-    best = "best per-sample ensemble (KD, entropy weights (EBKD)) ≥ KD, best single teacher"
+    best = "best per-sample ensemble (KD, entropy weights (EBKD)) ≥ KD, best single teacher (paired 95 % CI above 0)"
     assert tg[best][2] is False and tg[best][1].startswith("-0.30")
     assert tg[best + ", at 64 epochs"][2] is True and tg[best + ", at 64 epochs"][1].startswith("+0.20")
     prof = "professor + KD > label-mix KD"
