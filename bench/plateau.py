@@ -6,8 +6,9 @@ epochs: a longer run reads each view more than once) and teachers (run `make ben
 
 Tells whether the regime's students were trained long enough: if twice the epochs moves CE or KD (or
 the gap between them), the regime's epochs were too few; `bench/report.py` reads plateau.json for that
-target, and for the other rows probed, whether their differences to CE and KD hold at twice the epochs. plateau-16.json is the probe of the former 16-epoch regime at 32 epochs, which moved CE by
-3 points and so set today's regime to 32. Students already trained are reused.
+target, and for the other rows probed, whether their differences to CE and KD hold at twice the
+epochs. plateau-16.json is the probe of the former 16-epoch regime at 32 epochs, which moved CE by 3
+points and so set today's regime to 32. Students already trained are reused.
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def main() -> None:
     cfgs = [variant(cfg, {**base.get(VARIANTS[m][1], on_regime_teachers(cfg)), **row_changes(m, regime),
                           "distill.optim.epochs": e, "distill.student.seed": s, "distill.name": f"plateau{e}-{m}-s{s}"},
                     "plateau probe") for e, m, s in runs]
-    for c in {VARIANTS[m][1]: c for (_, m, _), c in zip(runs, cfgs) if c.method.targets in ("refined", "both")}.values():
-        from pipeline.professor import run_professor
+    from pipeline.professor import run_professor
 
+    for c in {VARIANTS[m][1]: c for (_, m, _), c in zip(runs, cfgs) if c.method.targets in ("refined", "both")}.values():
         run_professor(c)  # the regime's professor, reused (its fingerprint does not hold the student's epochs)
     recs = dict(zip(runs, run_students(cfgs, cfg.run.parallel)))
     res = {"command": " ".join(["python bench/plateau.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
