@@ -65,6 +65,12 @@ VARIANTS = {
 SLOW = ("kd_aa_online", "pfeed", "sfeed", "imf", "imf_ce", "imf_kd")  # started first: none runs alone at the end
 
 
+def row_changes(m: str, best: str, smallest: str) -> dict:
+    """Row m's config changes, its teacher placeholders resolved."""
+    return {k: {"<best>": [best], "<smallest>": [smallest]}.get(v, v) if isinstance(v, str) else v
+            for k, v in VARIANTS[m][0].items()}
+
+
 def _rounded(d: dict | None) -> dict | None:
     return d and {k: round(v, 5) if isinstance(v, float) else v for k, v in d.items()}
 
@@ -127,9 +133,8 @@ def main() -> None:
     t_cache = time.time() - t0 - t_teachers
 
     def changes(m: str, s: int) -> dict:
-        ch = {k: {"<best>": [best], "<smallest>": [smallest]}.get(v, v) if isinstance(v, str) else v
-              for k, v in VARIANTS[m][0].items()}
-        return {**caches[VARIANTS[m][1]], **ch, "distill.student.seed": s, "distill.name": f"acc-{m}-s{s}"}
+        return {**caches[VARIANTS[m][1]], **row_changes(m, best, smallest), "distill.student.seed": s,
+                "distill.name": f"acc-{m}-s{s}"}
 
     runs = {m: [variant(cfg, changes(m, s), f"bench method {m}") for s in args.seeds] for m in methods}
     prof = None

@@ -24,18 +24,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import load_config, variant  # noqa: E402
-from pipeline.distill import run_students, student_dir  # noqa: E402
+from pipeline.distill import run_students  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import LOGITS, SLOW, VARIANTS  # noqa: E402  (bench/accuracy.py: the rows of the table)
+from accuracy import FEATURES, LOGITS, SLOW, VARIANTS, _curve, _row, row_changes  # noqa: E402  (bench/accuracy.py)
 from stats import paired  # noqa: E402  (bench/stats.py)
 
 
 def on_regime_teachers(cfg) -> dict:
     """Overrides that load the regime's teachers as `make bench` left them (bench/accuracy.py
     --teachers-on-all-data): a student with only these reads the regime's feature cache."""
-    out_dir = os.path.abspath(cfg.run.out_dir)
-    return {f"teachers.models.{i}.checkpoint": os.path.join(out_dir + "-teachers", "teachers", t.name, "best.safetensors")
+    from pipeline.teachers import teacher_dir
+
+    tdir = os.path.abspath(cfg.run.out_dir) + "-teachers"
+    return {f"teachers.models.{i}.checkpoint": os.path.join(teacher_dir(tdir, t.name), "best.safetensors")
             for i, t in enumerate(cfg.teachers.models)}
 
 
@@ -43,14 +45,6 @@ def on_regime_logits(cfg) -> dict:
     """Overrides that train a student on the regime's logits cache (K = its epochs) and teachers."""
     return {**on_regime_teachers(cfg), "cache.uri": os.path.join(os.path.abspath(cfg.run.out_dir), "cache-logits"),
             "cache.views": cfg.distill.optim.epochs, "cache.layers": {}}
-
-
-def row_changes(m: str, regime: dict) -> dict:
-    """bench/accuracy.py's config changes of row m, its teacher placeholders resolved as the regime's run
-    resolved them (`regime`: its accuracy.json)."""
-    smallest = min(regime["teachers"], key=lambda t: regime["teachers"][t]["params"])
-    names = {"<best>": [regime["best_teacher"]], "<smallest>": [smallest]}
-    return {k: names.get(v, v) if isinstance(v, str) else v for k, v in VARIANTS[m][0].items()}
 
 
 def main() -> None:
@@ -68,13 +62,14 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/full/plateau.json")
     args = ap.parse_args()
     cfg = load_config(args.config)
-    regime = json.load(open(args.regime))
+    regime = json.load(open(args.regime))  # the teachers its rows' placeholders resolved to
+    smallest = min(regime["teachers"], key=lambda t: regime["teachers"][t]["params"])
     args.epochs = args.epochs or 2 * (args.from_epochs or cfg.distill.optim.epochs)
     lengths = [args.epochs] + ([args.from_epochs] if args.from_epochs else [])
     methods = sorted(args.methods, key=lambda m: m not in SLOW)  # the slow ones first: none runs alone at the end
     runs = [(e, m, s) for m in methods for e in lengths for s in args.seeds]
-    base = {LOGITS: on_regime_logits(cfg)}
-    cfgs = [variant(cfg, {**base.get(VARIANTS[m][1], on_regime_teachers(cfg)), **row_changes(m, regime),
+    caches = {LOGITS: on_regime_logits(cfg), FEATURES: on_regime_teachers(cfg)}
+    cfgs = [variant(cfg, {**caches[VARIANTS[m][1]], **row_changes(m, regime["best_teacher"], smallest),
                           "distill.optim.epochs": e, "distill.student.seed": s, "distill.name": f"plateau{e}-{m}-s{s}"},
                     "plateau probe") for e, m, s in runs]
     from pipeline.professor import run_professor
@@ -88,16 +83,10 @@ def main() -> None:
            "seeds": args.seeds, "methods": {}}
     for m in args.methods:
         rs = [recs[args.epochs, m, s] for s in args.seeds]
-        curves = [[json.loads(line)["val_acc"] for line in open(os.path.join(student_dir(variant(
-            cfg, {"distill.name": r["name"]}, "plateau")), "metrics.jsonl"))] for r in rs]
-        accs = [r["test_acc"] for r in rs]
-        res["methods"][m] = {"per_seed": dict(zip(args.seeds, accs)), "test_acc_mean": round(statistics.mean(accs), 5),
-                             "test_acc_std": round(statistics.stdev(accs), 5),
-                             "val_curve": [round(statistics.mean(v), 5) for v in zip(*curves)]}
+        res["methods"][m] = {**_row(rs, args.seeds),
+                             "val_curve": [round(statistics.mean(c), 5) for c in zip(*(_curve(cfg, r) for r in rs))]}
         if "inference" in rs[0]:  # IMF: its exported inference model
-            inf = [r["inference"]["test_acc"] for r in rs]
-            res["methods"][m]["inference"] = {"per_seed": dict(zip(args.seeds, inf)),
-                                              "test_acc_mean": round(statistics.mean(inf), 5)}
+            res["methods"][m]["inference"] = _row(rs, args.seeds, key=lambda r: r["inference"])
         if args.from_epochs:  # the paired gain from N epochs to args.epochs, seed by seed
             before = {s: recs[args.from_epochs, m, s]["test_acc"] for s in args.seeds}
             gain = paired(res["methods"][m], {"per_seed": before})

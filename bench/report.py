@@ -162,9 +162,9 @@ def probe_table(acc: dict, plateau: dict) -> list[str]:
         vs = [_d(paired(x, base[b])) if b in base and x is not base[b] else "—" for b in ("ce", "kd") for x, base in
               ((r, ms), (p, pm))]
         lines.append(f"| {label} | {100 * p['test_acc_mean']:.2f} | {_d(paired(p, r))} | " + " | ".join(vs) + " |")
-    if baseline_pairs(pm):
+    if pairs := baseline_pairs(pm):
         lines.append(f"\nAt {e2} epochs, against the baselines that could explain a gain (IMF: the exported models): "
-                     f"{baseline_pairs(pm)}.")
+                     f"{pairs}.")
     return lines
 
 
@@ -203,9 +203,9 @@ def markdown(profile: str, acc, speed, build, sweep, suite, plateau=None) -> str
             vs = [_d(paired(r, ms[b])) if b in ms and r is not ms[b] and "per_seed" in r else "—" for b in ("ce", "kd")]
             mp = f"{r['method_params']:,}" if r.get("method_params") else "—"
             lines.append(f"| {label} | {test} | {vs[0]} | {vs[1]} | {val} | {r['params']:,} | {mp} | {tt} |")
-        if baseline_pairs(ms):
+        if pairs := baseline_pairs(ms):
             lines.append("\nPaired differences against the baselines that could explain a gain (points, mean ± 95 % CI; "
-                         "IMF: the exported models): " + baseline_pairs(ms) + ".")
+                         "IMF: the exported models): " + pairs + ".")
         if probe_of(acc, plateau) and set(plateau["methods"]) - {"ce", "kd"}:
             lines += probe_table(acc, plateau)
         imf = ms.get("imf", {}).get("inference")
