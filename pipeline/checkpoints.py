@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 
 import torch
 
@@ -63,7 +64,13 @@ def state_from_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # any parse failure means the file is not a usable checkpoint
-        raise CheckpointError(f"checkpoint {name} is not readable: {e.__class__.__name__}: {e}") from None
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+            # torch's message is a page of advice on trusting the file; the one fact that matters here:
+            raise CheckpointError(f"checkpoint {name} is refused: it holds pickled Python objects beyond tensors, "
+                                  "and raykd loads checkpoints with torch.load(weights_only=True) only (save a "
+                                  "state_dict, or convert it to .safetensors)") from None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"checkpoint {name} is not readable: {e.__class__.__name__}: {first}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint: take its model part
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -194,19 +194,23 @@ def resume_advice(args, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.log import set_verbosity
+    from pipeline.raysetup import Terminated, sigterm_as_interrupt
 
     set_verbosity(args.quiet, args.verbose)
     handler = {"teachers": cmd_teachers, "cache": cmd_cache, "inspect": cmd_inspect, "config": cmd_config,
                "zoo": cmd_zoo, "export": cmd_export, "professor": cmd_professor, "distill": cmd_distill, "run": cmd_run,
                "sweep": cmd_sweep}[args.command]
     try:
-        return handler(args)
+        with sigterm_as_interrupt():
+            return handler(args)
     except RaykdError as e:
         print(f"raykd: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:
-        print(f"raykd: interrupted; {resume_advice(args, argv if argv is not None else sys.argv[1:])}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = " (SIGTERM)" if isinstance(e, Terminated) else ""
+        print(f"raykd: interrupted{how}; {resume_advice(args, argv if argv is not None else sys.argv[1:])}",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

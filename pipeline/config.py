@@ -9,12 +9,15 @@ import os
 import re
 from typing import Annotated, Any, Literal
 
+import reprlib
+
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from pipeline import yamlio
 from pipeline.errors import ConfigError
 
-from pipeline.schema import NAME_RE, Section  # noqa: F401  (Section: the base of every section, methods' too)
+from pipeline.schema import NAME_RE, OutputName, Section, Seed  # noqa: F401  (Section: the base of every section, methods' too)
 
 
 def _known_arch(v: str) -> str:
@@ -37,7 +40,7 @@ class RunSection(Section):
     storage_path: str | None = Field(
         None, description="the training jobs' checkpoints: a local path or a URI every node reaches "
         "(s3://bucket/prefix; S3 endpoint from cache.s3_endpoint / AWS_ENDPOINT_URL); None = <out_dir>/ray_train")
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compare: list[dict[str, Any]] = Field(
         default_factory=list, description="`raykd run`: one student per entry, each {dotted.key: value} over this config")
@@ -60,18 +63,35 @@ class RunSection(Section):
         return v
 
 
+MAX_CPUS_PER_CORE = 16
+
+
+def max_local_cpus() -> int:
+    return max(4, MAX_CPUS_PER_CORE * (os.cpu_count() or 1))
+
+
 class RaySection(Section):
     address: str | None = Field(None, description="existing cluster; None = RAY_ADDRESS or a new local one")
     num_cpus: int | None = Field(
-        None, gt=0, description="logical CPUs of a local Ray (default 2x cores, at least 4: Ray Data needs room under Train)"
-    )
+        None, gt=0, description="logical CPUs of a local Ray (default 2x cores, at least 4: Ray Data needs room under "
+                                f"Train; at most {MAX_CPUS_PER_CORE}x cores)")
+
+    @field_validator("num_cpus")
+    @classmethod
+    def _within_machine(cls, v: int | None) -> int | None:
+        cap = max_local_cpus()
+        if v is not None and v > cap:
+            raise ValueError(f"{v} logical CPUs for a local Ray on this machine's {os.cpu_count()} cores: at most "
+                             f"{cap} ({MAX_CPUS_PER_CORE}x the cores; Ray starts workers per logical CPU, so more only "
+                             "oversubscribes the cores); a cluster's CPUs come with its nodes (ray.address)")
+        return v
     object_store_mb: int | None = Field(None, gt=0)
 
 
 class DataSection(Section):
     name: str = "digits"
     root: str | None = Field(None, description="dataset folder; None = the dataset's default")
-    seed: int = Field(0, description="seeds the train/val(/test) split and every view")
+    seed: Seed = Field(0, description="seeds the train/val(/test) split and every view")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="only for datasets without a test split (digits)")
     train_subset: int | None = Field(None, gt=0, description="keep this many training samples (seeded)")
@@ -158,7 +178,7 @@ class TeacherSpec(Section):
         return v
 
     arch: Arch
-    seed: int = 0
+    seed: Seed = 0
     checkpoint: str | None = Field(
         None, description="load and evaluate this state dict instead of training: a .safetensors or torch.save file, "
                           "or torchvision:<Weights>.<NAME> from the torch hub cache (never downloaded)")
@@ -220,15 +240,43 @@ class TopKSection(Section):
     temperature: float = Field(4.0, gt=0, description="tau of the stored probabilities (the methods' default)")
 
 
+MAX_VIEWS = 1024  # a student cycles through them: more views than epochs adds nothing but rows
+
+
+def check_endpoint(v: str | None) -> str | None:
+    """An S3 endpoint is a URL: http(s)://host[:port]."""
+    from urllib.parse import urlsplit
+
+    if v is None:
+        return v
+    try:
+        u = urlsplit(v)
+        u.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as e:
+        raise ValueError(f"{v!r} is not an endpoint URL ({e}); give http(s)://host[:port]") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"{v!r} is not an endpoint URL; give http(s)://host[:port], e.g. http://127.0.0.1:9000")
+    return v
+
+
 class CacheSection(Section):
     """The teacher cache: K views of every training sample, each teacher's outputs as Parquet columns."""
 
     uri: str | None = Field(None, description="local path or s3://bucket/prefix; None = <run.out_dir>/cache")
-    views: int = Field(4, gt=0, description="K: views per training sample (epoch e of a student uses view e mod K)")
+    views: int = Field(4, gt=0, description="K: views per training sample (epoch e of a student uses view e "
+                                                         f"mod K; at most {MAX_VIEWS})")
     teachers: list[str] | None = Field(None, description="teachers to cache (names); None = all of teachers.models")
     store_views: bool | None = Field(
         None, description="store each view's uint8 pixels (else replay them from the record); None = store them for "
                           "pad_crop views, keep only the records of random_resized_crop ones (FKD's layout)")
+
+    @field_validator("views")
+    @classmethod
+    def _views_bounded(cls, v: int) -> int:
+        if v > MAX_VIEWS:
+            raise ValueError(f"{v} views: at most {MAX_VIEWS} (a student's epoch e reads view e mod K, so views beyond "
+                             "its epochs are never read, and each costs a full pass of every teacher)")
+        return v
 
     def stores_views(self, policy) -> bool:
         return self.store_views if self.store_views is not None else policy.kind == "pad_crop"
@@ -245,7 +293,7 @@ class CacheSection(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(1.0, ge=0, description="used only when the device is cuda")
     rows_per_file: int = Field(20_000, gt=0, description="about this many rows per Parquet file (a hint to Ray Data)")
-    s3_endpoint: str | None = Field(
+    s3_endpoint: Annotated[str | None, AfterValidator(check_endpoint)] = Field(
         None, description="S3-compatible endpoint for cache.uri and run.storage_path (else AWS_ENDPOINT_URL / AWS default)")
     views_per_pass: int | None = Field(
         None, gt=0, description="views built per Ray Data pass (actor pools start once per pass); None = all missing")
@@ -351,13 +399,13 @@ def _default_distill_optim() -> OptimSection:
 
 class StudentSpec(Section):
     arch: Arch = "cnn8"
-    seed: int | None = Field(None, description="initialisation and shuffling seed; None = run.seed")
+    seed: Seed | None = Field(None, description="initialisation and shuffling seed; None = run.seed")
 
 
 class DistillSection(Section):
     """One student's distillation, from the cache or with the teachers online."""
 
-    name: str | None = Field(None, description="output folder under <out_dir>/students; None = <method>-<arch>-s<seed>")
+    name: OutputName | None = Field(None, description="output folder under <out_dir>/students; None = <method>-<arch>-s<seed>")
     student: StudentSpec = Field(default_factory=StudentSpec)
     teachers: Literal["cache", "online"] = Field(
         "cache", description="read teacher outputs from the cache, or run the teachers inside the workers")
@@ -396,7 +444,7 @@ class ProfessorSection(Section):
     w_q: float = Field(0.1, ge=0, description="adversarial weight of the output discriminator")
     holdout: float = Field(0.1, ge=0, lt=1, description="share of the training samples kept out of the professor's "
                                                        "training, to measure its refined targets on")
-    seed: int = 0
+    seed: Seed = 0
     optim: ProfessorOptim = Field(default_factory=ProfessorOptim)
     workers: WorkersSection = Field(default_factory=WorkersSection)
     actors: int = Field(1, gt=0, description="actors of the pool that writes the refined column")
@@ -409,7 +457,7 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 class SweepSection(Section):
     """`raykd sweep`: Ray Tune trials of `raykd distill`, all reading one cache, selected on validation."""
 
-    name: str | None = Field(None, description="folder under <out_dir>/sweeps; None = sweep-<hash of the sweep>")
+    name: OutputName | None = Field(None, description="folder under <out_dir>/sweeps; None = sweep-<hash of the sweep>")
     space: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="{dotted.key: {grid|choice: [values]} or {uniform|loguniform|randint: [lo, hi]}}")
     search: Literal["random", "grid", "optuna"] = Field(
@@ -423,7 +471,15 @@ class SweepSection(Section):
     grace_period: int = Field(2, gt=0, description="asha: epochs every trial runs before it may be stopped")
     reduction_factor: int = Field(2, gt=1)
     max_concurrent: int | None = Field(None, gt=0, description="trials at once; None = as many as the CPUs fit, one left for data")
-    seed: int = Field(0, description="seeds the random search")
+    seed: Seed = Field(0, description="seeds the random search")
+
+    @field_validator("name")
+    @classmethod
+    def _room_for_trials(cls, v: str | None) -> str | None:
+        if v is not None and len(v) > 80:
+            raise ValueError(f"at most 80 characters (each trial's student is named <sweep name>-<trial id>); "
+                             f"this one has {len(v)}")
+        return v
 
     @field_validator("metric")
     @classmethod
@@ -476,9 +532,11 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
             f"bad override {text!r}: expected key=value with a dotted key, e.g. teachers.optim.epochs=5"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yamlio.load(raw) if raw.strip() else ""
+    except yamlio.YamlError as e:
+        raise ConfigError(f"bad override {_short(text)}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"bad override {text!r}: the value is not valid YAML ({e.__class__.__name__})") from None
+        raise ConfigError(f"bad override {_short(text)}: the value is not valid YAML ({e.__class__.__name__})") from None
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
     return path, value
 
@@ -506,6 +564,14 @@ def _set_path(tree: dict, path: list[str | int], value: Any, text: str) -> None:
     node[last] = value
 
 
+_REPR = reprlib.Repr()  # bounded reprs of inputs in messages: never the whole of a large input
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 100, 100
+
+
+def _short(text: str) -> str:
+    return _REPR.repr(text)
+
+
 def _dotted(loc) -> str:
     return ".".join(str(p) for p in loc) or "<top level>"
 
@@ -522,8 +588,8 @@ def _format_errors(err: ValidationError, source: str, overrides=()) -> str:
             lines.append(f"{source}: unknown key '{key}'")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            got = repr(e.get("input"))
-            got = f" (got {got})" if len(got) <= 120 else ""  # a whole section's input says nothing more
+            got = _REPR.repr(e.get("input"))  # bounded: a whole section's input says nothing more
+            got = f" (got {got})" if len(got) <= 120 else ""
             where = f"'{key}': " if e["loc"] else ""
             lines.append(f"{source}: {where}{msg}{got}")
     return "\n".join(lines)
@@ -532,11 +598,21 @@ def _format_errors(err: ValidationError, source: str, overrides=()) -> str:
 def _read_yaml(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"config file {path} not found")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} is a {'directory' if os.path.isdir(path) else 'special file'}, "
+                          "not a YAML file (-c takes a file, e.g. configs/demo.yaml)")
     try:
+        if os.path.getsize(path) > yamlio.MAX_BYTES:
+            raise yamlio.YamlError(f"{os.path.getsize(path):,} bytes; a raykd YAML is at most "
+                                   f"{yamlio.MAX_BYTES // 2**20} MiB")
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yamlio.load(f.read())
+    except yamlio.YamlError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not readable ({e.__class__.__name__}: {e})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -556,20 +632,56 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     # Overrides land on the file's values with the defaults filled in, so a list item (a teacher) can
     # be addressed by index even when the file did not spell the list out.
     tree = Config.model_validate(tree).model_dump(mode="json", exclude_unset=False)
+    given = {}  # method.<name> blocks the command line sets
     for text in overrides:
         p, v = parse_override(text)
         _set_path(tree, p, v, text)
+        if p[0] == "method" and len(p) > 1:
+            given[f"method.{p[1]}"] = f"command line override {_short(text)}"
+        elif p == ["method"] and isinstance(v, dict):
+            given.update({f"method.{k}": f"command line override {_short(text)}" for k in v})
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, "command line override", overrides)) from None
-    return _check_compare(cfg, path or "command line")
+    return _check_compare(_check_method_options(cfg, given), path or "command line")
+
+
+def _picked_methods(cfg: Config) -> set[str]:
+    """The methods a config can train: method.name, and those a run.compare entry or sweep.space picks."""
+    names = {cfg.method.name}
+    names |= {c["method.name"] for c in cfg.run.compare if isinstance(c.get("method.name"), str)}
+    dist = cfg.sweep.space.get("method.name") or {}
+    names |= {v for values in dist.values() if isinstance(values, list) for v in values if isinstance(v, str)}
+    return names
+
+
+def _check_method_options(cfg: Config, given: dict[str, str]) -> Config:
+    """Options (method.<name>.*) set on the command line for a method the config never trains would be
+    ignored: refused. A file may hold several methods' options (a profile that the command line picks from)."""
+    from methods import METHODS
+
+    picked = _picked_methods(cfg)
+    for key, source in given.items():
+        name = key.split(".", 1)[1]
+        if name in METHODS.names() and name not in picked:
+            raise ConfigError(f"{source}: '{key}' sets options of method {name}, but method.name is "
+                              f"{cfg.method.name} and no run.compare entry or sweep.space picks {name}: they would "
+                              f"be ignored (set method.name={name}, or drop them)")
+    return cfg
 
 
 def _check_compare(cfg: Config, source: str) -> Config:
-    """Every `run.compare` entry must give a valid config: found at load time, not after the teachers ran."""
+    """Every `run.compare` entry must give a valid config: found at load time, not after the teachers ran;
+    an entry's own method options must be of the method it trains."""
     for i, changes in enumerate(cfg.run.compare):
-        variant(cfg, changes, f"{source}: run.compare.{i}")
+        v = variant(cfg, changes, f"{source}: run.compare.{i}")
+        for key in changes:
+            parts = key.split(".") if isinstance(key, str) else []
+            if len(parts) > 2 and parts[0] == "method" and parts[1] in type(v.method).model_fields \
+                    and parts[1] not in MethodBase.model_fields and parts[1] != v.method.name:
+                raise ConfigError(f"{source}: run.compare.{i}: '{key}' sets options of method {parts[1]}, but this "
+                                  f"entry trains {v.method.name}: they would be ignored")
     return cfg
 
 

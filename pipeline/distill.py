@@ -33,10 +33,12 @@ from methods import METHODS, MethodContext, Targets, build_method
 from pipeline.cache import columns as C
 from pipeline.checkpoints import read_verified, save_state_dict, sha256_file
 from pipeline.config import Config, MethodSection, OptimSection, variant, write_resolved
-from pipeline.errors import CheckpointError, RaykdError, StageFailed
+from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.harness import Job, JobFailed, JobRunner, Task, failure_message
 from pipeline.models import build_model, record_preprocess
 from pipeline.plugins import job_imports
+from pipeline.records import StudentRecord, inside, out_root, output_lock, read_record, write_record
+from pipeline.schema import check_output_name
 from pipeline.tracking import tracking_spec
 from pipeline.progress import ProgressPrinter
 from pipeline.training import Evaluator, Precision, make_optimizer, optimizer_step
@@ -57,11 +59,16 @@ def student_name(cfg: Config) -> str:
     method = m.name + (f"_{m.targets}" if m.targets != "teachers" and METHODS.get(m.name).uses_teachers else "")
     online = "-online" if cfg.distill.teachers == "online" else ""
     arch = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.distill.student.arch)  # torchvision:x, module:factory
-    return f"{method}-{arch}-s{student_seed(cfg)}{online}"
+    name = f"{method}-{arch}-s{student_seed(cfg)}{online}"
+    try:
+        return check_output_name(name)
+    except ValueError:
+        raise ConfigError(f"distill.student.arch={cfg.distill.student.arch}: the student's folder name {name[:60]}... "
+                          "would be longer than 100 characters; give it a shorter one with distill.name") from None
 
 
 def student_dir(cfg: Config) -> str:
-    return os.path.join(os.path.abspath(cfg.run.out_dir), "students", student_name(cfg))
+    return inside(os.path.abspath(cfg.run.out_dir), "students", student_name(cfg))
 
 
 class Distiller(nn.Module):
@@ -403,8 +410,8 @@ def plan_student(cfg: Config, splits) -> Plan | dict:
         upstream = hashlib.sha256(f"{upstream}:{prof_fp}".encode()).hexdigest()
     fp = distill_fingerprint(cfg, splits.fingerprint, upstream)
     sdir = student_dir(cfg)
-    prev = read_student(sdir)
-    if prev is not None and prev.get("fingerprint") == fp and _outputs_intact(sdir, prev):
+    prev = _reusable(sdir, fp)
+    if prev is not None:
         return prev
     return Plan(cfg, student_name(cfg), sdir, fp, upstream, splits, names, online or bool(online_teachers), student,
                 method, mctx, views, cache, online_teachers, online_professor)
@@ -501,23 +508,22 @@ def finish_student(p: Plan, res) -> dict:
         rec["profile"] = {**{k: round(v, 3) for k, v in p.times.items()}, "job_start_s": round(pr["started"] - p.t0, 3),
                           **{k: round(pr[k], 3) for k in ("build_s", "load_s", "train_s", "eval_s", "report_s")},
                           "job_end_s": round(t_done - pr["ended"], 3), "outputs_s": round(time.time() - t_done, 3)}
-    _write_json(os.path.join(p.sdir, RECORD), rec)
+    write_record(os.path.join(p.sdir, RECORD), rec)
     return rec
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def read_student(sdir: str) -> dict | None:
+    """A student's record (None if it has none; an error naming it if it is not one)."""
     try:
-        with open(os.path.join(sdir, RECORD)) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+        return read_record(os.path.join(sdir, RECORD), StudentRecord, "student record")
+    except RaykdError as e:
+        raise RaykdError(f"{e}; move its folder away to train it again") from None
+
+
+def _reusable(sdir: str, fp: str) -> dict | None:
+    """The student's record if it is of this fingerprint and its files are intact."""
+    prev = read_student(sdir)
+    return prev if prev is not None and prev["fingerprint"] == fp and _outputs_intact(sdir, prev) else None
 
 
 def _outputs_intact(sdir: str, rec: dict) -> bool:
@@ -634,7 +640,21 @@ class _Students:
         if not job.in_memory:  # streamed views: Ray Data reads them, in this process too
             init_ray(cfg)
         plan.times["ray_init_s"] = time.perf_counter() - t
-        os.makedirs(plan.sdir, exist_ok=True)
+        if not self.inline:  # refused before anything is written, rather than queued for ever
+            from pipeline.raysetup import check_fits
+
+            check_fits({"CPU": d.workers.cpus_per_worker, "GPU": d.workers.gpus_per_worker if self.device == "cuda" else 0},
+                       "distill.workers.cpus_per_worker/gpus_per_worker")
+        try:  # one process trains a student at a time; it may have finished it meanwhile
+            self.stack.enter_context(output_lock(plan.sdir, f"training of student {plan.name!r}"))
+            rec = _reusable(plan.sdir, plan.fp)
+        except RaykdError as e:
+            self.errors[i] = e
+            return
+        if rec is not None:
+            _say(self.progress, f"[distill] {plan.name}: up to date ({plan.sdir}), trained meanwhile by another process")
+            done.append(rec)
+            return self._chain_done(i, chain, done) if len(done) == len(chain) else self.start(i, chain, done)
         write_resolved(cfg, plan.sdir)
 
         def on_start():
@@ -686,6 +706,8 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
     reporting every epoch to Tune; `concurrent` trials share the node's cores."""
     from pipeline.raysetup import concurrent_jobs, in_process, init_ray, local_thread_share
 
+    for out in {c.run.out_dir: c for c in cfgs}.values():
+        out_root(out)  # usable, before anything starts
     w = cfgs[0].distill.workers
     if tune or len(cfgs) == 1:
         parallel = 1

@@ -557,6 +557,9 @@ class JobFailed(Exception):
         return cls(job, describe(e), transient(e), isinstance(c, (RaykdError, FloatingPointError)), attempts)
 
 
+WORKERS_KEY = {"teacher": "teachers.workers", "distill": "distill.workers", "professor": "professor.workers"}
+
+
 class JobRunner:
     """Runs training jobs, `parallel` at a time, each in its own Ray task (one-worker jobs hold the
     worker's CPUs; multi-worker ones launch Ray Train from a CPU-less task); `inline` runs them one after
@@ -574,6 +577,10 @@ class JobRunner:
     def _start(self, job: Job, on_done, attempt: int) -> None:
         import ray
 
+        from pipeline.raysetup import check_fits
+
+        check_fits({"CPU": job.workers.cpus_per_worker, "GPU": job.workers.gpus_per_worker if job.device == "cuda" else 0},
+                   f"{WORKERS_KEY.get(job.kind, job.kind)}.cpus_per_worker/gpus_per_worker")
         if job.workers.num_workers > 1:
             fn = ray.remote(num_cpus=0, max_retries=0)(run_train)
         else:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -361,19 +362,26 @@ def check_arch(arch: str) -> None:
 
 
 def _factory(arch: str) -> Callable:
-    import importlib
+    import inspect
+
+    from pipeline.plugins import import_user_module
 
     module, _, attr = arch.rpartition(":")
     if not module or not attr:
         raise ValueError(f"{arch!r}: a user model is given as module.path:factory")
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise ValueError(f"{arch!r}: cannot import {module!r} ({e}); it must be importable from the folder raykd "
-                         "runs in, PYTHONPATH or an installed package") from None
+    mod = import_user_module(module, repr(arch))
     fn = getattr(mod, attr, None)
     if not callable(fn):
         raise ValueError(f"{arch!r}: {module} has no callable {attr!r}")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: calling it tells
+        return fn
+    try:
+        sig.bind(num_classes=10, in_chans=3)
+    except TypeError as e:
+        raise ValueError(f"{arch!r} is not a model factory: raykd calls it as {attr}(num_classes=, in_chans=) and "
+                         f"that call does not fit its signature {attr}{sig} ({e})") from None
     return fn
 
 
@@ -398,6 +406,7 @@ def _build(arch: str, num_classes: int, in_chans: int) -> nn.Module:
     if ":" in arch:
         net = _factory(arch)(num_classes=num_classes, in_chans=in_chans)
         if not isinstance(net, nn.Module):
-            raise TypeError(f"{arch} returned {type(net).__name__}, not a torch.nn.Module")
+            raise ConfigError(f"arch {arch}: {arch.rpartition(':')[2]}(num_classes={num_classes}, in_chans={in_chans}) "
+                              f"returned a {type(net).__name__}, not a torch.nn.Module")
         return net if isinstance(net, ZooModel) else TappedModel(net, num_classes, in_chans)
     return MODELS.get(arch)(num_classes, in_chans)

@@ -19,13 +19,27 @@ import sysconfig
 Imports = tuple[tuple[str, "str | None"], ...]  # (module, the sys.path folder it came from)
 
 
+def import_user_module(name: str, what: str = "run.imports"):
+    """Import a user's module; ValueError (a config error) naming `what` if it raises anything, or calls
+    sys.exit() while it is imported (which would otherwise end raykd silently, with its status)."""
+    try:
+        return importlib.import_module(name)
+    except SystemExit as e:
+        raise ValueError(f"{what}: importing {name!r} called sys.exit({e.code!r}); a module raykd imports must "
+                         "not exit") from None
+    except ImportError as e:
+        if e.name and name.startswith(e.name):  # the module itself is missing, not one it imports
+            raise ValueError(f"{what}: cannot import {name!r} ({e}); it must be importable from the folder raykd "
+                             "runs in, PYTHONPATH or an installed package") from None
+        raise ValueError(f"{what}: importing {name!r} failed: {e.__class__.__name__}: {e}") from None
+    except Exception as e:  # a user's module may raise anything while it registers
+        raise ValueError(f"{what}: importing {name!r} failed: {e.__class__.__name__}: {e}") from None
+
+
 def import_modules(names: list[str]) -> None:
     """Import `names` here; ValueError (a config error) naming a module that fails."""
     for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # a user's module may raise anything while it registers
-            raise ValueError(f"run.imports: importing {name!r} failed: {e.__class__.__name__}: {e}") from None
+        import_user_module(name)
 
 
 def _root(name: str) -> str | None:
@@ -70,4 +84,7 @@ def load(imports: Imports) -> None:
             continue
         if root and root not in sys.path:
             sys.path.append(root)
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except SystemExit as e:  # a worker that exits would look like a crash, and be retried
+            raise RuntimeError(f"importing {name!r} called sys.exit({e.code!r})") from None

@@ -31,10 +31,14 @@ from pipeline.cache import (MANIFEST, REFINED, Cache, CacheError, TargetReader, 
 from pipeline.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
 from pipeline.config import Config, write_resolved
 from pipeline.harness import Job, Task
+from pipeline import records
 from pipeline.plugins import job_imports
+from pipeline.records import ProfessorRecord, out_root, output_lock
 from pipeline.tracking import tracking_spec
 from pipeline.progress import Console, ProgressPrinter
 from pipeline.log import log
+
+RECORD = "professor.json"
 
 
 
@@ -188,8 +192,6 @@ class RefineForward:
 
 def run_professor(cfg: Config) -> dict:
     """Train (or reuse) the professor and add (or keep) the cache's refined column; returns the manifest entry."""
-    from pipeline.raysetup import init_ray, local_thread_share, resolve_device
-
     uri = cache_uri(cfg)
     cache = Cache(uri, cfg.cache.s3_endpoint)
     m = cache.manifest
@@ -197,9 +199,16 @@ def run_professor(cfg: Config) -> dict:
     if (m.get("professor") or {}).get("fingerprint") == fp:
         log.info(f"[professor] {uri}: refined column up to date (fingerprint {fp[:12]}), reused")
         return m["professor"]
+    out = os.path.join(out_root(cfg), "professor")
+    with output_lock(out, "run of the professor"):
+        return _run(cfg, uri, cache, fp, out)
+
+
+def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
+    from pipeline.raysetup import check_fits, init_ray, local_thread_share, resolve_device
+
+    m = cache.manifest
     p = cfg.professor
-    out = os.path.join(os.path.abspath(cfg.run.out_dir), "professor")
-    os.makedirs(out, exist_ok=True)
     write_resolved(cfg, out)
     lc = {"num_classes": m["dataset"]["num_classes"], "latent_dim": p.latent_dim, "hidden": p.hidden,
           "temperature": p.temperature, "ensemble": p.ensemble, "holdout": p.holdout, "seed": p.seed,
@@ -229,6 +238,7 @@ def run_professor(cfg: Config) -> dict:
     cols = ["sample_id", "view_id", "label", *targets.all_columns]
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(cols)
     res = {"num_gpus": 1} if device == "cuda" else {}
+    check_fits({"CPU": p.cpus_per_actor, "GPU": res.get("num_gpus", 0)}, "professor.cpus_per_actor")
     ds = ds.map_batches(RefineForward, batch_format="numpy", batch_size=1024,
                         compute=ray.data.ActorPoolStrategy(size=p.actors), num_cpus=p.cpus_per_actor, **res,
                         fn_constructor_kwargs={"lc": lc, "targets": targets, "path": os.path.join(out, rec["file"]),
@@ -358,18 +368,12 @@ def _measure(cache: Cache, pfiles: list[dict], lc: dict) -> dict:
 
 
 def read_record(out: str) -> dict | None:
-    try:
-        with open(os.path.join(out, "professor.json")) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+    """The professor's record (None if it has none; an error naming it if it is not one)."""
+    return records.read_record(os.path.join(out, RECORD), ProfessorRecord, "professor record")
 
 
 def _write_record(out: str, rec: dict) -> None:
-    tmp = os.path.join(out, "professor.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(rec, f, indent=2)
-    os.replace(tmp, os.path.join(out, "professor.json"))
+    records.write_record(os.path.join(out, RECORD), rec)
 
 
 def _intact(out: str, rec: dict) -> bool:

@@ -29,6 +29,50 @@ LOG_TO_DRIVER = os.environ.get("RAYKD_LOG_TO_DRIVER", "0") == "1"
 TRAIN_LOG_LEVEL = os.environ.get("RAYKD_TRAIN_LOG_LEVEL", "WARNING")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the stage stops where it is, what it committed is kept."""
+
+
+_catching_sigterm = False
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+class sigterm_as_interrupt:
+    """While the CLI runs, SIGTERM raises Terminated in the main thread (its `interrupted` line, exit 143).
+    Ray's driver sets a handler of its own (sys.exit inside whatever runs, then an abort with its C++
+    stack): init_ray puts this one back. The previous handler is restored on exit."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        global _catching_sigterm
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _raise_terminated)
+            _catching_sigterm = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        global _catching_sigterm
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            _catching_sigterm = False
+
+
+def catch_sigterm() -> None:
+    """Put raykd's SIGTERM handler back (after ray.init set Ray's), while the CLI has it on."""
+    import signal
+
+    if _catching_sigterm:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def init_ray(cfg) -> None:
     """Start a local Ray or connect to `ray.address` / RAY_ADDRESS (once per process). A cluster gets
     the environment settings and the user modules of `run.imports` (`plugins.ship`) with the job."""
@@ -40,6 +84,13 @@ def init_ray(cfg) -> None:
     for k, v in _ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address and (address := started_here()):
+        from pipeline.log import log
+
+        ignored = [k for k in ("num_cpus", "object_store_mb") if getattr(ray_cfg, k) is not None]
+        log.info(f"[ray] joining the Ray cluster running on this machine (`ray start`, {address}), as ray.init() "
+                 "does" + (f"; ray.{' and ray.'.join(ignored)} apply only to a Ray that raykd starts" if ignored else "")
+                 + "; `ray stop` it for a Ray of raykd's own")
     if address:
         global _connected_address
         # a remote cluster's workers do not inherit this process's environment: ship the settings
@@ -56,10 +107,24 @@ def init_ray(cfg) -> None:
                 held.drop = True
                 raise ConfigError(connection_message(address, e, held.text())) from None
         _connected_address = address
+        if _catching_sigterm:
+            catch_sigterm()
         return
     num_cpus = ray_cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     store = ray_cfg.object_store_mb * 2**20 if ray_cfg.object_store_mb else None
-    ray.init(num_cpus=num_cpus, object_store_memory=store, include_dashboard=False, log_to_driver=LOG_TO_DRIVER)
+    # address="local": a Ray of its own, never the stale address of a `ray start` cluster that is gone
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=store, include_dashboard=False,
+             log_to_driver=LOG_TO_DRIVER)
+    catch_sigterm()
+
+
+def started_here() -> str | None:
+    """The address of a live cluster started on this machine with `ray start` (which a plain ray.init()
+    joins), or None."""
+    from ray._private import services  # private: Ray is pinned to 2.60
+
+    address = services.find_bootstrap_address(None)
+    return address if address and address in services.find_gcs_addresses() else None
 
 
 class _held_stderr:
@@ -146,6 +211,28 @@ def is_local_session() -> bool:
 _connected_address: str | None = None
 
 
+def check_fits(request: dict[str, float], key: str) -> None:
+    """Refuse, before it waits, a request (per worker or actor: {"CPU": 2, "GPU": 1}) that no node of this
+    machine's Ray can hold: Ray would queue it for ever. On a cluster an autoscaler may add such a node:
+    there it is said, not refused."""
+    import ray
+
+    need = {k: v for k, v in request.items() if v}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not need or any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+        return
+    asked = ", ".join(f"{v:g} {k}" for k, v in need.items())
+    largest = ", ".join(f"{max((r.get(k, 0) for r in nodes), default=0):g} {k}" for k in need)
+    if is_local_session():
+        more = " (ray.num_cpus)" if "CPU" in need else ""
+        raise ConfigError(f"{key}: each asks for {asked}, but this machine's Ray has {largest}: it would wait for ever; "
+                          f"ask for less, or give the local Ray more{more}")
+    from pipeline.log import log
+
+    log.warning(f"[ray] {key}: each asks for {asked}, and no node of the cluster has that much now (the largest: "
+                f"{largest}); it waits until the autoscaler adds one")
+
+
 def jobs_that_fit(cpus_per_job: float) -> int:
     """Training jobs (students, sweep trials) that fit the cluster at once, one CPU left for Ray Data's
     reads (without it they never start beside the Train workers)."""
@@ -156,7 +243,7 @@ def jobs_that_fit(cpus_per_job: float) -> int:
 
 def is_local(ray_cfg) -> bool:
     """No cluster to connect to: raykd starts (or has started) a Ray of its own on this machine."""
-    return not (ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+    return not (ray_cfg.address or os.environ.get("RAY_ADDRESS") or _connected_address)
 
 
 def in_process(cfg, parallel: int, workers) -> bool:

@@ -25,6 +25,7 @@ import time
 from pipeline.config import DISTRIBUTIONS, Config, dump_config, variant
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.log import log
+from pipeline.records import inside, out_root, output_lock
 
 
 def check_space(cfg: Config) -> None:
@@ -95,21 +96,27 @@ def _trial(params: dict, base: dict, name: str, progress, concurrent: int, cwd: 
 
 def run_sweep(cfg: Config) -> dict:
     """Run (or resume) the sweep; returns its summary (also sweep.json)."""
-    import ray
-    from ray import tune
-
     from pipeline.cache import Cache, cache_uri
-    from pipeline.progress import ProgressPrinter
-    from pipeline.raysetup import concurrent_jobs, init_ray, resolve_device
 
     check_space(cfg)
     sw = cfg.sweep
     if cfg.distill.teachers == "cache":  # the one cache every trial reads; never built here
         Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
     name = sweep_name(cfg)
-    root = os.path.join(os.path.abspath(cfg.run.out_dir), "sweeps")
-    out = os.path.join(root, name)
-    os.makedirs(out, exist_ok=True)
+    root = inside(out_root(cfg), "sweeps")
+    out = inside(root, name)
+    with output_lock(out, f"sweep {name!r}"):
+        return _run_sweep(cfg, name, root, out)
+
+
+def _run_sweep(cfg: Config, name: str, root: str, out: str) -> dict:
+    import ray
+    from ray import tune
+
+    from pipeline.progress import ProgressPrinter
+    from pipeline.raysetup import check_fits, concurrent_jobs, init_ray, resolve_device
+
+    sw = cfg.sweep
     init_ray(cfg)
     w = cfg.distill.workers
     concurrent = sw.max_concurrent or concurrent_jobs(cfg.ray, w.num_workers * w.cpus_per_worker, w.num_workers)
@@ -117,6 +124,7 @@ def run_sweep(cfg: Config) -> dict:
         res = {"cpu": w.cpus_per_worker, **({"gpu": w.gpus_per_worker} if resolve_device(cfg.run.device) == "cuda" else {})}
     else:  # its Ray Train workers hold them (a trial's CPU share would starve Ray Data's reads beside them)
         res = {"cpu": 0}
+    check_fits({"CPU": res["cpu"], "GPU": res.get("gpu", 0)}, "distill.workers.cpus_per_worker/gpus_per_worker")
     # raykd turns Tune's per-trial result files off for its other stages; a sweep wants them: they hold
     # every reported epoch of every trial, also of trials ASHA stopped (read when the callbacks are made)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"

@@ -24,7 +24,9 @@ from pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.models import Preprocess, build_model, record_preprocess
+from pipeline import records
 from pipeline.plugins import job_imports
+from pipeline.records import TeacherRecord, out_root, output_lock, write_record
 from pipeline.tracking import tracking_spec
 from pipeline.progress import Console, ProgressPrinter
 from pipeline.harness import Job, Task
@@ -35,7 +37,7 @@ RECORD = "teacher.json"
 
 
 def teacher_dir(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, "teachers", name)
+    return records.inside(out_dir, "teachers", name)
 
 
 def teacher_fingerprint(spec: TeacherSpec, cfg: Config, data_fp: str) -> str:
@@ -160,15 +162,19 @@ def run_teachers(cfg: Config) -> list[dict]:
     one in this process); each record is written as soon as its job ends.
     """
     splits = load_splits(cfg.data)
-    out = os.path.abspath(cfg.run.out_dir)
-    os.makedirs(out, exist_ok=True)
+    out = out_root(cfg)
+    with output_lock(os.path.join(out, "teachers"), f"`raykd teachers` of {out}"):
+        return _run_teachers(cfg, splits, out)
+
+
+def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
     write_resolved(cfg, os.path.join(out, "teachers"))
     records: dict[str, dict] = {}
     to_train: list[tuple[TeacherSpec, str]] = []
     for spec in cfg.teachers.models:
         tdir = teacher_dir(out, spec.name)
         fp = teacher_fingerprint(spec, cfg, splits.fingerprint)
-        rec = read_record(out, spec.name, verify=False)
+        rec = read_record(out, spec.name)
         if rec is not None and rec.get("fingerprint") == fp and _files_intact(tdir, rec):
             log.info(f"[teachers] {spec.name}: up to date ({tdir}), not retrained")
         elif spec.checkpoint:
@@ -183,8 +189,7 @@ def run_teachers(cfg: Config) -> list[dict]:
     if to_train:
         records.update(_train_all(cfg, splits, out, to_train))
     ordered = [records[s.name] for s in cfg.teachers.models]
-    with open(os.path.join(out, "teachers", "summary.json"), "w") as f:
-        json.dump(ordered, f, indent=2)
+    write_record(os.path.join(out, "teachers", "summary.json"), ordered)
     return ordered
 
 
@@ -306,10 +311,7 @@ def _apply_gate(rec: dict, min_val_acc: float) -> dict:
 
 def _write_record(tdir: str, rec: dict) -> None:
     os.makedirs(tdir, exist_ok=True)
-    tmp = os.path.join(tdir, RECORD + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(rec, f, indent=2)
-    os.replace(tmp, os.path.join(tdir, RECORD))
+    write_record(os.path.join(tdir, RECORD), rec)
 
 
 def _files_intact(tdir: str, rec: dict) -> bool:
@@ -319,18 +321,13 @@ def _files_intact(tdir: str, rec: dict) -> bool:
         return False
 
 
-def read_record(out_dir: str, name: str, verify: bool = True) -> dict | None:
-    path = os.path.join(teacher_dir(out_dir, name), RECORD)
-    if not os.path.isfile(path):
-        return None
+def read_record(out_dir: str, name: str) -> dict | None:
+    """A teacher's record (None if it has none); one that is unreadable or of another shape is an error
+    naming it, never a reason to train over the files it describes."""
     try:
-        with open(path) as f:
-            rec = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        if verify:
-            raise CheckpointError(f"teacher record {path} is unreadable: {e}") from None
-        return None
-    return rec
+        return records.read_record(os.path.join(teacher_dir(out_dir, name), RECORD), TeacherRecord, "teacher record")
+    except RaykdError as e:
+        raise CheckpointError(f"{e}; move its folder away to train teacher {name!r} again") from None
 
 
 def load_teacher(out_dir: str, name: str, for_cache: bool = True) -> tuple[torch.nn.Module, dict]:

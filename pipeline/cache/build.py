@@ -27,9 +27,11 @@ from pipeline.plugins import job_imports
 from pipeline.cache.storage import (BUILD, LOCK, MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, BuildLock, CacheError,
                                         describe_files, files_present, marker, open_fs, read_json, storage_errors,
                                         storage_message, view_dir, write_json)
+from pipeline.cache.reader import Cache
 from pipeline.checkpoints import read_verified
 from pipeline.config import Config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RaykdError
+from pipeline.records import BuildStarted, Manifest, ViewCommit, check, out_root
 from pipeline.progress import ProgressPrinter, emit
 from pipeline.log import log
 from pipeline.views import ViewPolicy, make_views
@@ -210,16 +212,32 @@ def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> d
     from pipeline.data import load_splits
 
     splits = load_splits(cfg.data)
-    out = os.path.abspath(cfg.run.out_dir)
-    teachers = _teacher_entries(cfg, out, splits)
-    fp = cache_fingerprint(splits, cfg, teachers)
+    out = out_root(cfg)
     uri = cache_uri(cfg)
     fs, root = open_fs(uri, cfg.cache.s3_endpoint)
-    try:
+    try:  # what the URI holds is named first: a damaged or foreign cache is the input's problem
         manifest = read_json(fs, posixpath.join(root, MANIFEST))
-        building = read_json(fs, posixpath.join(root, BUILD))
+        building = read_json(fs, posixpath.join(root, BUILD), BuildStarted, "unfinished build record")
     except storage_errors() as e:
         raise CacheError(storage_message(f"cache.uri={uri}", e)) from None
+    if manifest is not None and not overwrite:
+        if not isinstance(manifest, dict):
+            raise CacheError(f"{uri}/{MANIFEST}: not a raykd cache manifest (a JSON {type(manifest).__name__}, not an "
+                             "object); use another cache.uri, or --overwrite to replace what is there")
+        if manifest.get("schema_version") == SCHEMA_VERSION:
+            try:
+                check(manifest, Manifest, f"{uri}/{MANIFEST}", "cache manifest")
+            except RaykdError as e:
+                raise CacheError(f"{e}; use another cache.uri, or --overwrite to replace what is there") from None
+            _refuse_other_inputs(cfg, splits, uri, manifest)
+    try:
+        teachers = _teacher_entries(cfg, out, splits)
+    except RaykdError as e:
+        if manifest is None or overwrite:
+            raise
+        raise type(e)(f"{e} (cache.uri={uri} holds a finished cache; it is reused only once this config's teachers "
+                      "are found to be the ones it was built from)") from None
+    fp = cache_fingerprint(splits, cfg, teachers)
     if repair:
         if manifest is None or manifest.get("fingerprint") != fp or manifest.get("schema_version") != SCHEMA_VERSION:
             raise CacheError(f"{uri}: --repair mends a finished cache of this config, and this is not one (no manifest, "
@@ -227,6 +245,7 @@ def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> d
         return _repair(cfg, splits, teachers, fp, uri, fs, root, manifest)
     if manifest is not None and manifest.get("fingerprint") == fp and manifest.get("schema_version") == SCHEMA_VERSION \
             and not overwrite:
+        Cache(uri, cfg.cache.s3_endpoint)  # its part files are all there, at their sizes: else named, not reused
         log.info(f"[cache] {uri}: up to date (fingerprint {fp[:12]}), reused")
         return manifest
     other = manifest or building
@@ -250,6 +269,36 @@ def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> d
         manifest = _build_views(cfg, splits, teachers, fp, uri, fs, root, lock)
         fs.rm(posixpath.join(root, BUILD))  # after the manifest: a build that dies before leaves its record
         return manifest
+
+
+def ranges(ks: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '[0-2, 5, 7-8]': a console line stays short whatever K is."""
+    out, i = [], 0
+    while i < len(ks):
+        j = i
+        while j + 1 < len(ks) and ks[j + 1] == ks[j] + 1:
+            j += 1
+        out.append(str(ks[i]) if i == j else f"{ks[i]}-{ks[j]}")
+        i = j + 1
+    return f"[{', '.join(out)}]"
+
+
+def _refuse_other_inputs(cfg: Config, splits, uri: str, manifest: dict) -> None:
+    """A finished cache whose inputs visibly differ from the config's (data, K, teachers' names and archs),
+    refused before the teachers' records are looked for: the cache.uri is what is wrong then."""
+    names = cfg.cache.teachers or [t.name for t in cfg.teachers.models]
+    arch = {t.name: t.arch for t in cfg.teachers.models}
+    have = [(t["name"], t["arch"]) for t in manifest["teachers"]]
+    differ = []
+    if manifest["dataset"]["fingerprint"] != splits.fingerprint:
+        differ.append(f"data {manifest['dataset']['name']} (another fingerprint)")
+    if manifest["views"] != cfg.cache.views:
+        differ.append(f"K={manifest['views']} views (cache.views={cfg.cache.views} here)")
+    if have != [(n, arch[n]) for n in names]:
+        differ.append(f"teachers {[n for n, _ in have]} ({names} here)")
+    if differ:
+        raise CacheError(f"{uri} holds a finished cache of other inputs: {', '.join(differ)}; use another cache.uri, "
+                         "or --overwrite to replace it")
 
 
 def _damaged(fs, root: str, files: list[dict]) -> list[str]:
@@ -279,7 +328,7 @@ def _repair(cfg, splits, teachers, fp, uri, fs, root, manifest) -> dict:
         return manifest
     views = sorted({int(m.group(1)) for p in bad if (m := re.match(rf"{VIEWS}/view=(\d+)/", p))})
     log.info(f"[cache] {uri}: {len(bad)} damaged part file(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
-             f"rebuilding view(s) {views}" + (", dropping the refined column" if manifest.get("professor") else ""))
+             f"rebuilding view(s) {ranges(views)}" + (", dropping the refined column" if manifest.get("professor") else ""))
     with BuildLock(fs, root, uri) as lock:
         write_json(fs, posixpath.join(root, BUILD), {"fingerprint": fp, "started": time.time()})
         fs.rm(posixpath.join(root, MANIFEST))  # uncommit first: a reader never sees a half-mended cache
@@ -298,7 +347,7 @@ def _repair(cfg, splits, teachers, fp, uri, fs, root, manifest) -> dict:
 
 
 def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> dict:
-    from pipeline.raysetup import init_ray, local_thread_share, resolve_device
+    from pipeline.raysetup import check_fits, init_ray, local_thread_share, resolve_device
 
     c = cfg.cache
     targets = _targets(cfg, splits.num_classes)
@@ -317,17 +366,17 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
     t_start = time.time()
     views_meta, todo = {}, []
     for k in range(c.views):
-        done = read_json(fs, marker(root, k))
+        done = read_json(fs, marker(root, k), ViewCommit, "view commit record")
         if done is not None and done.get("fingerprint") == fp and files_present(fs, root, done["files"]):
             views_meta[k] = done
         else:
             todo.append(k)
     if views_meta:
-        log.info(f"[cache] views {sorted(views_meta)} already committed, kept")
+        log.info(f"[cache] views {ranges(sorted(views_meta))} already committed, kept")
     per_pass = c.views_per_pass or len(todo) or 1
     for group in [todo[i:i + per_pass] for i in range(0, len(todo), per_pass)]:
         t0 = time.time()
-        log.info(f"[cache] views {group}: {len(splits.train)} samples x {len(group)} views x {len(teachers)} teachers "
+        log.info(f"[cache] views {ranges(group)}: {len(splits.train)} samples x {len(group)} views x {len(teachers)} teachers "
                  f"({', '.join(t['name'] for t in teachers)})")
         for k in group:  # what a killed run left in these partitions was never committed
             if fs.exists(marker(root, k)):
@@ -335,10 +384,14 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
             if fs.exists(view_dir(root, k)):
                 fs.rm(view_dir(root, k), recursive=True)
         progress = ProgressPrinter(totals={t["name"]: len(splits.train) * len(group) for t in teachers},
-                                   prefix=f"[cache] views {group}: ")
+                                   prefix=f"[cache] views {ranges(group)}: ")
+        # a render batch of n samples becomes n x len(group) rows: sized so that it holds about batch_size
+        # rows whatever K is (else memory grows with the views of a pass)
         ds = split_to_ray(splits.train, rows_per_block=max(c.batch_size, 1024)).map_batches(
-            render_views, batch_format="numpy", batch_size=c.batch_size,
+            render_views, batch_format="numpy", batch_size=max(1, c.batch_size // len(group)),
             fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "policy": splits.policy.as_dict()})
+        check_fits({"CPU": c.cpus_per_actor, "GPU": c.gpus_per_actor if device == "cuda" else 0},
+                   "cache.cpus_per_actor/gpus_per_actor")
         for t in teachers:
             res = {"num_gpus": c.gpus_per_actor} if device == "cuda" else {}
             ds = ds.map_batches(
@@ -376,7 +429,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
                 raise CacheError(f"view {k}: wrote {rows} rows, expected {len(splits.train)}; not committed")
             views_meta[k] = {"fingerprint": fp, "view": k, "files": files, "rows": rows}
             write_json(fs, marker(root, k), views_meta[k])
-        log.info(f"[cache] views {group}: committed in {time.time() - t0:.1f}s")
+        log.info(f"[cache] views {ranges(group)}: committed in {time.time() - t0:.1f}s")
     from pipeline.config import dump_config
 
     with fs.open(posixpath.join(root, "config.resolved.yaml"), "wb") as f:  # the config that built it

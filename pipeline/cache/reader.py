@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.cache import columns as C
+from pipeline.errors import RaykdError
+from pipeline.records import Manifest, check
 from pipeline.cache.storage import (MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, CacheError, open_fs, read_json,
                                         read_parquet_part, storage_errors, storage_message, view_dir)
 
@@ -94,6 +96,9 @@ class Cache:
             raise CacheError(storage_message(uri, e)) from None
         if manifest is None:
             raise CacheError(f"{uri} is not a cache: no {MANIFEST} (an unfinished build? rerun `raykd cache`)")
+        if not isinstance(manifest, dict):
+            raise CacheError(f"{uri}/{MANIFEST}: not a raykd cache manifest (a JSON {type(manifest).__name__}, "
+                             "not an object)")
         version = manifest.get("schema_version")
         if version == 1:
             raise CacheError(f"{uri} is a cache of raykd's first layout (schema_version 1, its rows beside its JSON "
@@ -102,7 +107,10 @@ class Cache:
                              "retrained)")
         if version != SCHEMA_VERSION:
             raise CacheError(f"{uri}/{MANIFEST}: schema_version {version!r}, this raykd reads {SCHEMA_VERSION}")
-        self.manifest = manifest
+        try:
+            self.manifest = check(manifest, Manifest, f"{uri}/{MANIFEST}", "cache manifest")
+        except RaykdError as e:
+            raise CacheError(str(e)) from None
         self._check_files()
 
     # ---- what it holds

@@ -14,6 +14,7 @@ import time
 import uuid
 
 from pipeline.errors import ConfigError, RaykdError
+from pipeline.records import LockRecord, check
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -21,6 +22,7 @@ VIEWS, REFINED = "views", "refined"  # the data roots: the teachers' rows, the p
 LOCK = "_build.lock"  # held while a build runs: its owner and heartbeat
 BUILD = "_build.json"  # an unfinished build: its fingerprint (a rerun with the same inputs resumes it)
 HEARTBEAT_S, STALE_S = 10.0, 60.0
+
 
 
 def view_dir(root: str, k: int, data_root: str = VIEWS) -> str:
@@ -113,14 +115,21 @@ def storage_message(uri: str, e: BaseException) -> str:
     return f"{uri}: storage not reachable ({e.__class__.__name__}: {str(e)[:300]})"
 
 
-def read_json(fs, path: str) -> dict | None:
+def read_json(fs, path: str, schema=None, kind: str = "") -> dict | None:
+    """A JSON file of the store (None if missing), checked against `schema` (pipeline.records) when given."""
     try:
         with fs.open(path, "rb") as f:
-            return json.loads(f.read())
+            obj = json.loads(f.read())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, bad UTF-8
         raise CacheError(f"{path} is not valid JSON ({e}): the cache is corrupt") from None
+    if schema is None:
+        return obj
+    try:
+        return check(obj, schema, path, kind)
+    except RaykdError as e:
+        raise CacheError(str(e)) from None
 
 
 def write_json(fs, path: str, obj: dict) -> None:
@@ -190,17 +199,19 @@ def owner_alive(rec: dict) -> bool:
     return time.time() - rec.get("heartbeat", 0) < STALE_S
 
 
-class BuildLock:
-    """The right to build one cache: `_build.lock`, created atomically (`create_json`: link(2) on local disk,
-    a conditional PUT `If-None-Match: *` on S3), so that of two builds only one goes on, however their
-    writes interleave.
+class Lock:
+    """The right to write one output (a cache, a student's folder, ...): a lock file, created atomically
+    (`create_json`: link(2) on local disk, a conditional PUT `If-None-Match: *` on S3), so that of two
+    writers only one goes on, however their writes interleave.
     It names its owner and carries a heartbeat the owner refreshes every HEARTBEAT_S; it is removed when
-    the build ends. A lock whose owner died is taken over: one taker only, by first creating a marker named
+    the work ends. A lock whose owner died is taken over: one taker only, by first creating a marker named
     after that lock's token (atomically too). On a store that ignores conditional writes, a read-back after
     `settle_s` still catches most collisions (see the README)."""
 
-    def __init__(self, fs, root: str, uri: str, settle_s: float = 1.0):
-        self.fs, self.path, self.uri = fs, posixpath.join(root, LOCK), uri
+    def __init__(self, fs, root: str, uri: str, settle_s: float = 1.0, name: str = LOCK,
+                 what: str = "build of this cache", then: str = "it is reused then"):
+        self.fs, self.path, self.uri = fs, posixpath.join(root, name), uri
+        self.name, self.what, self.then = name, what, then
         self.settle_s = 0.0 if is_local(fs) else settle_s
         self.rec = {"token": uuid.uuid4().hex, "started": time.time(),
                     "owner": {"host": socket.gethostname(), "pid": os.getpid()}}
@@ -211,22 +222,25 @@ class BuildLock:
     def _refuse(self, other: dict) -> CacheError:
         o = other.get("owner") or {}
         age = time.time() - other.get("heartbeat", 0)
-        return CacheError(f"{self.uri}: another build of this cache is running (pid {o.get('pid')} on {o.get('host')}, "
-                          f"last heartbeat {age:.0f}s ago); wait for it to finish, it is reused then")
+        return CacheError(f"{self.uri}: another {self.what} is running (pid {o.get('pid')} on {o.get('host')}, "
+                          f"last heartbeat {age:.0f}s ago); wait for it to finish, {self.then}")
+
+    def _read(self) -> dict | None:
+        return read_json(self.fs, self.path, LockRecord, "lock")
 
     def _take(self) -> None:
         for _ in range(3):
             if create_json(self.fs, self.path, {**self.rec, "heartbeat": time.time()}):
                 return
-            other = read_json(self.fs, self.path)
+            other = self._read()
             if other is None:  # released meanwhile: try again
                 continue
             if owner_alive(other):
                 raise self._refuse(other)
             marker = f"{self.path}.{other.get('token', 'none')}"  # the dead owner's lock: one taker only
             if not create_json(self.fs, marker, self.rec):
-                raise CacheError(f"{self.uri}: another build is taking over the lock of a build that died "
-                                 f"({posixpath.basename(marker)}); if none is running, remove {LOCK}* there")
+                raise CacheError(f"{self.uri}: another process is taking over the lock of a {self.what} that died "
+                                 f"({posixpath.basename(marker)}); if none is running, remove {self.name}* there")
             try:
                 self.fs.rm(self.path)
             except FileNotFoundError:
@@ -235,20 +249,20 @@ class BuildLock:
             self.fs.rm(marker)
             if ok:
                 return
-        raise CacheError(f"{self.uri}: could not take the build lock {LOCK} (it keeps changing hands)")
+        raise CacheError(f"{self.uri}: could not take the lock {self.name} (it keeps changing hands)")
 
     def check(self) -> None:
         """Still ours? (A store without conditional writes, or an owner silent for STALE_S, can lose it.)"""
-        now = read_json(self.fs, self.path) or {}
+        now = self._read() or {}
         if now.get("token") != self.rec["token"]:
             self.lost = True
-            raise CacheError(f"{self.uri}: another build took this cache's lock (pid "
+            raise CacheError(f"{self.uri}: another process took the lock of this {self.what} (pid "
                              f"{(now.get('owner') or {}).get('pid')}); this one stops, nothing it wrote is committed")
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                now = read_json(self.fs, self.path) or {}
+                now = self._read() or {}
                 if now.get("token") != self.rec["token"]:
                     self.lost = True
                     return
@@ -264,7 +278,7 @@ class BuildLock:
             try:
                 self.check()
             except CacheError:
-                raise CacheError(f"{self.uri}: another build of this cache started at the same time; it goes on, "
+                raise CacheError(f"{self.uri}: another {self.what} started at the same time; it goes on, "
                                  "this one stops") from None
         self._thread.start()
         return self
@@ -275,7 +289,11 @@ class BuildLock:
             self._thread.join()
         if not self.lost:
             try:
-                if (read_json(self.fs, self.path) or {}).get("token") == self.rec["token"]:
+                if (self._read() or {}).get("token") == self.rec["token"]:
                     self.fs.rm(self.path)
             except FileNotFoundError:
                 pass
+
+
+class BuildLock(Lock):
+    """The right to build one cache: `_build.lock` at its root."""

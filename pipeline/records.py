@@ -1,0 +1,247 @@
+"""What stages write and read back: the output folders under `run.out_dir`, JSON records written whole or
+not at all and read against a schema, and the lock that lets one process at a time write an output.
+
+Every JSON file raykd reads back (a cache's manifest and commit records, a teacher's, the professor's or a
+student's record) is checked against its schema here: a file of another shape is one `RaykdError` naming
+it ("<file>: not a raykd <kind> (...)"), never an AttributeError deep in a stage. The schemas hold what
+raykd reads; other fields are kept as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError, RaykdError
+
+# --------------------------------------------------------------------------------------------------
+# schemas
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+def _file_name(v: str) -> str:
+    if not v or "/" in v or "\\" in v or v in (".", ".."):
+        raise ValueError(f"{v!r} is not a file name in its folder")
+    return v
+
+
+def _part_path(v: str) -> str:
+    if not re.fullmatch(r"(views|refined)/view=\d+/[^/\\]+\.parquet", v) or "/../" in f"/{v}/":
+        raise ValueError(f"{v!r} is not a part file of the cache (views/view=<k>/<file>.parquet or refined/...)")
+    return v
+
+
+FileName = Annotated[str, AfterValidator(_file_name)]
+PartPath = Annotated[str, AfterValidator(_part_path)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class PartFile(_Record):
+    path: PartPath
+    rows: Count
+    bytes: Count
+    sha256: str
+
+
+class CachedTeacher(_Record):
+    name: str
+    arch: str
+    checkpoint_sha256: str
+    val_acc: float
+    layers: dict[str, list[int]] = {}
+
+
+class CachedData(_Record):
+    name: str
+    fingerprint: str
+    num_classes: Annotated[int, Field(gt=0)]
+    train_samples: Count
+    image_shape: list[int]
+
+
+class CachedTopK(_Record):
+    k: Annotated[int, Field(gt=0)]
+    of: str
+    temperature: float
+
+
+class CachedTargets(_Record):
+    logits: bool
+    topk: CachedTopK | None = None
+
+
+class CachedProfessor(_Record):
+    fingerprint: str
+    files: list[PartFile]
+
+
+class Manifest(_Record):
+    schema_version: int
+    fingerprint: str
+    views: Annotated[int, Field(gt=0)]
+    dataset: CachedData
+    policy: dict[str, Any]
+    store_views: bool
+    targets: CachedTargets
+    teachers: list[CachedTeacher]
+    columns: dict[str, str]
+    shapes: dict[str, list[int]]
+    files: list[PartFile]
+    rows: Count
+    bytes: Count
+    professor: CachedProfessor | None = None
+
+
+class ViewCommit(_Record):
+    fingerprint: str
+    view: Count
+    files: list[PartFile]
+    rows: Count
+
+
+class BuildStarted(_Record):
+    fingerprint: str
+
+
+class LockOwner(_Record):
+    host: str | None = None
+    pid: int | None = None
+
+
+class LockRecord(_Record):
+    token: str
+    owner: LockOwner = LockOwner()
+    heartbeat: float = 0.0
+
+
+class Checkpoint(_Record):
+    file: FileName
+    sha256: str
+
+
+class Gate(_Record):
+    passed: bool
+    min_val_acc: float
+
+
+class TeacherRecord(_Record):
+    fingerprint: str
+    arch: str
+    best: Checkpoint
+    last: Checkpoint | None = None
+    val_acc: float
+    test_acc: float
+    gate: Gate
+
+
+class ProfessorRecord(_Record):
+    fingerprint: str
+    file: FileName
+    sha256: str
+
+
+class StudentRecord(_Record):
+    name: str
+    method: str
+    arch: str
+    fingerprint: str
+    files: dict[FileName, str]
+    val_acc: float
+    test_acc: float
+
+
+class DataStats(_Record):
+    mean: list[float]
+    std: list[float]
+
+
+def check(obj: Any, schema: type[BaseModel], where: str, kind: str) -> dict:
+    """`obj` (parsed JSON) if it has the shape of `schema`, else RaykdError: '<where>: not a raykd <kind> (...)'."""
+    if not isinstance(obj, dict):
+        raise RaykdError(f"{where}: not a raykd {kind} (a JSON {type(obj).__name__}, not an object)")
+    try:
+        schema.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
+        more = f"; {e.error_count() - 1} more" if e.error_count() > 1 else ""
+        raise RaykdError(f"{where}: not a raykd {kind} ({loc}: {first['msg'].removeprefix('Value error, ')}{more})") from None
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# local records
+
+
+def read_record(path: str, schema: type[BaseModel], kind: str, missing_ok: bool = True) -> dict | None:
+    """A record on local disk, checked against `schema`; None when it does not exist (and `missing_ok`).
+    Unreadable JSON, or JSON of another shape: RaykdError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise RaykdError(f"{path}: no such {kind}") from None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, bad UTF-8
+        raise RaykdError(f"{path}: not a readable {kind} ({e.__class__.__name__}: {e})") from None
+    return check(obj, schema, path, kind)
+
+
+def write_record(path: str, obj: Any, indent: int | None = 2) -> None:
+    """Write JSON whole or not at all: a temporary file beside it, then a rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# where outputs go
+
+
+def out_root(cfg) -> str:
+    """`run.out_dir` as an absolute path, created if need be; ConfigError naming it when it cannot be
+    (under a regular file, a read-only or virtual file system, no permission)."""
+    out = os.path.abspath(cfg.run.out_dir)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".raykd-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"run.out_dir={cfg.run.out_dir}: not a folder raykd can write in ({e.strerror or e})") from None
+    return out
+
+
+def inside(root: str, *parts: str) -> str:
+    """`root/parts...`, refused unless it stays inside `root` (no `..`, no absolute part)."""
+    path = os.path.normpath(os.path.join(root, *parts))
+    if os.path.commonpath([path, os.path.normpath(root)]) != os.path.normpath(root) or path == os.path.normpath(root):
+        raise ConfigError(f"{posixpath.join(*parts)!r} would write outside {root}")
+    return path
+
+
+OUTPUT_LOCK = ".raykd.lock"
+
+
+def output_lock(folder: str, what: str):
+    """The lock of one output folder (a student's, the teachers', the professor's, a sweep's): the cache's
+    lock (pipeline.cache.storage.Lock) on local disk. A second process that wants to write the same output is
+    refused, naming the running one; a dead owner's lock is taken over."""
+    import fsspec
+
+    from pipeline.cache.storage import Lock  # storage reads its records with this module's schemas
+
+    os.makedirs(folder, exist_ok=True)
+    return Lock(fsspec.filesystem("file"), folder, folder, name=OUTPUT_LOCK, what=what,
+                then="or give this one another name or run.out_dir")
