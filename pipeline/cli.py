@@ -148,6 +148,12 @@ def cmd_sweep(args) -> int:
 
 def cmd_inspect(args) -> int:
     from pipeline.cache import inspect_cache
+    from pipeline.config import check_endpoint
+
+    try:
+        check_endpoint(args.s3_endpoint)
+    except ValueError as e:
+        raise RaykdError(f"--s3-endpoint: {e}") from None
 
     print(inspect_cache(args.uri, args.s3_endpoint, verify=args.verify))
     return 0

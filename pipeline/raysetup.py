@@ -79,6 +79,7 @@ def init_ray(cfg) -> None:
     import ray
 
     if ray.is_initialized():
+        route_raylet_messages()
         return
     ray_cfg = cfg.ray
     for k, v in _ENV_DEFAULTS.items():
@@ -116,6 +117,29 @@ def init_ray(cfg) -> None:
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=store, include_dashboard=False,
              log_to_driver=LOG_TO_DRIVER)
     catch_sigterm()
+    route_raylet_messages()
+
+
+def route_raylet_messages() -> None:
+    """The raylet's error paragraphs (a worker that died, with its RayTask ID and exit detail), which Ray's
+    driver prints whatever log_to_driver says, go to the raykd logger at debug level (`-v`): raykd says
+    itself what failed and whether it is retried. RAYKD_LOG_TO_DRIVER=1 keeps Ray's own printing."""
+    import ray._private.worker as worker  # private: Ray is pinned to 2.60
+
+    if LOG_TO_DRIVER or getattr(worker.print_to_stdstream, "raykd", False):
+        return
+    ray_print = worker.print_to_stdstream
+
+    def to_log(data, ignore_prefix):
+        if data.get("pid") != "raylet":
+            return ray_print(data, ignore_prefix)
+        from pipeline.log import log
+
+        for line in data.get("lines", []):
+            log.debug(f"[ray] {' '.join(str(line).split())}")
+
+    to_log.raykd = True
+    worker.print_to_stdstream = to_log
 
 
 def started_here() -> str | None:

@@ -168,13 +168,13 @@ def run_teachers(cfg: Config) -> list[dict]:
 
 
 def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
-    write_resolved(cfg, os.path.join(out, "teachers"))
+    found = {spec.name: read_record(out, spec.name) for spec in cfg.teachers.models}  # all checked before any write
     records: dict[str, dict] = {}
     to_train: list[tuple[TeacherSpec, str]] = []
     for spec in cfg.teachers.models:
         tdir = teacher_dir(out, spec.name)
         fp = teacher_fingerprint(spec, cfg, splits.fingerprint)
-        rec = read_record(out, spec.name)
+        rec = found[spec.name]
         if rec is not None and rec.get("fingerprint") == fp and _files_intact(tdir, rec):
             log.info(f"[teachers] {spec.name}: up to date ({tdir}), not retrained")
         elif spec.checkpoint:
@@ -186,6 +186,7 @@ def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
             to_train.append((spec, fp))
             continue
         records[spec.name] = _finalise(rec, spec, fp, splits, cfg, tdir)
+    write_resolved(cfg, os.path.join(out, "teachers"))
     if to_train:
         records.update(_train_all(cfg, splits, out, to_train))
     ordered = [records[s.name] for s in cfg.teachers.models]
