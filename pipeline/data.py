@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, RaykdError
+from pipeline.log import log
+from pipeline.records import DataStats, read_record, write_record
 from pipeline.registry import Registry
 from pipeline.views import ViewPolicy
 
@@ -307,13 +309,15 @@ def _stats(images, fingerprint: str) -> tuple[tuple[float, ...], tuple[float, ..
     """Per-channel mean and std of the training images in [0, 1], in one pass of 1024-image chunks
     (float64 sums: no full-size float copy). A streamed folder's are kept under the raykd cache by the
     data fingerprint, so only the first stage that loads it decodes every image for them."""
-    import json
-
     path = os.path.join(cache_home(), "stats", f"{fingerprint}.json") if isinstance(images, FileImages) else None
     if path and os.path.isfile(path):
-        with open(path) as f:
-            d = json.load(f)
-        return tuple(d["mean"]), tuple(d["std"])
+        try:
+            d = read_record(path, DataStats, "record of image statistics")
+        except RaykdError as e:  # a cache of our own: measured again, and written over
+            log.warning(f"[data] {e}; measuring the statistics again")
+        else:
+            if len(d["mean"]) == len(d["std"]) == images.shape[3]:
+                return tuple(d["mean"]), tuple(d["std"])
     c = images.shape[3]
     n, s1, s2 = 0, np.zeros(c), np.zeros(c)
     for _, batch in chunks(images):
@@ -324,10 +328,7 @@ def _stats(images, fingerprint: str) -> tuple[tuple[float, ...], tuple[float, ..
     out = tuple(float(m) for m in mean), tuple(float(max(v, 1e-3)) for v in std)
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"mean": out[0], "std": out[1]}, f)
-        os.replace(tmp, path)
+        write_record(path, {"mean": out[0], "std": out[1]}, indent=None)
     return out
 
 

@@ -28,6 +28,7 @@ import torch
 
 from pipeline import plugins
 from pipeline.errors import CheckpointError, RaykdError, StageFailed
+from pipeline.records import LatestCheckpoint, check
 
 STATE_FILE = "train_state.pt"
 LATEST = "latest.json"
@@ -310,7 +311,11 @@ class CheckpointStore:
         info = self.fs.get_file_info(f"{self.dir}/{LATEST}")
         if info.type == pafs.FileType.NotFound:
             return None
-        name = json.loads(self._read(f"{self.dir}/{LATEST}"))["checkpoint"]
+        try:
+            name = check(json.loads(self._read(f"{self.dir}/{LATEST}")), LatestCheckpoint,
+                         f"{self.display}/{LATEST}", "checkpoint pointer")["checkpoint"]
+        except (ValueError, RaykdError) as e:
+            raise _unreadable(f"{self.display}/{LATEST}", self.display, e) from None
         path = f"{self.dir}/{name}/{STATE_FILE}"
         try:
             return _load_state(self._read(path))

@@ -158,6 +158,11 @@ class StudentRecord(_Record):
     test_acc: float
 
 
+class LatestCheckpoint(_Record):
+    checkpoint: Annotated[str, Field(pattern=r"^checkpoint_\d{6}$")]
+    epoch: int
+
+
 class DataStats(_Record):
     mean: list[float]
     std: list[float]

@@ -89,3 +89,8 @@ def test_only_safe_loaders_in_the_code():
                             "torch.load(" in line and "weights_only=True" not in line):
                         offenders.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
     assert not offenders, offenders
+    import yaml
+
+    from pipeline import yamlio
+
+    assert yamlio._StrictLoader.__mro__[1] is yaml.SafeLoader  # the config reader: SafeLoader's tags only
