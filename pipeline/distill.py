@@ -37,6 +37,7 @@ from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFaile
 from pipeline.harness import Job, JobFailed, JobRunner, Task, failure_message
 from pipeline.models import build_model, record_preprocess
 from pipeline.plugins import job_imports
+from pipeline.raysetup import check_fits
 from pipeline.records import StudentRecord, inside, out_root, output_lock, read_record, write_record
 from pipeline.schema import check_output_name
 from pipeline.tracking import tracking_spec
@@ -641,8 +642,6 @@ class _Students:
             init_ray(cfg)
         plan.times["ray_init_s"] = time.perf_counter() - t
         if not self.inline:  # refused before anything is written, rather than queued for ever
-            from pipeline.raysetup import check_fits
-
             check_fits({"CPU": d.workers.cpus_per_worker, "GPU": d.workers.gpus_per_worker if self.device == "cuda" else 0},
                        "distill.workers.cpus_per_worker/gpus_per_worker")
         try:  # one process trains a student at a time; it may have finished it meanwhile
