@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pipeline import yamlio
 from pipeline.errors import ConfigError
 
-from pipeline.schema import NAME_RE, OutputName, Section, Seed  # noqa: F401  (Section: the base of every section, methods' too)
+from pipeline.schema import NAME_RE, OutputName, Section, Seed, check_endpoint  # noqa: F401  (Section: the base of every section, methods' too)
 
 
 def _known_arch(v: str) -> str:
@@ -241,22 +241,6 @@ class TopKSection(Section):
 
 
 MAX_VIEWS = 1024  # a student cycles through them: more views than epochs adds nothing but rows
-
-
-def check_endpoint(v: str | None) -> str | None:
-    """An S3 endpoint is a URL: http(s)://host[:port]."""
-    from urllib.parse import urlsplit
-
-    if v is None:
-        return v
-    try:
-        u = urlsplit(v)
-        u.port  # noqa: B018  (raises on a port that is not a number)
-    except ValueError as e:
-        raise ValueError(f"{v!r} is not an endpoint URL ({e}); give http(s)://host[:port]") from None
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError(f"{v!r} is not an endpoint URL; give http(s)://host[:port], e.g. http://127.0.0.1:9000")
-    return v
 
 
 class CacheSection(Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -18,6 +19,20 @@ def check_output_name(v: str) -> str:
     if not OUTPUT_RE.match(v):
         raise ValueError(f"{v[:120]!r} is not a folder name: use letters, digits, '_', '-' and '.', starting with a "
                          "letter or digit, at most 100 characters (it names one folder under run.out_dir)")
+    return v
+
+
+def check_endpoint(v: str | None) -> str | None:
+    """An S3 endpoint is a URL: http(s)://host[:port]."""
+    if v is None:
+        return v
+    try:
+        u = urlsplit(v)
+        u.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as e:
+        raise ValueError(f"{v!r} is not an endpoint URL ({e}); give http(s)://host[:port]") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"{v!r} is not an endpoint URL; give http(s)://host[:port], e.g. http://127.0.0.1:9000")
     return v
 
 

@@ -15,6 +15,7 @@ import uuid
 
 from pipeline.errors import ConfigError, RaykdError
 from pipeline.records import LockRecord, check
+from pipeline.schema import check_endpoint
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -83,6 +84,11 @@ def open_fs(uri: str, s3_endpoint: str | None = None):
 
     opts = {}
     endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and not s3_endpoint:
+        try:
+            check_endpoint(endpoint)
+        except ValueError as e:
+            raise ConfigError(f"AWS_ENDPOINT_URL: {e}") from None
     if uri.startswith(("s3://", "s3a://")) and endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
     try:
