@@ -36,6 +36,9 @@ from pipeline.progress import ProgressPrinter, emit
 from pipeline.log import log
 from pipeline.views import ViewPolicy, make_views
 
+RENDER_ROWS = 4096  # rows of one render batch, at most: batch_size samples x the views of a pass
+
+
 def cache_uri(cfg: Config) -> str:
     return cfg.cache.uri or os.path.join(os.path.abspath(cfg.run.out_dir), "cache")
 
@@ -385,10 +388,10 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
                 fs.rm(view_dir(root, k), recursive=True)
         progress = ProgressPrinter(totals={t["name"]: len(splits.train) * len(group) for t in teachers},
                                    prefix=f"[cache] views {ranges(group)}: ")
-        # a render batch of n samples becomes n x len(group) rows: sized so that it holds about batch_size
-        # rows whatever K is (else memory grows with the views of a pass)
+        # a render batch of n samples becomes n x len(group) rows: at most RENDER_ROWS of them whatever K
+        # is (else its memory grows with the views of a pass); a few views a pass render batch_size samples
         ds = split_to_ray(splits.train, rows_per_block=max(c.batch_size, 1024)).map_batches(
-            render_views, batch_format="numpy", batch_size=max(1, c.batch_size // len(group)),
+            render_views, batch_format="numpy", batch_size=max(1, min(c.batch_size, RENDER_ROWS // len(group))),
             fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "policy": splits.policy.as_dict()})
         check_fits({"CPU": c.cpus_per_actor, "GPU": c.gpus_per_actor if device == "cuda" else 0},
                    "cache.cpus_per_actor/gpus_per_actor")
