@@ -388,7 +388,7 @@ def test_two_processes_one_student(built_cfg, cli, tmp_path, monkeypatch):
 
     cfg, path = built_cfg
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    args = ["distill", "-c", path, "distill.name=twice", "distill.optim.epochs=60", "distill.workers.torch_threads=1"]
+    args = ["distill", "-c", path, "distill.name=twice", "distill.optim.epochs=100", "distill.workers.torch_threads=1"]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, f"run.out_dir={tmp_path / 'a'}"],
                              stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -425,15 +425,15 @@ def test_a_killed_worker_is_raykds_line_not_rays_paragraph(built_cfg, cli, capsy
     assert "Worker exit type" not in text and "RayTask ID" not in text, text[-3000:]
 
 
-def test_sigterm_is_an_interrupt_and_the_rerun_resumes(built, ray_session, tmp_path, digits):
-    """SIGTERM to a running build: the interrupted line and exit 143 (not Ray's abort and C++ stack); the
-    same command again finishes the cache, every row once."""
+def test_sigterm_is_an_interrupt(built, ray_session, tmp_path):
+    """SIGTERM to a running build: the interrupted line and exit 143 (not Ray's abort and C++ stack), the
+    committed view kept and the lock let go, as after Ctrl-C (that a rerun then resumes is
+    tests/test_cache.py::test_killed_driver_then_rerun_completes_each_row_once)."""
     import signal
     import subprocess
     import sys
 
-    from conftest import ROOT, TEACHERS, digits_cfg
-    from pipeline.cache import Cache, build_cache, column_array
+    from conftest import ROOT, TEACHERS
 
     cfg, _ = built
     uri = str(tmp_path / "terminated")
@@ -453,10 +453,8 @@ def test_sigterm_is_an_interrupt_and_the_rerun_resumes(built, ray_session, tmp_p
     text = open(tmp_path / "driver.log").read()
     assert "raykd: interrupted (SIGTERM); rerun the same command to resume" in text, text[-3000:]
     assert "SIGABRT" not in text and "*** " not in text and "Traceback" not in text, text[-3000:]
-    m = build_cache(digits_cfg(cfg.run.out_dir, *extra))
-    t = Cache(uri).read_table(["sample_id", "view_id"])
-    pairs = set(zip(column_array(t, "sample_id").tolist(), column_array(t, "view_id").tolist()))
-    assert m["rows"] == t.num_rows == len(pairs) == 2 * len(digits.train)
+    assert os.path.exists(marker) and not os.path.exists(os.path.join(uri, "manifest.json"))
+    assert not os.path.exists(os.path.join(uri, "_build.lock"))  # released on the way out, not left to go stale
 
 
 JOIN = """
