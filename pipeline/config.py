@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any, Literal
-
 import reprlib
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
@@ -586,11 +585,7 @@ def _read_yaml(path: str) -> dict:
         raise ConfigError(f"config file {path} is a {'directory' if os.path.isdir(path) else 'special file'}, "
                           "not a YAML file (-c takes a file, e.g. configs/demo.yaml)")
     try:
-        if os.path.getsize(path) > yamlio.MAX_BYTES:
-            raise yamlio.YamlError(f"{os.path.getsize(path):,} bytes; a raykd YAML is at most "
-                                   f"{yamlio.MAX_BYTES // 2**20} MiB")
-        with open(path, encoding="utf-8") as f:
-            raw = yamlio.load(f.read())
+        raw = yamlio.load_file(path)
     except yamlio.YamlError as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
@@ -616,14 +611,13 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     # Overrides land on the file's values with the defaults filled in, so a list item (a teacher) can
     # be addressed by index even when the file did not spell the list out.
     tree = Config.model_validate(tree).model_dump(mode="json", exclude_unset=False)
-    given = {}  # method.<name> blocks the command line sets
+    given = {}  # method -> the override that sets its options
     for text in overrides:
         p, v = parse_override(text)
         _set_path(tree, p, v, text)
-        if p[0] == "method" and len(p) > 1:
-            given[f"method.{p[1]}"] = f"command line override {_short(text)}"
-        elif p == ["method"] and isinstance(v, dict):
-            given.update({f"method.{k}": f"command line override {_short(text)}" for k in v})
+        for path in ([["method", k] for k in v] if p == ["method"] and isinstance(v, dict) else [p]):
+            if name := _options_of(path):
+                given[name] = f"command line override {_short(text)}"
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
@@ -640,16 +634,21 @@ def _picked_methods(cfg: Config) -> set[str]:
     return names
 
 
+def _options_of(path: list) -> str | None:
+    """The method whose own options `path` (method.<name>[...]) sets, or None."""
+    if len(path) > 1 and path[0] == "method" and path[1] in MethodSection.model_fields \
+            and path[1] not in MethodBase.model_fields:
+        return path[1]
+    return None
+
+
 def _check_method_options(cfg: Config, given: dict[str, str]) -> Config:
     """Options (method.<name>.*) set on the command line for a method the config never trains would be
     ignored: refused. A file may hold several methods' options (a profile that the command line picks from)."""
-    from methods import METHODS
-
     picked = _picked_methods(cfg)
-    for key, source in given.items():
-        name = key.split(".", 1)[1]
-        if name in METHODS.names() and name not in picked:
-            raise ConfigError(f"{source}: '{key}' sets options of method {name}, but method.name is "
+    for name, source in given.items():
+        if name not in picked:
+            raise ConfigError(f"{source}: 'method.{name}' sets options of method {name}, but method.name is "
                               f"{cfg.method.name} and no run.compare entry or sweep.space picks {name}: they would "
                               f"be ignored (set method.name={name}, or drop them)")
     return cfg
@@ -661,10 +660,8 @@ def _check_compare(cfg: Config, source: str) -> Config:
     for i, changes in enumerate(cfg.run.compare):
         v = variant(cfg, changes, f"{source}: run.compare.{i}")
         for key in changes:
-            parts = key.split(".") if isinstance(key, str) else []
-            if len(parts) > 2 and parts[0] == "method" and parts[1] in type(v.method).model_fields \
-                    and parts[1] not in MethodBase.model_fields and parts[1] != v.method.name:
-                raise ConfigError(f"{source}: run.compare.{i}: '{key}' sets options of method {parts[1]}, but this "
+            if (name := _options_of(key.split("."))) and name != v.method.name:
+                raise ConfigError(f"{source}: run.compare.{i}: '{key}' sets options of method {name}, but this "
                                   f"entry trains {v.method.name}: they would be ignored")
     return cfg
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.errors import DataError, RaykdError
 from pipeline.log import log
-from pipeline.records import DataStats, read_record, write_record
+from pipeline.records import DataStats, load_record, write_record
 from pipeline.registry import Registry
 from pipeline.views import ViewPolicy
 
@@ -312,7 +312,7 @@ def _stats(images, fingerprint: str) -> tuple[tuple[float, ...], tuple[float, ..
     path = os.path.join(cache_home(), "stats", f"{fingerprint}.json") if isinstance(images, FileImages) else None
     if path and os.path.isfile(path):
         try:
-            d = read_record(path, DataStats, "record of image statistics")
+            d = load_record(path, DataStats, "record of image statistics")
         except RaykdError as e:  # a cache of our own: measured again, and written over
             log.warning(f"[data] {e}; measuring the statistics again")
         else:

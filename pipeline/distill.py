@@ -38,7 +38,7 @@ from pipeline.harness import Job, JobFailed, JobRunner, Task, failure_message
 from pipeline.models import build_model, record_preprocess
 from pipeline.plugins import job_imports
 from pipeline.raysetup import check_fits
-from pipeline.records import StudentRecord, inside, out_root, output_lock, read_record, write_record
+from pipeline.records import StudentRecord, inside, load_record, out_root, output_lock, write_record
 from pipeline.schema import check_output_name
 from pipeline.tracking import tracking_spec
 from pipeline.progress import ProgressPrinter
@@ -516,7 +516,7 @@ def finish_student(p: Plan, res) -> dict:
 def read_student(sdir: str) -> dict | None:
     """A student's record (None if it has none; an error naming it if it is not one)."""
     try:
-        return read_record(os.path.join(sdir, RECORD), StudentRecord, "student record")
+        return load_record(os.path.join(sdir, RECORD), StudentRecord, "student record")
     except RaykdError as e:
         raise RaykdError(f"{e}; move its folder away to train it again") from None
 

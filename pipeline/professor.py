@@ -31,15 +31,13 @@ from pipeline.cache import (MANIFEST, REFINED, Cache, CacheError, TargetReader, 
 from pipeline.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
 from pipeline.config import Config, write_resolved
 from pipeline.harness import Job, Task
-from pipeline import records
 from pipeline.plugins import job_imports
-from pipeline.records import ProfessorRecord, out_root, output_lock
+from pipeline.records import ProfessorRecord, load_record, out_root, output_lock, write_record
 from pipeline.tracking import tracking_spec
 from pipeline.progress import Console, ProgressPrinter
 from pipeline.log import log
 
 RECORD = "professor.json"
-
 
 
 def professor_fingerprint(cache_fp: str, cfg: Config) -> str:
@@ -369,11 +367,11 @@ def _measure(cache: Cache, pfiles: list[dict], lc: dict) -> dict:
 
 def read_record(out: str) -> dict | None:
     """The professor's record (None if it has none; an error naming it if it is not one)."""
-    return records.read_record(os.path.join(out, RECORD), ProfessorRecord, "professor record")
+    return load_record(os.path.join(out, RECORD), ProfessorRecord, "professor record")
 
 
 def _write_record(out: str, rec: dict) -> None:
-    records.write_record(os.path.join(out, RECORD), rec)
+    write_record(os.path.join(out, RECORD), rec)
 
 
 def _intact(out: str, rec: dict) -> bool:

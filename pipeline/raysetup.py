@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from pipeline.errors import ConfigError
+from pipeline.log import log
 
 # Set before ray.init so every Ray process inherits them; a user's own value wins.
 _ENV_DEFAULTS = {
@@ -86,8 +87,6 @@ def init_ray(cfg) -> None:
         os.environ.setdefault(k, v)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if not address and (address := started_here()):
-        from pipeline.log import log
-
         ignored = [k for k in ("num_cpus", "object_store_mb") if getattr(ray_cfg, k) is not None]
         log.info(f"[ray] joining the Ray cluster running on this machine (`ray start`, {address}), as ray.init() "
                  "does" + (f"; ray.{' and ray.'.join(ignored)} apply only to a Ray that raykd starts" if ignored else "")
@@ -108,8 +107,8 @@ def init_ray(cfg) -> None:
                 held.drop = True
                 raise ConfigError(connection_message(address, e, held.text())) from None
         _connected_address = address
-        if _catching_sigterm:
-            catch_sigterm()
+        catch_sigterm()
+        route_raylet_messages()
         return
     num_cpus = ray_cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     store = ray_cfg.object_store_mb * 2**20 if ray_cfg.object_store_mb else None
@@ -133,8 +132,6 @@ def route_raylet_messages() -> None:
     def to_log(data, ignore_prefix):
         if data.get("pid") != "raylet":
             return ray_print(data, ignore_prefix)
-        from pipeline.log import log
-
         for line in data.get("lines", []):
             log.debug(f"[ray] {' '.join(str(line).split())}")
 
@@ -235,6 +232,9 @@ def is_local_session() -> bool:
 _connected_address: str | None = None
 
 
+_fits: set[frozenset] = set()  # requests seen to fit: one look at the cluster per kind of request
+
+
 def check_fits(request: dict[str, float], key: str) -> None:
     """Refuse, before it waits, a request (per worker or actor: {"CPU": 2, "GPU": 1}) that no node of this
     machine's Ray can hold: Ray would queue it for ever. On a cluster an autoscaler may add such a node:
@@ -242,8 +242,11 @@ def check_fits(request: dict[str, float], key: str) -> None:
     import ray
 
     need = {k: v for k, v in request.items() if v}
+    if not need or frozenset(need.items()) in _fits:
+        return
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if not need or any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+    if any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+        _fits.add(frozenset(need.items()))  # nodes come and go, but one that held it once will do again
         return
     asked = ", ".join(f"{v:g} {k}" for k, v in need.items())
     largest = ", ".join(f"{max((r.get(k, 0) for r in nodes), default=0):g} {k}" for k in need)
@@ -251,8 +254,6 @@ def check_fits(request: dict[str, float], key: str) -> None:
         more = " (ray.num_cpus)" if "CPU" in need else ""
         raise ConfigError(f"{key}: each asks for {asked}, but this machine's Ray has {largest}: it would wait for ever; "
                           f"ask for less, or give the local Ray more{more}")
-    from pipeline.log import log
-
     log.warning(f"[ray] {key}: each asks for {asked}, and no node of the cluster has that much now (the largest: "
                 f"{largest}); it waits until the autoscaler adds one")
 

@@ -168,17 +168,17 @@ class DataStats(_Record):
     std: list[float]
 
 
-def check(obj: Any, schema: type[BaseModel], where: str, kind: str) -> dict:
-    """`obj` (parsed JSON) if it has the shape of `schema`, else RaykdError: '<where>: not a raykd <kind> (...)'."""
+def check(obj: Any, schema: type[BaseModel], where: str, kind: str, error: type[RaykdError] = RaykdError) -> dict:
+    """`obj` (parsed JSON) if it has the shape of `schema`, else `error`: '<where>: not a raykd <kind> (...)'."""
     if not isinstance(obj, dict):
-        raise RaykdError(f"{where}: not a raykd {kind} (a JSON {type(obj).__name__}, not an object)")
+        raise error(f"{where}: not a raykd {kind} (a JSON {type(obj).__name__}, not an object)")
     try:
         schema.model_validate(obj)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
         more = f"; {e.error_count() - 1} more" if e.error_count() > 1 else ""
-        raise RaykdError(f"{where}: not a raykd {kind} ({loc}: {first['msg'].removeprefix('Value error, ')}{more})") from None
+        raise error(f"{where}: not a raykd {kind} ({loc}: {first['msg'].removeprefix('Value error, ')}{more})") from None
     return obj
 
 
@@ -186,7 +186,7 @@ def check(obj: Any, schema: type[BaseModel], where: str, kind: str) -> dict:
 # local records
 
 
-def read_record(path: str, schema: type[BaseModel], kind: str, missing_ok: bool = True) -> dict | None:
+def load_record(path: str, schema: type[BaseModel], kind: str, missing_ok: bool = True) -> dict | None:
     """A record on local disk, checked against `schema`; None when it does not exist (and `missing_ok`).
     Unreadable JSON, or JSON of another shape: RaykdError naming the file."""
     try:

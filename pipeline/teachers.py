@@ -24,9 +24,8 @@ from pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from pipeline.models import Preprocess, build_model, record_preprocess
-from pipeline import records
 from pipeline.plugins import job_imports
-from pipeline.records import TeacherRecord, out_root, output_lock, write_record
+from pipeline.records import TeacherRecord, inside, load_record, out_root, output_lock, write_record
 from pipeline.tracking import tracking_spec
 from pipeline.progress import Console, ProgressPrinter
 from pipeline.harness import Job, Task
@@ -37,7 +36,7 @@ RECORD = "teacher.json"
 
 
 def teacher_dir(out_dir: str, name: str) -> str:
-    return records.inside(out_dir, "teachers", name)
+    return inside(out_dir, "teachers", name)
 
 
 def teacher_fingerprint(spec: TeacherSpec, cfg: Config, data_fp: str) -> str:
@@ -326,7 +325,7 @@ def read_record(out_dir: str, name: str) -> dict | None:
     """A teacher's record (None if it has none); one that is unreadable or of another shape is an error
     naming it, never a reason to train over the files it describes."""
     try:
-        return records.read_record(os.path.join(teacher_dir(out_dir, name), RECORD), TeacherRecord, "teacher record")
+        return load_record(os.path.join(teacher_dir(out_dir, name), RECORD), TeacherRecord, "teacher record")
     except RaykdError as e:
         raise CheckpointError(f"{e}; move its folder away to train teacher {name!r} again") from None
 

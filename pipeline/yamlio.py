@@ -3,6 +3,8 @@ and aliases that cannot expand past a bound (a "billion laughs" file is refused,
 
 from __future__ import annotations
 
+import os
+
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -65,6 +67,15 @@ def _expanded_size(root: Node) -> int:
         kids = node.value if isinstance(node, SequenceNode) else [n for kv in node.value for n in kv]
         stack.extend((k, False) for k in kids if id(k) not in size)
     return size[id(root)]
+
+
+def load_file(path: str):
+    """A YAML file, size-checked before it is read."""
+    size = os.path.getsize(path)
+    if size > MAX_BYTES:
+        raise YamlError(f"{size:,} bytes; a raykd YAML is at most {MAX_BYTES // 2**20} MiB")
+    with open(path, encoding="utf-8") as f:
+        return load(f.read())
 
 
 def load(text: str):

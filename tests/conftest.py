@@ -113,3 +113,24 @@ def digit_folder(tmp_path, digits):
             os.makedirs(tmp_path / split / f"c{y}", exist_ok=True)
             Image.fromarray(np.repeat(np.repeat(img[..., 0], 3, 0), 3, 1)).save(tmp_path / split / f"c{y}" / f"{i:03d}.jpg")
     return tmp_path
+
+
+def build_until_view_0(cfg, ray_session, tmp_path, extra):
+    """`raykd cache` (the shared run's teachers, connected to the session's Ray) as its own process, with
+    `extra` overrides (a cache.uri among them), once it has committed view 0: (process, its log file)."""
+    import subprocess
+    import sys
+    import time
+
+    uri = next(e.split("=", 1)[1] for e in extra if e.startswith("cache.uri="))
+    argv = [sys.executable, "-m", "pipeline.cli", "cache", "--address", ray_session.get_runtime_context().gcs_address,
+            f"run.out_dir={cfg.run.out_dir}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2",
+            "cache.layers={b: [stage2, stage3]}", *extra]
+    log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would block the driver
+    proc = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    marker = os.path.join(uri, "_views", "view=0.json")
+    deadline = time.time() + 240
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert os.path.exists(marker), log.read_text()[-3000:]
+    return proc, log

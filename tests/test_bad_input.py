@@ -430,27 +430,17 @@ def test_sigterm_is_an_interrupt(built, ray_session, tmp_path):
     committed view kept and the lock let go, as after Ctrl-C (that a rerun then resumes is
     tests/test_cache.py::test_killed_driver_then_rerun_completes_each_row_once)."""
     import signal
-    import subprocess
-    import sys
 
-    from conftest import ROOT, TEACHERS
+    from conftest import build_until_view_0
 
     cfg, _ = built
     uri = str(tmp_path / "terminated")
-    extra = [f"cache.uri={uri}", "cache.views=2", "cache.views_per_pass=1"]
-    argv = [sys.executable, "-m", "pipeline.cli", "cache", "--address", ray_session.get_runtime_context().gcs_address,
-            f"run.out_dir={cfg.run.out_dir}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2",
-            "cache.layers={b: [stage2, stage3]}", *extra]
-    log = open(tmp_path / "driver.log", "w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc, log = build_until_view_0(cfg, ray_session, tmp_path, [f"cache.uri={uri}", "cache.views=2",
+                                                                "cache.views_per_pass=1"])
     marker = os.path.join(uri, "_views", "view=0.json")
-    deadline = time.time() + 240
-    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert os.path.exists(marker), open(tmp_path / "driver.log").read()[-3000:]
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143, open(tmp_path / "driver.log").read()[-3000:]
-    text = open(tmp_path / "driver.log").read()
+    assert proc.wait(timeout=60) == 143, log.read_text()[-3000:]
+    text = log.read_text()
     assert "raykd: interrupted (SIGTERM); rerun the same command to resume" in text, text[-3000:]
     assert "SIGABRT" not in text and "*** " not in text and "Traceback" not in text, text[-3000:]
     assert os.path.exists(marker) and not os.path.exists(os.path.join(uri, "manifest.json"))

@@ -16,7 +16,7 @@ from pipeline.data import normalize
 from pipeline.teachers import load_teacher
 from pipeline.views import apply_views
 
-from conftest import TEACHERS, digits_cfg
+from conftest import TEACHERS, build_until_view_0, digits_cfg
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,21 +228,12 @@ def test_s3_round_trip(built, s3_endpoint):
 def test_killed_driver_then_rerun_completes_each_row_once(built, ray_session, tmp_path, digits):
     """Kill the driver (SIGKILL) after it committed view 0 of 3; the rerun keeps view 0 and builds the rest."""
     import signal
-    import time
 
     cfg, _ = built
     uri = str(tmp_path / "killed")
     extra = [f"cache.uri={uri}", "cache.views=3", "cache.views_per_pass=1"]
-    address = ray_session.get_runtime_context().gcs_address
-    argv = [sys.executable, "-m", "pipeline.cli", "cache", "--address", address, f"run.out_dir={cfg.run.out_dir}",
-            "run.device=cpu", TEACHERS, "teachers.optim.epochs=2", "cache.layers={b: [stage2, stage3]}", *extra]
-    log = open(tmp_path / "driver.log", "w")  # a file, not a pipe: a full pipe would block the driver
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc, _ = build_until_view_0(cfg, ray_session, tmp_path, extra)
     marker = os.path.join(uri, "_views", "view=0.json")
-    deadline = time.time() + 240
-    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert os.path.exists(marker), open(tmp_path / "driver.log").read()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not os.path.exists(os.path.join(uri, "manifest.json"))

@@ -224,13 +224,10 @@ def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> d
     except storage_errors() as e:
         raise CacheError(storage_message(f"cache.uri={uri}", e)) from None
     if manifest is not None and not overwrite:
-        if not isinstance(manifest, dict):
-            raise CacheError(f"{uri}/{MANIFEST}: not a raykd cache manifest (a JSON {type(manifest).__name__}, not an "
-                             "object); use another cache.uri, or --overwrite to replace what is there")
-        if manifest.get("schema_version") == SCHEMA_VERSION:
+        if not isinstance(manifest, dict) or manifest.get("schema_version") == SCHEMA_VERSION:
             try:
-                check(manifest, Manifest, f"{uri}/{MANIFEST}", "cache manifest")
-            except RaykdError as e:
+                check(manifest, Manifest, f"{uri}/{MANIFEST}", "cache manifest", CacheError)
+            except CacheError as e:
                 raise CacheError(f"{e}; use another cache.uri, or --overwrite to replace what is there") from None
             _refuse_other_inputs(cfg, splits, uri, manifest)
     try:
@@ -376,6 +373,9 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
             todo.append(k)
     if views_meta:
         log.info(f"[cache] views {ranges(sorted(views_meta))} already committed, kept")
+    if todo:
+        check_fits({"CPU": c.cpus_per_actor, "GPU": c.gpus_per_actor if device == "cuda" else 0},
+                   "cache.cpus_per_actor/gpus_per_actor")
     per_pass = c.views_per_pass or len(todo) or 1
     for group in [todo[i:i + per_pass] for i in range(0, len(todo), per_pass)]:
         t0 = time.time()
@@ -393,8 +393,6 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
         ds = split_to_ray(splits.train, rows_per_block=max(c.batch_size, 1024)).map_batches(
             render_views, batch_format="numpy", batch_size=max(1, min(c.batch_size, RENDER_ROWS // len(group))),
             fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "policy": splits.policy.as_dict()})
-        check_fits({"CPU": c.cpus_per_actor, "GPU": c.gpus_per_actor if device == "cuda" else 0},
-                   "cache.cpus_per_actor/gpus_per_actor")
         for t in teachers:
             res = {"num_gpus": c.gpus_per_actor} if device == "cuda" else {}
             ds = ds.map_batches(

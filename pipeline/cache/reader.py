@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.cache import columns as C
-from pipeline.errors import RaykdError
 from pipeline.records import Manifest, check
 from pipeline.cache.storage import (MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, CacheError, open_fs, read_json,
                                         read_parquet_part, storage_errors, storage_message, view_dir)
@@ -97,8 +96,7 @@ class Cache:
         if manifest is None:
             raise CacheError(f"{uri} is not a cache: no {MANIFEST} (an unfinished build? rerun `raykd cache`)")
         if not isinstance(manifest, dict):
-            raise CacheError(f"{uri}/{MANIFEST}: not a raykd cache manifest (a JSON {type(manifest).__name__}, "
-                             "not an object)")
+            check(manifest, Manifest, f"{uri}/{MANIFEST}", "cache manifest", CacheError)  # names the shape
         version = manifest.get("schema_version")
         if version == 1:
             raise CacheError(f"{uri} is a cache of raykd's first layout (schema_version 1, its rows beside its JSON "
@@ -107,10 +105,7 @@ class Cache:
                              "retrained)")
         if version != SCHEMA_VERSION:
             raise CacheError(f"{uri}/{MANIFEST}: schema_version {version!r}, this raykd reads {SCHEMA_VERSION}")
-        try:
-            self.manifest = check(manifest, Manifest, f"{uri}/{MANIFEST}", "cache manifest")
-        except RaykdError as e:
-            raise CacheError(str(e)) from None
+        self.manifest = check(manifest, Manifest, f"{uri}/{MANIFEST}", "cache manifest", CacheError)
         self._check_files()
 
     # ---- what it holds

@@ -25,7 +25,6 @@ BUILD = "_build.json"  # an unfinished build: its fingerprint (a rerun with the 
 HEARTBEAT_S, STALE_S = 10.0, 60.0
 
 
-
 def view_dir(root: str, k: int, data_root: str = VIEWS) -> str:
     """The Hive partition of view k under a data root: <root>/views/view=k (or refined/view=k)."""
     return posixpath.join(root, data_root, f"view={k}")
@@ -130,12 +129,7 @@ def read_json(fs, path: str, schema=None, kind: str = "") -> dict | None:
         return None
     except ValueError as e:  # JSONDecodeError, bad UTF-8
         raise CacheError(f"{path} is not valid JSON ({e}): the cache is corrupt") from None
-    if schema is None:
-        return obj
-    try:
-        return check(obj, schema, path, kind)
-    except RaykdError as e:
-        raise CacheError(str(e)) from None
+    return obj if schema is None else check(obj, schema, path, kind, CacheError)
 
 
 def write_json(fs, path: str, obj: dict) -> None:
