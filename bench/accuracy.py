@@ -54,6 +54,11 @@ VARIANTS = {
     "aekt": ({"method.name": "aekt"}, LOGITS),
     "aekt_no_norm": ({"method.name": "aekt", "method.aekt.normalize": False}, LOGITS),
     "skd": ({"method.name": "skd"}, LOGITS),
+    # SKD's reduction when its per-sample temperature sits at the floor tau / r (r = 2): KD with the teacher at 2
+    "skd_fixed": ({"method.name": "kd", "method.kd.teacher_temperature": 2.0}, LOGITS),
+    # FEED's and IMF's baselines on their own (K = cache.views) cache
+    "ce_features": ({"method.name": "ce"}, FEATURES),
+    "kd_features": ({"method.name": "kd"}, FEATURES),
     "pfeed": ({"method.name": "feed"}, FEATURES),
     "sfeed": ({"method.name": "feed", "method.feed.generations": 2}, FEATURES),
     "imf": ({"method.name": "imf"}, FEATURES),

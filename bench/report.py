@@ -29,10 +29,12 @@ NAMES = {
     "kd_online": "KD, teachers online", "dkd": "DKD", "aekt": "AEKT", "aekt_no_norm": "AEKT, `normalize: false`",
     "skd": "SKD", "pfeed": "pFEED (3 teachers)", "sfeed": "sFEED (2 generations)", "imf": "IMF (full student)",
     "imf_ce": "IMF architecture, CE only (control)", "imf_kd": "IMF architecture, KD at IMF's beta (control)",
+    "skd_fixed": "KD, teacher at τ/r, student at τ (SKD's reduction)", "ce_features": "CE on the feature cache",
+    "kd_features": "KD on the feature cache",
 }
 ENSEMBLES = ("kd_ca_mkd", "kd_entropy", "kd_ae_kd")
 # rows that are not methods but baselines or controls: the "above CE" target does not apply to them
-CONTROLS = ("ce", "imf_ce", "imf_kd", "kd_aa_online", "kd_wce1", "label_mix")
+CONTROLS = ("ce", "imf_ce", "imf_kd", "kd_aa_online", "kd_wce1", "label_mix", "skd_fixed", "ce_features", "kd_features")
 
 
 def _load(folder: str, name: str) -> dict | None:
@@ -84,6 +86,42 @@ def accuracy_rows(acc: dict) -> list[tuple[str, dict]]:
     return rows
 
 
+def best_by_val(ms: dict, candidates) -> str | None:
+    """The candidate row with the best mean validation accuracy (the test set chooses nothing); None when a
+    candidate has no validation accuracy recorded."""
+    if any("val_acc_mean" not in ms[m] for m in candidates):
+        return None
+    return max(candidates, key=lambda m: ms[m]["val_acc_mean"])
+
+
+# each seed method's nearest baselines: the rows that could explain its gain
+NEAREST = {
+    "dkd": ("kd", "kd_wce1"), "aekt": ("dkd", "kd_wce1"), "skd": ("skd_fixed", "kd"),
+    "professor_kd": ("label_mix", "kd"), "pfeed": ("ce_features", "kd_features"), "imf": ("imf_kd", "kd_features"),
+    "kd_ae_kd": ("kd", "kd_best"),
+}
+
+
+def verdicts(ms: dict) -> list[tuple[str, str, str]]:
+    """(method, verdict, measured) for each seed method with rows for it and its nearest baselines:
+    reproduced when its paired 95 % CI lies above 0 against every nearest baseline, partly when against
+    some, not reproduced when against none. IMF is judged by its exported model."""
+    out = []
+    for m, bases in NEAREST.items():
+        if "per_seed" not in ms.get(m, {}):
+            continue
+        row = ms[m].get("inference", ms[m]) if m == "imf" else ms[m]
+        ds = {b: paired(row, ms[b].get("inference", ms[b]) if b == "imf_kd" else ms[b])
+              for b in bases if "per_seed" in ms.get(b, {})}
+        ds = {b: d for b, d in ds.items() if d}
+        if not ds:
+            continue
+        above = [b for b, d in ds.items() if d["mean"] - d["ci95"] > 0]
+        verdict = "reproduced" if len(above) == len(ds) else "partly" if above else "not reproduced"
+        out.append((NAMES.get(m, m), verdict, "; ".join(f"− {NAMES.get(b, b)} {_d(d)} pp" for b, d in ds.items())))
+    return out
+
+
 def method_targets(ms: dict, at: str = "") -> list[tuple[str, str, bool | None]]:
     """The methods' targets on one set of rows (the regime's, or the probe's at twice the epochs: `at`)."""
     out = []
@@ -95,7 +133,11 @@ def method_targets(ms: dict, at: str = "") -> list[tuple[str, str, bool | None]]
                     not below))
     ens = [m for m in ENSEMBLES if m in ms]
     if ens and "kd_best" in ms and "kd" in ms:
-        best = max(ens, key=lambda m: ms[m]["test_acc_mean"])
+        best = best_by_val(ms, ens)
+        if best is None:
+            out.append((f"best per-sample ensemble ≥ KD, best single teacher{at}",
+                        "not judged: a row has no validation accuracy to choose by", None))
+            return out
         for base in ("kd_best", "kd"):
             d = paired(ms[best], ms[base])
             out.append((f"best per-sample ensemble ({NAMES[best]}) ≥ {NAMES[base]} (paired 95 % CI above 0){at}",
@@ -249,6 +291,11 @@ def markdown(profile: str, acc, speed, build, sweep, suite, plateau=None) -> str
         lines.append(f"**Sweep** (`{sweep['command']}`): {sweep['cached']['trials']} trials, {sweep['epochs']} epochs: "
                      f"cache build {sweep['cache_build_s']:.0f} s + cached trials = {sweep['cached']['total_s']:.0f} s "
                      f"against {sweep['online']['total_s']:.0f} s with the teachers online: ratio **{sweep['ratio']:.3f}**.\n")
+    if acc and (vd := verdicts(acc["methods"])):
+        lines += ["**Verdicts** — each seed method against its nearest baselines (paired by seed; reproduced: 95 % CI "
+                  "above 0 against every one):", "", "| method | verdict | measured |", "|---|---|---|"]
+        lines += [f"| {m} | {v} | {d} |" for m, v, d in vd]
+        lines.append("")
     tg = targets(acc, speed, build, sweep, plateau)
     if tg:
         lines += ["| target | measured | met |", "|---|---|---|"]

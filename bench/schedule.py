@@ -4,10 +4,13 @@
                              [--out bench/results/full/schedule.json]
 
 CE students (with `--methods`, also KD from the teachers' mean probability) on the regime's logits cache
-and teachers (run `make bench` first), at the regime's epochs and at twice them, 2 seeds per setting. The
-gain from doubling, paired by seed, is what a setting leaves on the table (the plateau target asks
-≤ 0.5 points); the time per epoch is the median of the students' own (their records). Students already
-trained are reused.
+and teachers (run `make bench` first), at the regime's epochs and at twice them, 2 seeds per setting
+(100 and 101 by default: not the benchmark's seeds 0-4, so no benchmark student is reused). Everything
+is read on the **validation** split (the test set chooses nothing): the gain from doubling, paired by
+seed, is what a setting leaves on the table (the plateau target asks ≤ 0.5 points), and the setting
+printed as chosen is the one with the best mean validation accuracy at the regime's epochs among those
+whose gain is ≤ 0.5 points (else the best overall). The time per epoch is the median of the students'
+own (their records). Students already trained are reused.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def main() -> None:
     ap.add_argument("-c", "--config", default="configs/bench.yaml")
     ap.add_argument("--grid", nargs="+", default=["128:0.05", "64:0.05", "128:0.2", "128:0.4", "64:0.2"],
                     help="batch_size:lr settings")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     ap.add_argument("--methods", nargs="+", default=["ce"], choices=["ce", "kd"])
     ap.add_argument("--out", default="bench/results/full/schedule.json")
     args = ap.parse_args()
@@ -51,16 +54,21 @@ def main() -> None:
            "epochs": [short, 2 * short], "seeds": args.seeds, "settings": {}}
     for m in args.methods:
         for g in args.grid:
-            acc = {e: {s: recs[m, g, e, s]["test_acc"] for s in args.seeds} for e in (short, 2 * short)}
+            acc = {e: {s: recs[m, g, e, s]["val_acc"] for s in args.seeds} for e in (short, 2 * short)}
             gains = [acc[2 * short][s] - acc[short][s] for s in args.seeds]
             res["settings"][f"{m} {g}"] = {
-                "test_acc": {e: {"per_seed": a, "mean": round(statistics.mean(a.values()), 5)} for e, a in acc.items()},
+                "val_acc": {e: {"per_seed": a, "mean": round(statistics.mean(a.values()), 5)} for e, a in acc.items()},
                 "gain_from_doubling": {"per_seed": [round(x, 5) for x in gains], "mean": round(statistics.mean(gains), 5)},
                 "train_s_per_epoch": statistics.median(recs[m, g, e, s]["epoch_time_s"] for e in acc for s in args.seeds)}
             r = res["settings"][f"{m} {g}"]
-            print(f"{m}, batch:lr {g}: {100 * r['test_acc'][short]['mean']:.2f} at {short} epochs, "
-                  f"{100 * r['test_acc'][2 * short]['mean']:.2f} at {2 * short} "
+            print(f"{m}, batch:lr {g}: {100 * r['val_acc'][short]['mean']:.2f} at {short} epochs, "
+                  f"{100 * r['val_acc'][2 * short]['mean']:.2f} at {2 * short} "
                   f"(gain {100 * r['gain_from_doubling']['mean']:+.2f}), {r['train_s_per_epoch']:.2f} s/epoch")
+    for m in args.methods:
+        rows = {g: res["settings"][f"{m} {g}"] for g in args.grid}
+        flat = [g for g, r in rows.items() if r["gain_from_doubling"]["mean"] <= 0.005] or list(rows)
+        res.setdefault("chosen", {})[m] = max(flat, key=lambda g: rows[g]["val_acc"][short]["mean"])
+        print(f"{m}: chosen on validation accuracy: batch:lr {res['chosen'][m]}")
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
     print("->", args.out)

@@ -17,7 +17,14 @@ Our reading (each choice a `method.aekt` option):
   w_max early on, the explicit term is ~5x DKD's TCKD, and students collapsed — digits demo, cnn4:
   10 % test accuracy vs 94.7 % normalised, DKD 94.7 %);
 - implicit term L_ik = NCKD(z_t, z_kd);
-- L = w_ce * CE(z_cls, y) + min(epoch / warmup, 1) * (alpha * L_ek + beta * L_ik), DKD's defaults.
+- L = w_ce * CE(z_cls, y) + min(epoch / warmup, 1) * (alpha * L_ek + beta * L_ik), DKD's defaults;
+- the serialization layer trains at `lr_factor` (0.01) times the student's learning rate: D's gradient
+  is g z^T, so a step moves z_kd by ~ lr |z|^2 g, and with |z| ~ 10-20 the layer diverged at the
+  benchmark's lr 0.2 (||D|| to 1e18 on digits within 3 epochs, at 0.1 too in one seed of two). Chosen
+  on validation accuracy (digits, cnn4 from a cnn8 teacher, lr 0.2, seeds 7 and 8: factor 1 diverged
+  in both seeds, 0.1 ended at 72 % and 28 %, 0.01 at 88.9 % and 88.2 % with `normalize`, 90.3 % and
+  85.4 % without; CE 90.3 % and 93.1 %): stable, but not above CE there. ||D|| (`D_norm`) and the
+  largest adaptive weight applied (`w_peak`) are logged per step.
 """
 
 from __future__ import annotations
@@ -42,15 +49,16 @@ def adaptive_weight(logits_student: torch.Tensor, logits_teacher: torch.Tensor, 
 
 
 def aekt_terms(z_kd: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor, temperature: float,
-               w_max: float, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L_ek, L_ik, mean adaptive weight): the explicit and implicit terms on the distillation head.
-    With `normalize`, the weights are divided by their batch mean: they reweight samples, not the term."""
+               w_max: float, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_ek, L_ik, mean adaptive weight, largest weight applied): the explicit and implicit terms on the
+    distillation head. With `normalize`, the weights are divided by their batch mean: they reweight
+    samples, not the term (and one sample may then weigh up to w_max / mean)."""
     tckd, nckd = dkd_terms(z_kd, logits_teacher, target, temperature, reduction="none")
     w = adaptive_weight(z_kd, logits_teacher, target, temperature, w_max)
     mean_w = w.mean()
     if normalize:
         w = w / mean_w.clamp_min(1e-12)
-    return (w * tckd).mean(), nckd.mean(), mean_w
+    return (w * tckd).mean(), nckd.mean(), mean_w, w.max()
 
 
 class AEKTOptions(DKDOptions):
@@ -59,6 +67,7 @@ class AEKTOptions(DKDOptions):
     w_max: float = Field(5.0, gt=0, description="cap of the adaptive weight p_t,target / p_s,target")
     normalize: bool = Field(True, description="divide the adaptive weights by their batch mean (else students collapse)")
     bias: bool = Field(True, description="the task-serialization layer has a bias (initialised to 0)")
+    lr_factor: float = Field(0.01, gt=0, description="the serialization layer trains at this times the student's lr")
 
 
 class Serialization(nn.Module):
@@ -83,7 +92,10 @@ class Serialization(nn.Module):
 class AEKT(Method):
     Options = AEKTOptions
 
-    version = 2  # 2: W = I + D, weight decay towards the identity
+    version = 3  # 3: the serialization layer's own lr factor, ||D|| and the weights' spread logged (2: W = I + D)
+
+    def param_groups(self):
+        return [{"params": list(self.serialize.parameters()), "lr_factor": self.cfg.aekt.lr_factor}]
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -95,8 +107,10 @@ class AEKT(Method):
         z_kd = self.serialize(logits)
         ek = ik = w_mean = 0.0
         for w, z in self.soft_targets(targets, o.temperature, labels, z_kd):
-            e, i, m = aekt_terms(z_kd, z, labels, o.temperature, o.w_max, o.normalize)
+            e, i, m, peak = aekt_terms(z_kd, z, labels, o.temperature, o.w_max, o.normalize)
             ek, ik, w_mean = ek + w * e, ik + w * i, w_mean + w * m
+            self.logged["w_peak"] = peak  # the largest weight one sample got (after `normalize`)
+        self.logged["D_norm"] = self.serialize.delta.detach().norm()
         warm = warmup_factor(epoch, o.warmup)
         return {"loss": o.w_ce * ce + warm * (o.alpha * ek + o.beta * ik), "ce": ce, "explicit": ek, "implicit": ik,
                 "adaptive_w": torch.as_tensor(w_mean)}

@@ -108,6 +108,11 @@ class Method(nn.Module, metaclass=ABCMeta):
         """Lines the results table prints under its rows for this student."""
         return []
 
+    def param_groups(self) -> list[dict]:
+        """The method's own parameters as optimiser groups, each {"params": [...], "lr_factor": f}: a group
+        trains at f times the student's learning rate (and schedule). Default: one group at the student's."""
+        return [{"params": list(self.parameters())}]
+
     def export(self, student: nn.Module, out_dir: str, splits, files: dict) -> dict:
         """After training (the student and this method hold the trained weights): write what the method
         deploys besides the student into `out_dir`, add the files' sha256 to `files`, return record entries."""
@@ -147,7 +152,7 @@ class Method(nn.Module, metaclass=ABCMeta):
         if mode == "weighted":
             tw = self.teacher_weights()
             fixed = [tw[t] for t in self.ctx.teachers]
-        w = teacher_weights(mode, zs, temperature, labels, student, fixed)
+        w = teacher_weights(mode, zs, temperature, labels, student, fixed, self.cfg.ae_kd_cap)
         if mode != "mean_prob":
             for i, t in enumerate(self.ctx.teachers):
                 self.logged[f"w.{t}"] = w[:, i].mean()

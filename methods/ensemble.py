@@ -17,12 +17,17 @@ and an ensemble alike). The weights w (B, K), rows on the simplex:
   w_k(x) = 1 - H_k(x) / sum_j H_j(x), H_k the entropy of teacher k's prediction (tau = 1). The paper's
   weights sum to K - 1; ours are divided by K - 1 so that p~ is a distribution (the same ratios).
 - `ae_kd` — Du et al., "Agree to disagree: adaptive ensemble knowledge distillation in gradient space",
-  NeurIPS 2020: the teachers' KD gradients with respect to the student's logits, g_k = (p_s - p_k) / tau
-  per sample, are combined with the min-norm convex weights, min_{w in simplex} || sum_k w_k G_k ||^2
-  over the batch (G_k: the batch's g_k stacked), solved by Frank-Wolfe with exact line search (MGDA's
-  solver; K is small). One w per batch. Since sum_k w_k (p_s - p_k) = p_s - sum_k w_k p_k, that is KD
-  towards the w-mixture of the teachers, which is how it is applied (to DKD and AEKT alike). The paper's
-  extra lower bound on the weights and its feature-level term are left out.
+  NeurIPS 2020, as its official code (AnTuo1998/AE-KD, helper/optimization.py) computes it: teacher k's
+  KD gradient with respect to the student's logits, g_k = (p_s - p_k) / tau per sample, is averaged over
+  the batch (one C-vector per teacher), and the weights are the min-norm point of their capped convex
+  hull, min ||sum_k w_k g_k||^2 over {w : sum_k w_k = 1, 0 <= w_k <= C}, C = `method.ae_kd_cap` (0.6,
+  the official default: its "tolerance for disagreement"). The official code solves that as a one-class
+  nu-SVM on the Gram matrix with nu = 1 / (C K) (scikit-learn's OneClassSVM, precomputed kernel), the
+  weights being the dual coefficients divided by nu K; so do we. The cap is an *upper* bound: without
+  it the weights drift to whichever teachers sit nearest the student. One w per batch. Since sum_k w_k
+  (p_s - p_k) = p_s - sum_k w_k p_k, the weighted sum of the teachers' KD gradients is KD's gradient
+  towards the w-mixture of the teachers, which is how it is applied (to DKD and AEKT alike). The
+  paper's feature-level term is left out.
 
 Weights are computed without gradients (teachers are frozen; the student's logits only steer `ae_kd`).
 """
@@ -57,39 +62,40 @@ def entropy_weights(zs: list[torch.Tensor]) -> torch.Tensor:
     return (1 - h / h.sum(1, keepdim=True).clamp_min(1e-12)) / (k - 1)
 
 
-def min_norm_weights(grads: torch.Tensor, iters: int = 64, tol: float = 1e-9) -> torch.Tensor:
-    """(K,) on the simplex minimising || sum_k w_k grads[k] ||^2, grads (K, D): Frank-Wolfe on the Gram
-    matrix with exact line search, from the uniform weights. The K x K Gram matrix is solved on the host:
-    one copy from the device, not a synchronisation per iteration."""
-    g = grads.double()
-    m = (g @ g.t()).cpu()  # (K, K)
-    k = m.shape[0]
-    w = torch.full((k,), 1.0 / k, dtype=m.dtype)
-    for _ in range(iters):
-        mw = m @ w
-        t = int(torch.argmin(mw))
-        vv, uv, uu = w @ mw, mw[t], m[t, t]
-        denom = vv - 2 * uv + uu
-        if denom <= tol:
-            break
-        gamma = float(((vv - uv) / denom).clamp(0.0, 1.0))
-        if gamma <= tol:
-            break
-        w = (1 - gamma) * w
-        w[t] += gamma
+def capped_min_norm_weights(grads: torch.Tensor, cap: float) -> torch.Tensor:
+    """(K,) minimising || sum_k w_k grads[k] ||^2 over {sum_k w_k = 1, 0 <= w_k <= cap}, grads (K, D): the
+    official AE-KD solver, a one-class nu-SVM on the Gram matrix with nu = 1 / (cap K), whose dual is
+    min 1/2 a^T G a s.t. 0 <= a_k <= 1, sum_k a_k = nu K; w = a / (nu K). A cap below 1 / K is infeasible
+    and is read as 1 / K (uniform weights), as the official code clamps nu to 1."""
+    from sklearn.svm import OneClassSVM
+
+    k = grads.shape[0]
+    nu = max(1.0 / (cap * k), 1.0 / k)
+    g = grads.double().cpu()
+    gram = (g @ g.t()).numpy()
+    w = torch.zeros(k, dtype=torch.float64)
+    if nu >= 1.0 or not gram.any():  # only the uniform w is feasible, or every gradient is zero
+        w += 1.0 / k
+    else:
+        svm = OneClassSVM(kernel="precomputed", nu=nu, tol=1e-6).fit(gram)
+        w[torch.as_tensor(svm.support_)] = torch.as_tensor(svm.dual_coef_[0]) / (nu * k)
     return w.to(device=grads.device, dtype=grads.dtype)
 
 
-def ae_kd_weights(zs: list[torch.Tensor], student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, K): the min-norm weights of the teachers' gradients (p_s - p_k) / tau, the same for every row."""
+def ae_kd_weights(zs: list[torch.Tensor], student_logits: torch.Tensor, temperature: float,
+                  cap: float = 0.6) -> torch.Tensor:
+    """(B, K): the capped min-norm weights of the teachers' batch-mean KD gradients (p_s - p_k) / tau, the
+    same for every row."""
     ps = F.softmax(student_logits.detach().float() / temperature, 1)
-    grads = torch.stack([((ps - F.softmax(z.float() / temperature, 1)) / temperature).flatten() for z in zs])
-    return min_norm_weights(grads).unsqueeze(0).expand(student_logits.shape[0], -1)
+    grads = torch.stack([((ps - F.softmax(z.float() / temperature, 1)) / temperature).mean(0) for z in zs])
+    return capped_min_norm_weights(grads, cap).unsqueeze(0).expand(student_logits.shape[0], -1)
 
 
 def teacher_weights(mode: str, zs: list[torch.Tensor], temperature: float, labels: torch.Tensor | None = None,
-                    student_logits: torch.Tensor | None = None, fixed: list[float] | None = None) -> torch.Tensor:
-    """(B, K) weights of `mode` (any of mean_prob, weighted, ca_mkd, entropy, ae_kd); `fixed`: weighted's."""
+                    student_logits: torch.Tensor | None = None, fixed: list[float] | None = None,
+                    cap: float = 0.6) -> torch.Tensor:
+    """(B, K) weights of `mode` (any of mean_prob, weighted, ca_mkd, entropy, ae_kd); `fixed`: weighted's,
+    `cap`: ae_kd's upper bound on a weight."""
     b, k = zs[0].shape[0], len(zs)
     with torch.no_grad():
         if mode == "mean_prob":
@@ -101,5 +107,5 @@ def teacher_weights(mode: str, zs: list[torch.Tensor], temperature: float, label
         if mode == "entropy":
             return entropy_weights(zs)
         if mode == "ae_kd":
-            return ae_kd_weights(zs, student_logits, temperature)
+            return ae_kd_weights(zs, student_logits, temperature, cap)
     raise ValueError(f"unknown ensemble {mode!r}")

@@ -16,9 +16,13 @@ Our reading (each a `method.imf.*` option):
   teacher has it (`teacher_layers` overrides), of one teacher (`method.imf.teacher`, default the first).
 - Attentive logit: a learnable a_k in R^C per IFD (zero-initialised, i.e. a plain mean at the start),
   z_att,c = sum_k softmax_k(a_{.,c})_k * z_k,c.
-- L = CE(z_att, y) + CE(z_s, y) + alpha * sum_k MSE(n(IFD_k(F_s,k)), n(F_t,m(k))) + beta * tau^2 *
-  KL(p_t^tau || p_att^tau), alpha = beta = 10, n() L2-normalising each channel's map, the larger map
-  average-pooled to the smaller; p_t the teachers' target as in KD (`method.ensemble`, `targets`).
+- L = CE(z_att, y) + CE(z_s, y) + alpha * sum_k D(IFD_k(F_s,k), F_t,m(k)) + beta * tau^2 *
+  KL(p_t^tau || p_att^tau), alpha = beta = 10; D the squared distance between the channels' spatial maps,
+  each L2-normalised, summed over positions and averaged over channels (in [0, 4] whatever the map
+  size: the attention-transfer convention of comparing unit maps), the larger map average-pooled to
+  the smaller; p_t the teachers' target as in KD (`method.ensemble`, `targets`). Version 1 took the
+  element-wise mean of the same unit maps, which scales as 1 / (H W): on 14x14 and 7x7 maps alpha * D
+  was ~1/100 of beta * KD and the matched features were barely trained.
 - The inference model (`IMFInference`): the student's stages up to the deepest IFD, the IFDs, their
   heads and the attention weights; its output is z_att.
 """
@@ -64,10 +68,13 @@ def attentive_logit(branch_logits: list[torch.Tensor], attention: torch.Tensor) 
     return (torch.stack(branch_logits) * w[:, None, :]).sum(0)
 
 
-def channel_normalised_mse(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
-    """MSE between the maps with each channel's spatial map L2-normalised (teacher detached)."""
+def channel_normalised_distance(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """|| n(s_c) - n(t_c) ||^2 summed over the positions, averaged over channels and the batch, n() the L2
+    normalisation of one channel's spatial map (teacher detached). Each channel's term lies in [0, 4]
+    whatever the map size; an element-wise mean (MSE) of the same unit vectors is that divided by H*W,
+    which left the term ~1/196 of its size on a 14x14 map (version 1)."""
     s, t = match_size(student_map, teacher_map.detach())
-    return F.mse_loss(F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2))
+    return (F.normalize(s.flatten(2), dim=2) - F.normalize(t.flatten(2), dim=2)).pow(2).sum(2).mean()
 
 
 def _error(msg: str):
@@ -79,7 +86,7 @@ def _error(msg: str):
 class IMFOptions(Section):
     """IMF: IFD branches on student stages matched to teacher stages, combined by an attentive logit."""
 
-    alpha: float = Field(10.0, ge=0, description="weight of the matched-feature MSE")
+    alpha: float = Field(10.0, ge=0, description="weight of the matched-feature distance D")
     beta: float = Field(10.0, ge=0, description="weight of tau^2 KL(teacher || attentive logit)")
     temperature: float = Field(4.0, gt=0)
     student_layers: list[str] | None = Field(None, description="stages that get an IFD; None = the last two but the last")
@@ -96,6 +103,7 @@ class IMFOptions(Section):
 @METHODS.register("imf")
 class IMF(Method):
     Options = IMFOptions
+    version = 2  # 2: the feature term summed over positions (1: averaged, ~1/(H W) of it)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -143,7 +151,7 @@ class IMF(Method):
         z_att = attentive_logit(zs, self.attention)
         ce_att, ce = F.cross_entropy(z_att, labels), F.cross_entropy(logits, labels)
         fmaps = targets.features[self.teacher]
-        feat = sum(channel_normalised_mse(self.connectors[s](f), fmaps[self.matched[s]])
+        feat = sum(channel_normalised_distance(self.connectors[s](f), fmaps[self.matched[s]])
                    for f, s in zip(feats, self.student_layers))
         kd = sum(w * kd_loss(z_att, z, o.temperature) for w, z in self.soft_targets(targets, o.temperature, labels, z_att))
         return {"loss": ce_att + ce + o.alpha * feat + o.beta * kd, "ce_att": ce_att, "ce": ce, "feat": feat, "kd": kd}

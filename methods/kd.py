@@ -5,7 +5,9 @@ gradients on the scale of the hard term's. Defaults tau=4, w_ce=0.1, w_kd=0.9 ar
 convention of RepDistiller/mdistiller.
 Our reading (multi-teacher, methods/ensemble.py): the teacher target is the mean of the teachers'
 probabilities (`method.ensemble=mean_prob`), or their mean logits, fixed or accuracy weights, or the
-mean of per-teacher losses (`per_teacher`).
+mean of per-teacher losses (`per_teacher`). `teacher_temperature` softens the teacher at another
+temperature than the student (the mixture is formed at `temperature`, then its logits rescaled), the
+fixed-temperature baseline that SKD's per-sample temperature reduces to.
 """
 
 from __future__ import annotations
@@ -27,10 +29,18 @@ def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperat
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
-class KDOptions(Section):
+class KDTerms(Section):
+    """What KD-shaped methods share: the temperature and the two weights."""
+
     temperature: float = Field(4.0, gt=0)
     w_ce: float = Field(0.1, ge=0)
     w_kd: float = Field(0.9, ge=0)
+
+
+class KDOptions(KDTerms):
+    teacher_temperature: float | None = Field(
+        None, gt=0, description="soften the teacher at this temperature instead (the student stays at `temperature`): "
+                                "SKD's reduction to a fixed temperature; None = `temperature`")
 
 
 @METHODS.register("kd")
@@ -40,5 +50,8 @@ class KD(Method):
     def forward(self, logits, stages, targets, labels, epoch):
         o = self.cfg.kd
         ce = F.cross_entropy(logits, labels)
-        kd = sum(w * kd_loss(logits, z, o.temperature) for w, z in self.soft_targets(targets, o.temperature, labels, logits))
+        # the teacher softened at tau_t, the student at tau: softmax(z tau / tau_t / tau) = softmax(z / tau_t)
+        scale = 1.0 if o.teacher_temperature is None else o.temperature / o.teacher_temperature
+        kd = sum(w * kd_loss(logits, z * scale, o.temperature)
+                 for w, z in self.soft_targets(targets, o.temperature, labels, logits))
         return {"loss": o.w_ce * ce + o.w_kd * kd, "ce": ce, "kd": kd}

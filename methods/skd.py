@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from methods.base import METHODS, Method
-from methods.kd import KDOptions, kd_loss
+from methods.kd import KDTerms, kd_loss
 from pipeline.schema import Section  # noqa: F401
 
 
-class SKDOptions(KDOptions):
+class SKDOptions(KDTerms):
     """KD's options and defaults, plus the simplifier's."""
 
     max_ratio: float = Field(2.0, gt=1, description="the per-sample temperature stays within [tau / r, tau * r]")

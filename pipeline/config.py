@@ -331,11 +331,13 @@ class MethodBase(Section):
     teachers: list[str] | None = Field(None, description="teachers to distil from; None = all cached ones")
     ensemble: Literal[ENSEMBLES] = Field(  # type: ignore[valid-type]
         "mean_prob", description="how several teachers make one target (methods/ensemble.py): mean_prob, mean_logit, "
-                                 "weighted, per_teacher, or per sample ca_mkd, entropy (EBKD), ae_kd (min-norm)")
+                                 "weighted, per_teacher, or per sample ca_mkd, entropy (EBKD), ae_kd (capped min-norm)")
     teacher_weights: dict[str, float] | Literal["val_acc"] | None = Field(
         None, description="for ensemble=weighted: fixed weights per teacher, or val_acc (the default)")
     weight_temperature: float | None = Field(
         None, gt=0, description="ensemble=weighted by val_acc: weights softmax(val_acc / T); None = proportional")
+    ae_kd_cap: float = Field(0.6, gt=0, le=1, description="ensemble=ae_kd: the upper bound C on a teacher's weight "
+                                                          "(the official code's default; below 1/K reads as 1/K)")
     targets: Literal["teachers", "refined", "both", "label_mix"] = Field(
         "teachers", description="distil from the teachers, the professor's refined targets (replace), both (combine), "
                                 "or label_mix: the teachers' target mixed half and half with the one-hot label (a baseline)")
@@ -357,8 +359,10 @@ class MethodBase(Section):
 
     def own(self) -> dict:
         """The fingerprinted part: the shared fields and the chosen method's own options only (a change to
-        method.dkd.* does not make a KD student stale)."""
+        method.dkd.* does not make a KD student stale, nor does ae_kd's cap one of another ensemble)."""
         d = self.model_dump(mode="json")
+        if self.ensemble != "ae_kd":
+            d.pop("ae_kd_cap")
         return {k: v for k, v in d.items() if k in MethodBase.model_fields or k == self.name}
 
 

@@ -173,6 +173,29 @@ def _fashion_mnist(root: str | None, image_size: int | None) -> Raw:
     return Raw(trx, try_, tex, tey, 10, ViewPolicy(pad=2, flip=True))
 
 
+def make_pairs(images: np.ndarray, labels: np.ndarray, n: int, num_classes: int,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n pairs of two images drawn (seeded, with replacement) from `images` (N, H, W, 1), stacked as the two
+    channels of one (H, W, 2) image, labelled num_classes * y_a + y_b: num_classes^2 classes, each sharing
+    an item with 2 (num_classes - 1) others (the non-target classes a teacher confuses carry structure)."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, len(labels), size=(2, n))
+    x = np.concatenate([images[a], images[b]], axis=3)
+    return np.ascontiguousarray(x), (labels[a] * num_classes + labels[b]).astype(np.int64)
+
+
+@DATASETS.register("fashion-mnist-pairs")
+def _fashion_mnist_pairs(root: str | None, image_size: int | None) -> Raw:
+    """100 classes from Fashion-MNIST: two items as the two channels of one 28x28 image, label 10 a + b;
+    60,000 training pairs drawn from the training images, 10,000 test pairs from the test images (so a
+    test pair never holds a training item). Two channels rather than side by side keep the image, and
+    every model's cost after its first convolution, that of Fashion-MNIST."""
+    raw = _fashion_mnist(root, image_size)
+    trx, tr_y = make_pairs(raw.train_x, raw.train_y, len(raw.train_y), 10, seed=0)
+    tex, te_y = make_pairs(raw.test_x, raw.test_y, len(raw.test_y), 10, seed=1)
+    return Raw(trx, tr_y, tex, te_y, 100, raw.policy)
+
+
 def _fashion_tv_root(root: str, names: list[str]) -> str:
     """torchvision wants uncompressed files in <root>/FashionMNIST/raw; the Debian package ships .gz.
 

@@ -194,8 +194,10 @@ class StudentTask(Task):
                 self.data = StreamEpochs(source, view_of, job.optim.batch_size, job.shuffle_buffer, job.seed, fmt.prepare,
                                          refined, check_view(job.cache_fs, job.files, job.checks))
         steps = max(1, math.ceil(rows / job.optim.batch_size))
-        self.opt, self.sched = make_optimizer([*self.student.parameters(), *self.method.parameters()], job.optim, steps,
-                                              job.epochs)
+        groups = [{"params": list(self.student.parameters())}] + [
+            {"params": g["params"], "lr": job.optim.lr * g.get("lr_factor", 1.0)}
+            for g in self.method.param_groups() if g["params"]]
+        self.opt, self.sched = make_optimizer(groups, job.optim, steps, job.epochs)
         self.evaluator = Evaluator({"val": resolve(job.val), "test": resolve(job.test)}, job.mean, job.std, ctx.device)
 
     def prepare(self, ctx):

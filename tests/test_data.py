@@ -145,3 +145,23 @@ def test_streamed_epochs_hold_records_not_pixels(digit_folder):
     assert "x" not in epochs.views[0] and "view_ox" in epochs.views[0]
     batches = list(epochs(0))
     assert sum(len(b["y"]) for b in batches) == len(s.train) and all(b["x"].shape[1:] == (3, 16, 16) for b in batches)
+
+
+def test_pairs_stack_two_real_items_and_label_them_10a_plus_b():
+    """The 100-class construction on real images (digits): each pair's channels are two source images and
+    its label names both; every class shares an item with 18 others."""
+    from sklearn.datasets import load_digits
+
+    from pipeline.data import make_pairs
+
+    d = load_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    px, py = make_pairs(x, d.target, 5000, 10, seed=0)
+    assert px.shape == (5000, 8, 8, 2) and px.dtype == np.uint8 and py.min() >= 0 and py.max() <= 99
+    assert len(np.unique(py)) == 100
+    flat = {img.tobytes(): int(y) for img, y in zip(x[..., 0], d.target)}
+    for img, y in zip(px[:50], py[:50]):
+        a, b = flat[img[..., 0].tobytes()], flat[img[..., 1].tobytes()]
+        assert y == 10 * a + b
+    again, _ = make_pairs(x, d.target, 5000, 10, seed=0)
+    assert np.array_equal(px, again)  # seeded

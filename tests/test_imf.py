@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from methods import MethodContext, Targets, build_method
-from methods.imf import IMFInference, attentive_logit, channel_normalised_mse, flops
+from methods.imf import IMFInference, attentive_logit, channel_normalised_distance, flops
 from pipeline.checkpoints import load_state_dict
 from pipeline.config import MethodSection
 from pipeline.distill import Distiller, run_distill, student_dir
@@ -25,7 +25,7 @@ A = torch.tensor([[0.3, -1.2, 0.0], [-0.4, 0.8, 2.0]])
 S = torch.arange(32, dtype=torch.float32).reshape(1, 2, 4, 4).sin()
 T = torch.arange(8, dtype=torch.float32).reshape(1, 2, 2, 2).cos()
 # computed once with the numpy references below (float64) and kept as numbers
-GOLDEN = {"att": [[0.5022817, 0.6423913, 1.8211956], [0.6636244, -0.5231883, -0.1192029]], "mse": 0.7107630}
+GOLDEN = {"att": [[0.5022817, 0.6423913, 1.8211956], [0.6636244, -0.5231883, -0.1192029]], "dist": 2.8430520}
 
 
 def ref_att(zs, a):
@@ -33,20 +33,20 @@ def ref_att(zs, a):
     return sum(w[k][None, :] * zs[k] for k in range(len(zs)))
 
 
-def ref_mse(s, t):
+def ref_dist(s, t):
     s = s.reshape(1, 2, 2, 2, 2, 2).mean(axis=(3, 5)).reshape(1, 2, -1)
     t = t.reshape(1, 2, -1)
     s = s / np.linalg.norm(s, axis=2, keepdims=True)
     t = t / np.linalg.norm(t, axis=2, keepdims=True)
-    return float(((s - t) ** 2).mean())
+    return float(((s - t) ** 2).sum(2).mean())  # summed over the positions, averaged over channels
 
 
 def test_attentive_logit_and_feature_loss_golden_values():
     ref = ref_att([Z1.double().numpy(), Z2.double().numpy()], A.double().numpy())
     np.testing.assert_allclose(ref, GOLDEN["att"], atol=1e-6)
     torch.testing.assert_close(attentive_logit([Z1, Z2], A), torch.tensor(GOLDEN["att"]), atol=1e-6, rtol=0)
-    assert ref_mse(S.double().numpy(), T.double().numpy()) == pytest.approx(GOLDEN["mse"], abs=1e-7)
-    assert channel_normalised_mse(S, T).item() == pytest.approx(GOLDEN["mse"], abs=1e-6)
+    assert ref_dist(S.double().numpy(), T.double().numpy()) == pytest.approx(GOLDEN["dist"], abs=1e-7)
+    assert channel_normalised_distance(S, T).item() == pytest.approx(GOLDEN["dist"], abs=1e-6)
     # zero attention = the plain mean of the branches
     torch.testing.assert_close(attentive_logit([Z1, Z2], torch.zeros(2, 3)), (Z1 + Z2) / 2)
 

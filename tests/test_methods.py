@@ -254,7 +254,8 @@ def test_aekt_adaptive_weight_is_detached():
     zs = ZS.clone().requires_grad_()
     w = adaptive_weight(zs, ZT, Y, 4.0, 5.0)
     assert not w.requires_grad and (w >= 0).all() and (w <= 5.0).all()
-    ek, _, _ = aekt_terms(zs, ZT, Y, 4.0, 5.0)
+    ek, _, _, peak = aekt_terms(zs, ZT, Y, 4.0, 5.0)
+    assert peak == w.max()  # unnormalised: the largest weight applied is the largest weight
     ek.backward()
     grad = zs.grad.clone()
     # the same gradient as with w held constant: no gradient flows through the weight
