@@ -105,13 +105,12 @@ NEAREST = {
 def verdicts(ms: dict) -> list[tuple[str, str, str]]:
     """(method, verdict, measured) for each seed method with rows for it and its nearest baselines:
     reproduced when its paired 95 % CI lies above 0 against every nearest baseline, partly when against
-    some, not reproduced when against none. IMF is judged by its exported model."""
+    some, not reproduced when against none. A row with an exported model (IMF, its controls) is judged by it."""
     out = []
     for m, bases in NEAREST.items():
         if "per_seed" not in ms.get(m, {}):
             continue
-        row = ms[m].get("inference", ms[m]) if m == "imf" else ms[m]
-        ds = {b: paired(row, ms[b].get("inference", ms[b]) if b == "imf_kd" else ms[b])
+        ds = {b: paired(ms[m].get("inference", ms[m]), ms[b].get("inference", ms[b]))
               for b in bases if "per_seed" in ms.get(b, {})}
         ds = {b: d for b, d in ds.items() if d}
         if not ds:

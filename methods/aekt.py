@@ -95,7 +95,7 @@ class AEKT(Method):
     version = 3  # 3: the serialization layer's own lr factor, ||D|| and the weights' spread logged (2: W = I + D)
 
     def param_groups(self):
-        return [{"params": list(self.serialize.parameters()), "lr_factor": self.cfg.aekt.lr_factor}]
+        return [{"params": list(self.parameters()), "lr_factor": self.cfg.aekt.lr_factor}]  # the serialization layer's
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -106,10 +106,12 @@ class AEKT(Method):
         ce = F.cross_entropy(logits, labels)
         z_kd = self.serialize(logits)
         ek = ik = w_mean = 0.0
+        peaks = []
         for w, z in self.soft_targets(targets, o.temperature, labels, z_kd):
             e, i, m, peak = aekt_terms(z_kd, z, labels, o.temperature, o.w_max, o.normalize)
             ek, ik, w_mean = ek + w * e, ik + w * i, w_mean + w * m
-            self.logged["w_peak"] = peak  # the largest weight one sample got (after `normalize`)
+            peaks.append(peak)
+        self.logged["w_peak"] = torch.stack(peaks).max()  # the largest weight one sample got (after `normalize`)
         self.logged["D_norm"] = self.serialize.delta.detach().norm()
         warm = warmup_factor(epoch, o.warmup)
         return {"loss": o.w_ce * ce + warm * (o.alpha * ek + o.beta * ik), "ce": ce, "explicit": ek, "implicit": ik,
