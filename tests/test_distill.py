@@ -85,15 +85,15 @@ def test_failed_worker_resumes_from_its_checkpoint(built, tmp_path, monkeypatch,
     cfg0, _ = built
     marker = tmp_path / "fault"
     monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 2, "step": 3, "marker": str(marker), "kind": kind}))
-    cfg = digits_cfg(cfg0.run.out_dir, "method.name=dkd", "distill.student.arch=cnn4", "distill.optim.epochs=3",
+    cfg = digits_cfg(cfg0.run.out_dir, "method.name=dkd", "distill.student.arch=cnn4", "distill.optim.epochs=2",
                      "distill.workers.max_failures=1", f"distill.workers.num_workers={workers}",
                      f"run.in_process={where == 'in_process'}", f"distill.name=resume-{where}",
                      f"distill.in_memory={where != 'train'}")  # Ray Train's workers stream their shards
     rec = run_distill(cfg)
     assert marker.exists()  # the fault did happen
     ms = _metrics(cfg)
-    assert [m["epoch"] for m in ms] == [1, 2, 3] and rec["epochs"] == 3
-    assert ms[0]["resumed_after"] is None and ms[1]["resumed_after"] == 1 and ms[2]["resumed_after"] == 1
+    assert [m["epoch"] for m in ms] == [1, 2] and rec["epochs"] == 2
+    assert ms[0]["resumed_after"] is None and ms[1]["resumed_after"] == 1
     assert all(m["workers"] == workers for m in ms)
 
 

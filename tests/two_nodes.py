@@ -47,7 +47,7 @@ def run(address: str, out: str, prefix: str) -> None:
         f"ray.address={address}", f"run.out_dir={out}", "run.device=cpu",
         f"cache.uri={prefix}/cache", f"run.storage_path={prefix}/ray_train",
         "teachers.models=[{name: a, arch: cnn4, seed: 1}, {name: b, arch: cnn8, seed: 2}]",
-        "teachers.optim.epochs=4", "cache.views=2",
+        "teachers.optim.epochs=2", "cache.views=2",
         "method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=3",
         "distill.workers.num_workers=2", "distill.workers.placement=STRICT_SPREAD", "distill.workers.torch_threads=1",
     ])
