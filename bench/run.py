@@ -37,7 +37,7 @@ PROFILES = {
     "speed": {
         "config": "configs/bench_speed.yaml",
         "overrides": [],
-        "cache_build": ["--views", "2"],
+        "cache_build": ["--views", "8", "--teachers", "resnet20", "--batch", "512"],
         "distill_speed": ["--epochs", "3", "--rounds", "2", "--online-epochs", "2"],
         "sweep_speed": ["--views", "2", "--epochs", "2"],
     },

@@ -20,10 +20,15 @@ from pipeline.log import log
 class ProgressPrinter:
     """Context manager: `.queue` goes to the workers; lines put there are printed by the driver."""
 
-    def __init__(self, stream=None, totals: dict[str, int] | None = None, prefix: str = "", every: float = 10.0):
-        from ray.util.queue import Queue
+    def __init__(self, stream=None, totals: dict[str, int] | None = None, prefix: str = "", every: float = 10.0,
+                 local: bool = False):
+        """`local`: the counts come from this process (`.queue` is a sink that counts at once), no Ray."""
+        if local:
+            self.queue = _Counter(self)
+        else:
+            from ray.util.queue import Queue
 
-        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+            self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         self._stream = stream  # None: the `raykd` logger
         self._totals, self._prefix, self._every = totals or {}, prefix, every
         self._counts = {k: 0 for k in self._totals}
@@ -71,10 +76,15 @@ class ProgressPrinter:
         self._say(f"{self._prefix}{'  '.join(parts)}  ({rate:.0f} rows/s)")
 
     def __enter__(self) -> "ProgressPrinter":
-        self._thread.start()
+        if not isinstance(self.queue, _Counter):
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if isinstance(self.queue, _Counter):
+            if self._totals and exc[0] is None:
+                self._summary()
+            return
         self._stop.set()
         self._thread.join(timeout=5)
         try:
@@ -98,6 +108,16 @@ class Console:
                 log.info(item)
             else:
                 print(item, file=self.stream, flush=True)
+
+
+class _Counter(Console):
+    """A ProgressPrinter's sink in its own process: lines and counts are handled as they are put."""
+
+    def __init__(self, printer: ProgressPrinter):
+        self.printer = printer
+
+    def put(self, item) -> None:
+        self.printer._print(item)
 
 
 def emit(q, item) -> None:

@@ -115,17 +115,17 @@ def digit_folder(tmp_path, digits):
     return tmp_path
 
 
-def build_until_view_0(cfg, ray_session, tmp_path, extra):
-    """`raykd cache` (the shared run's teachers, connected to the session's Ray) as its own process, with
-    `extra` overrides (a cache.uri among them), once it has committed view 0: (process, its log file)."""
+def build_until_view_0(cfg, tmp_path, extra):
+    """`raykd cache` (the shared run's teachers; a local build, in that process) as its own process, with
+    `extra` overrides (a cache.uri among them), once it has committed view 0: (process, its log file).
+    Batches of one row make each view take seconds, so the process is still building the next one."""
     import subprocess
     import sys
     import time
 
     uri = next(e.split("=", 1)[1] for e in extra if e.startswith("cache.uri="))
-    argv = [sys.executable, "-m", "pipeline.cli", "cache", "--address", ray_session.get_runtime_context().gcs_address,
-            f"run.out_dir={cfg.run.out_dir}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2",
-            "cache.layers={b: [stage2, stage3]}", *extra]
+    argv = [sys.executable, "-m", "pipeline.cli", "cache", f"run.out_dir={cfg.run.out_dir}", "run.device=cpu", TEACHERS,
+            "teachers.optim.epochs=2", "cache.layers={b: [stage2, stage3]}", "cache.batch_size=1", *extra]
     log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would block the driver
     proc = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
     marker = os.path.join(uri, "_views", "view=0.json")

@@ -425,7 +425,7 @@ def test_a_killed_worker_is_raykds_line_not_rays_paragraph(built_cfg, cli, capsy
     assert "Worker exit type" not in text and "RayTask ID" not in text, text[-3000:]
 
 
-def test_sigterm_is_an_interrupt(built, ray_session, tmp_path):
+def test_sigterm_is_an_interrupt(built, tmp_path):
     """SIGTERM to a running build: the interrupted line and exit 143 (not Ray's abort and C++ stack), the
     committed view kept and the lock let go, as after Ctrl-C (that a rerun then resumes is
     tests/test_cache.py::test_killed_driver_then_rerun_completes_each_row_once)."""
@@ -435,8 +435,7 @@ def test_sigterm_is_an_interrupt(built, ray_session, tmp_path):
 
     cfg, _ = built
     uri = str(tmp_path / "terminated")
-    proc, log = build_until_view_0(cfg, ray_session, tmp_path, [f"cache.uri={uri}", "cache.views=2",
-                                                                "cache.views_per_pass=1"])
+    proc, log = build_until_view_0(cfg, tmp_path, [f"cache.uri={uri}", "cache.views=2", "cache.views_per_pass=1"])
     marker = os.path.join(uri, "_views", "view=0.json")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143, log.read_text()[-3000:]

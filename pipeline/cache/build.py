@@ -120,7 +120,7 @@ class TeacherForward:
         load_into(self.model, state_from_bytes(weights, ckpt_path), ckpt_path, arch)
         self.model.to(self.device).eval()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
         from pipeline.data import as_tensor, normalize
 
@@ -346,23 +346,28 @@ def _repair(cfg, splits, teachers, fp, uri, fs, root, manifest) -> dict:
     return repaired
 
 
+def engine(cfg: Config, splits) -> str:
+    """`cache.engine` resolved: `auto` is `local` unless the split is a streamed folder, a teacher asks for
+    more than one actor, or raykd runs on a cluster (ray.address / RAY_ADDRESS)."""
+    from pipeline.data import FileImages
+    from pipeline.raysetup import is_local
+
+    c = cfg.cache
+    if c.engine != "auto":
+        return c.engine
+    names = c.teachers or [t.name for t in cfg.teachers.models]
+    local = (not isinstance(splits.train.images, FileImages) and all(c.actors(n) == 1 for n in names)
+             and is_local(cfg.ray))
+    return "local" if local else "ray"
+
+
 def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> dict:
-    from pipeline.raysetup import check_fits, init_ray, local_thread_share, resolve_device
+    from pipeline.raysetup import resolve_device
 
     c = cfg.cache
     targets = _targets(cfg, splits.num_classes)
-    init_ray(cfg)  # before ray.data is imported: it reads raykd's logging settings then
-    import ray
-    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
-
+    how = engine(cfg, splits)
     device = resolve_device(cfg.run.device)
-    ctx = ray.data.DataContext.get_current()
-    ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE  # pyarrow-native tensors
-    ctx.enable_progress_bars = sys.stderr.isatty()  # Ray Data's bars in a terminal; our count lines anywhere
-    # By default every actor may use all the node's cores, and the OS shares them: a stage waiting for
-    # its input leaves its cores to the others. On 2 cores with 3 teachers this built views 14-19 % faster
-    # than one thread per actor (cores split evenly), whose slowest teacher held everyone back.
-    threads = c.threads_per_actor or local_thread_share(cfg.ray, 1)
     t_start = time.time()
     views_meta, todo = {}, []
     for k in range(c.views):
@@ -374,54 +379,20 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
     if views_meta:
         log.info(f"[cache] views {ranges(sorted(views_meta))} already committed, kept")
     if todo:
-        check_fits({"CPU": c.cpus_per_actor, "GPU": c.gpus_per_actor if device == "cuda" else 0},
-                   "cache.cpus_per_actor/gpus_per_actor")
+        run_pass = (_local_pass if how == "local" else _ray_pass)(cfg, splits, teachers, targets, device, fs, root)
     per_pass = c.views_per_pass or len(todo) or 1
     for group in [todo[i:i + per_pass] for i in range(0, len(todo), per_pass)]:
         t0 = time.time()
         log.info(f"[cache] views {ranges(group)}: {len(splits.train)} samples x {len(group)} views x {len(teachers)} teachers "
-                 f"({', '.join(t['name'] for t in teachers)})")
+                 f"({', '.join(t['name'] for t in teachers)}), {'in this process' if how == 'local' else 'Ray Data'}")
         for k in group:  # what a killed run left in these partitions was never committed
             if fs.exists(marker(root, k)):
                 fs.rm(marker(root, k))
             if fs.exists(view_dir(root, k)):
                 fs.rm(view_dir(root, k), recursive=True)
-        progress = ProgressPrinter(totals={t["name"]: len(splits.train) * len(group) for t in teachers},
-                                   prefix=f"[cache] views {ranges(group)}: ")
-        # a render batch of n samples becomes n x len(group) rows: at most RENDER_ROWS of them whatever K
-        # is (else its memory grows with the views of a pass); a few views a pass render batch_size samples
-        ds = split_to_ray(splits.train, rows_per_block=max(c.batch_size, 1024)).map_batches(
-            render_views, batch_format="numpy", batch_size=max(1, min(c.batch_size, RENDER_ROWS // len(group))),
-            fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "policy": splits.policy.as_dict()})
-        for t in teachers:
-            res = {"num_gpus": c.gpus_per_actor} if device == "cuda" else {}
-            ds = ds.map_batches(
-                TeacherForward, batch_format="numpy", batch_size=c.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=c.actors(t["name"])), num_cpus=c.cpus_per_actor, **res,
-                fn_constructor_kwargs={
-                    "name": t["name"], "arch": t["arch"], "ckpt_path": t["checkpoint"],
-                    "weights": read_verified(t["checkpoint"], t["checkpoint_sha256"]), "num_classes": splits.num_classes,
-                    "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std,
-                    "layers": list(t["layers"]), "feat_dtype": c.feat_dtype, "device": device,
-                    "threads": threads, "progress": progress.queue, "imports": job_imports(cfg),
-                    "preprocess": t.get("preprocess"),
-                })
-        if targets["topk"] or not targets["logits"]:
-            tk = targets["topk"] or {}
-            ds = ds.map_batches(encode_targets, batch_format="numpy", batch_size=c.batch_size, fn_kwargs={
-                "teachers": [t["name"] for t in teachers], "keep_logits": targets["logits"], "k": tk.get("k"),
-                "of": tk.get("of", "teachers"), "temperature": tk.get("temperature", 1.0)})
-        if not c.stores_views(splits.policy):
-            ds = ds.drop_columns([C.PIXELS])
-        # Straight into the views/view=k partitions (file names are unique per write): no move, which on
-        # S3 would be a copy of everything. A view counts only once its record under _views/ is written.
-        # A write task gathers about rows_per_file rows of each view of the pass before writing, so files
-        # are few and large while the compute stages stay fine-grained. (Ray marks min_rows_per_file with
-        # partition_cols deprecated after Feb 2027; Ray is pinned to 2.60 here.)
-        with progress:
-            ds.write_parquet(posixpath.join(root, VIEWS), filesystem=fs, partition_cols=["view"],
-                             min_rows_per_file=c.rows_per_file * len(group), compression="zstd")
-        fs.invalidate_cache()  # other processes wrote: drop this client's cached listings
+        run_pass(group, ProgressPrinter(totals={t["name"]: len(splits.train) * len(group) for t in teachers},
+                                        prefix=f"[cache] views {ranges(group)}: ", local=how == "local"))
+        fs.invalidate_cache()  # other processes may have written: drop this client's cached listings
         lock.check()  # still this build's cache
         for k in group:  # commit view by view
             files = describe_files(fs, root, view_dir(root, k))
@@ -440,6 +411,156 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
     write_json(fs, posixpath.join(root, MANIFEST), manifest)  # last: the commit marker
     log.info(f"[cache] {uri}: {manifest['rows']} rows, {manifest['bytes'] / 2**20:.1f} MiB, manifest written")
     return read_json(fs, posixpath.join(root, MANIFEST))  # as every later reader will see it
+
+
+def _forward_kwargs(cfg, splits, t: dict, device: str, threads: int | None, progress) -> dict:
+    """TeacherForward's arguments for teacher entry `t` (its checkpoint read and verified here)."""
+    c = cfg.cache
+    return {"name": t["name"], "arch": t["arch"], "ckpt_path": t["checkpoint"],
+            "weights": read_verified(t["checkpoint"], t["checkpoint_sha256"]), "num_classes": splits.num_classes,
+            "in_chans": splits.in_chans, "mean": splits.mean, "std": splits.std, "layers": list(t["layers"]),
+            "feat_dtype": c.feat_dtype, "device": device, "threads": threads, "progress": progress,
+            "imports": job_imports(cfg), "preprocess": t.get("preprocess")}
+
+
+def _targets_kwargs(targets: dict, teachers: list[dict]) -> dict | None:
+    """encode_targets' arguments, or None when the rows keep every teacher's logits and nothing else."""
+    if not (targets["topk"] or not targets["logits"]):
+        return None
+    tk = targets["topk"] or {}
+    return {"teachers": [t["name"] for t in teachers], "keep_logits": targets["logits"], "k": tk.get("k"),
+            "of": tk.get("of", "teachers"), "temperature": tk.get("temperature", 1.0)}
+
+
+def _local_pass(cfg, splits, teachers, targets, device, fs, root):
+    """A pass in this process, no Ray: every teacher loaded once for the whole build, then per batch of
+    samples the views rendered, each teacher's forward (torch's threads: every core, or
+    cache.threads_per_actor), the targets, and the rows of each view gathered into Parquet files of about
+    cache.rows_per_file rows, which a writer thread encodes, compresses and writes while the next batches
+    compute (pyarrow and zstd release the GIL). The files are what the Ray Data pass writes: same columns,
+    same types, `views/view=k/` partitions without the `view` column."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    c = cfg.cache
+    forwards = [TeacherForward(**_forward_kwargs(cfg, splits, t, device, c.threads_per_actor, None)) for t in teachers]
+    encode = _targets_kwargs(targets, teachers)
+    store = c.stores_views(splits.policy)
+    n = len(splits.train)
+
+    def to_table(batch: dict):
+        cols = {k: (pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(v)) if v.ndim > 1 else pa.array(v))
+                for k, v in batch.items() if k != "view"}
+        return pa.table(cols)
+
+    def write(k: int, tables: list, part: int) -> None:
+        path = posixpath.join(view_dir(root, k), f"{uuid.uuid4().hex}_{part:06d}.parquet")
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.concat_tables(tables), sink, compression="zstd")
+        fs.makedirs(view_dir(root, k), exist_ok=True)
+        fs.pipe_file(path, sink.getvalue().to_pybytes())
+
+    def run(group: list[int], progress: ProgressPrinter) -> None:
+        for f in forwards:
+            f.progress = progress.queue
+        spent = dict.fromkeys(("render", "forward", "targets", "arrow", "writer"), 0.0)  # seconds, for `-v`
+        pending, parts = [], {k: ([], 0, 0) for k in group}  # view -> (tables, rows, files written)
+        step = max(1, min(c.batch_size, RENDER_ROWS // len(group)))
+        with progress, ThreadPoolExecutor(1, thread_name_prefix="raykd-cache-write") as writer:
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                t = time.perf_counter()
+                batch = render_views({"sample_id": splits.train.ids[s:e], "label": splits.train.labels[s:e],
+                                      "image": np.asarray(splits.train.images[s:e])}, group, cfg.data.seed,
+                                     splits.policy.as_dict())
+                spent["render"] += time.perf_counter() - t
+                for j in range(0, len(batch["sample_id"]), c.batch_size):  # the teachers' batches
+                    sub = {key: v[j:j + c.batch_size] for key, v in batch.items()}
+                    t = time.perf_counter()
+                    for f in forwards:
+                        sub = f(sub)
+                    t, spent["forward"] = time.perf_counter(), spent["forward"] + time.perf_counter() - t
+                    if encode:
+                        sub = encode_targets(sub, **encode)
+                    if not store:
+                        sub.pop(C.PIXELS)
+                    t, spent["targets"] = time.perf_counter(), spent["targets"] + time.perf_counter() - t
+                    for k in group:  # rows are view-major within a render batch
+                        mask = sub["view_id"] == k
+                        if not mask.any():
+                            continue
+                        tables, rows, files = parts[k]
+                        tables.append(to_table({key: v[mask] for key, v in sub.items()}))
+                        rows += int(mask.sum())
+                        if rows >= c.rows_per_file:
+                            pending.append(writer.submit(write, k, tables, files))
+                            tables, rows, files = [], 0, files + 1
+                        parts[k] = (tables, rows, files)
+                    t, spent["arrow"] = time.perf_counter(), spent["arrow"] + time.perf_counter() - t
+                    while len(pending) > 2:  # at most a few files' rows wait for the writer; a failed write raises
+                        pending.pop(0).result()
+                    spent["writer"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for k, (tables, rows, files) in parts.items():
+                if tables:
+                    pending.append(writer.submit(write, k, tables, files))
+            for p in pending:
+                p.result()
+            spent["writer"] += time.perf_counter() - t
+        log.debug("[cache] views " + ranges(group) + ": " + ", ".join(f"{k} {v:.2f}s" for k, v in spent.items())
+                  + " (writer: waiting for the Parquet writer thread)")
+
+    return run
+
+
+def _ray_pass(cfg, splits, teachers, targets, device, fs, root):
+    """A pass as one Ray Data pipeline: render, one actor pool per teacher, the targets, write_parquet."""
+    from pipeline.raysetup import check_fits, init_ray, local_thread_share
+
+    c = cfg.cache
+    init_ray(cfg)  # before ray.data is imported: it reads raykd's logging settings then
+    import ray
+    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE  # pyarrow-native tensors
+    ctx.enable_progress_bars = sys.stderr.isatty()  # Ray Data's bars in a terminal; our count lines anywhere
+    # By default every actor may use all the node's cores, and the OS shares them: a stage waiting for
+    # its input leaves its cores to the others. On 2 cores with 3 teachers this built views 14-19 % faster
+    # than one thread per actor (cores split evenly), whose slowest teacher held everyone back.
+    threads = c.threads_per_actor or local_thread_share(cfg.ray, 1)
+    check_fits({"CPU": c.cpus_per_actor, "GPU": c.gpus_per_actor if device == "cuda" else 0},
+               "cache.cpus_per_actor/gpus_per_actor")
+    encode = _targets_kwargs(targets, teachers)
+
+    def run(group: list[int], progress: ProgressPrinter) -> None:
+        # a render batch of n samples becomes n x len(group) rows: at most RENDER_ROWS of them whatever K
+        # is (else its memory grows with the views of a pass); a few views a pass render batch_size samples
+        ds = split_to_ray(splits.train, rows_per_block=max(c.batch_size, 1024)).map_batches(
+            render_views, batch_format="numpy", batch_size=max(1, min(c.batch_size, RENDER_ROWS // len(group))),
+            fn_kwargs={"view_ids": group, "data_seed": cfg.data.seed, "policy": splits.policy.as_dict()})
+        for t in teachers:
+            res = {"num_gpus": c.gpus_per_actor} if device == "cuda" else {}
+            ds = ds.map_batches(TeacherForward, batch_format="numpy", batch_size=c.batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=c.actors(t["name"])), num_cpus=c.cpus_per_actor,
+                                **res, fn_constructor_kwargs=_forward_kwargs(cfg, splits, t, device, threads, progress.queue))
+        if encode:
+            ds = ds.map_batches(encode_targets, batch_format="numpy", batch_size=c.batch_size, fn_kwargs=encode)
+        if not c.stores_views(splits.policy):
+            ds = ds.drop_columns([C.PIXELS])
+        # Straight into the views/view=k partitions (file names are unique per write): no move, which on
+        # S3 would be a copy of everything. A view counts only once its record under _views/ is written.
+        # A write task gathers about rows_per_file rows of each view of the pass before writing, so files
+        # are few and large while the compute stages stay fine-grained. (Ray marks min_rows_per_file with
+        # partition_cols deprecated after Feb 2027; Ray is pinned to 2.60 here.)
+        with progress:
+            ds.write_parquet(posixpath.join(root, VIEWS), filesystem=fs, partition_cols=["view"],
+                             min_rows_per_file=c.rows_per_file * len(group), compression="zstd")
+
+    return run
 
 
 def type_str(t) -> str:
