@@ -212,15 +212,21 @@ train:
       cycle_momentum: false
     scheduling_step: 1
   criterion:
-    key: 'KDLoss'
+    key: 'WeightedSumLoss'
     kwargs:
-      student_module_path: '.'
-      student_module_io: 'output'
-      teacher_module_path: '.'
-      teacher_module_io: 'output'
-      temperature: {o['temperature']}
-      alpha: {o['w_kd']}
-      reduction: 'batchmean'
+      sub_terms:
+        kd:
+          criterion:
+            key: 'KDLoss'
+            kwargs:
+              student_module_path: '.'
+              student_module_io: 'output'
+              teacher_module_path: '.'
+              teacher_module_io: 'output'
+              temperature: {o['temperature']}
+              alpha: {o['w_kd']}
+              reduction: 'batchmean'
+          weight: 1.0
 test:
   test_data_loader:
     dataset_id: 'fashion/test'
@@ -309,7 +315,7 @@ def main() -> None:
         ckpt = os.path.join(tmp, "teacher.pt")
         torch.save(teacher.state_dict(), ckpt)
         td_yaml = os.path.join(tmp, "torchdistill.yaml")
-        torchdistill_config(td_yaml, args.config, args.overrides, ckpt, {"teacher": tarch, "student": args.student},
+        torchdistill_config(td_yaml, args.config, over, ckpt, {"teacher": tarch, "student": args.student},
                             splits.num_classes, splits.in_chans, args.epochs, steps, o)
         raykd = [sys.executable, "-m", "pipeline.cli"]
         wall, _ = timed([*raykd, "cache", "-c", args.config, *over, *raykd_over])
@@ -321,7 +327,7 @@ def main() -> None:
             wall, _ = timed([*raykd, "distill", "-c", args.config, *over, *raykd_over, f"distill.student.seed={s}",
                              f"distill.name={name}"])
             sdir = os.path.join(os.path.abspath(cfg.run.out_dir), "students", name)
-            rec = json.load(open(os.path.join(sdir, "record.json")))
+            rec = json.load(open(os.path.join(sdir, "student.json")))
             ms = [json.loads(x) for x in open(os.path.join(sdir, "metrics.jsonl"))]
             rk.append({"seed": s, "wall_s": round(wall, 2), "epoch_s": [round(m["epoch_time_s"], 3) for m in ms],
                        "val_acc": ms[-1].get("val_acc"), "test_acc": rec["test_acc"]})
