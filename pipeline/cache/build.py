@@ -1,11 +1,12 @@
 """`raykd cache`: run every teacher once over K views of every training sample into a Parquet cache.
 
-The missing views are built by one Ray Data pipeline per pass (`cache.views_per_pass`; default all,
-so the actor pools start once): render the views (sample id, view id -> record + pixels), then one
-`map_batches` stage per teacher on its own actor pool (model loaded once per actor, batched `no_grad`
-inference), each adding its columns, then the targets stage (top-k of each teacher or of their mean,
-full logits kept or dropped), then `write_parquet` straight into `views/view=k/`; each view is then
-committed by its record under `_views/`. A rerun after a crash keeps committed views, clears the
+The missing views are built pass by pass (`cache.views_per_pass`; default all at once): render the
+views (sample id, view id -> record + pixels), every teacher's batched `inference_mode` forward
+(`TeacherForward`, adding its columns), the targets (top-k of each teacher or of their mean, full
+logits kept or dropped), Parquet files straight into `views/view=k/`; each view is then committed by
+its record under `_views/`. Two engines run those stages (`cache.engine`) and write the same files:
+`local`, in this process without Ray (`_local_pass`), and `ray`, one Ray Data pipeline per pass with
+an actor pool per teacher (`_ray_pass`: streamed folders, several actors, clusters). A rerun after a crash keeps committed views, clears the
 partitions of uncommitted ones and redoes them, so every (sample_id, view_id) row exists exactly once.
 """
 
