@@ -388,7 +388,8 @@ def test_two_processes_one_student(built_cfg, cli, tmp_path, monkeypatch):
 
     cfg, path = built_cfg
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    args = ["distill", "-c", path, "distill.name=twice", "distill.optim.epochs=100", "distill.workers.torch_threads=1"]
+    # 40 epochs (~6 s): the first run is still training when the second, in this process, looks (under 1 s)
+    args = ["distill", "-c", path, "distill.name=twice", "distill.optim.epochs=40", "distill.workers.torch_threads=1"]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, f"run.out_dir={tmp_path / 'a'}"],
                              stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

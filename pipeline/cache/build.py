@@ -38,6 +38,7 @@ from pipeline.log import log
 from pipeline.views import ViewPolicy, make_views
 
 RENDER_ROWS = 4096  # rows of one render batch, at most: batch_size samples x the views of a pass
+ROW_GROUP = 2048  # rows of a Parquet row group the local engine writes (a view of 8,000 rows: 4 groups, the first 3 while computing)
 
 
 def cache_uri(cfg: Config) -> str:
@@ -436,9 +437,9 @@ def _targets_kwargs(targets: dict, teachers: list[dict]) -> dict | None:
 def _local_pass(cfg, splits, teachers, targets, device, fs, root):
     """A pass in this process, no Ray: every teacher loaded once for the whole build, then per batch of
     samples the views rendered, each teacher's forward (torch's threads: every core, or
-    cache.threads_per_actor), the targets, and the rows of each view gathered into Parquet files of about
-    cache.rows_per_file rows, which a writer thread encodes, compresses and writes while the next batches
-    compute (pyarrow and zstd release the GIL). The files are what the Ray Data pass writes: same columns,
+    cache.threads_per_actor), the targets, and each view's rows appended to its Parquet file (about
+    cache.rows_per_file rows) in row groups of ROW_GROUP rows, which a writer thread encodes and compresses
+    while the next batches compute (pyarrow and zstd release the GIL). The files are what the Ray Data pass writes: same columns,
     same types, `views/view=k/` partitions without the `view` column."""
     import uuid
     from concurrent.futures import ThreadPoolExecutor
@@ -457,18 +458,52 @@ def _local_pass(cfg, splits, teachers, targets, device, fs, root):
                 for k, v in batch.items() if k != "view"}
         return pa.table(cols)
 
-    def write(k: int, tables: list, part: int) -> None:
-        path = posixpath.join(view_dir(root, k), f"{uuid.uuid4().hex}_{part:06d}.parquet")
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.concat_tables(tables), sink, compression="zstd")
-        fs.makedirs(view_dir(root, k), exist_ok=True)
-        fs.pipe_file(path, sink.getvalue().to_pybytes())
+    class ViewFile:
+        """View k's Parquet file being written: row groups of about ROW_GROUP rows appended by the writer
+        thread while the next batches compute; a new file after about cache.rows_per_file rows."""
+
+        def __init__(self, k: int):
+            self.k, self.part, self.tables, self.queued, self.rows, self.out = k, 0, [], 0, 0, None
+
+        def add(self, table) -> list:  # in the main thread: what to hand the writer, if anything
+            self.tables.append(table)
+            self.queued += table.num_rows
+            return [self._group()] if self.queued >= min(ROW_GROUP, c.rows_per_file) else []
+
+        def _group(self):
+            tables, self.tables, self.queued = self.tables, [], 0
+            self.rows += sum(t.num_rows for t in tables)
+            last = self.rows >= c.rows_per_file
+            if last:
+                self.rows = 0
+            return lambda: self._write(tables, last)
+
+        def close(self) -> list:
+            return [self._group()] if self.tables else []
+
+        def _write(self, tables, last: bool) -> None:  # in the writer thread, in order
+            table = pa.concat_tables(tables)
+            if self.out is None:
+                self.sink = pa.BufferOutputStream()
+                self.out = pq.ParquetWriter(self.sink, table.schema, compression="zstd")
+            self.out.write_table(table, row_group_size=table.num_rows)
+            if last:
+                self.finish()
+
+        def finish(self) -> None:
+            if self.out is None:
+                return
+            self.out.close()
+            fs.makedirs(view_dir(root, self.k), exist_ok=True)
+            fs.pipe_file(posixpath.join(view_dir(root, self.k), f"{uuid.uuid4().hex}_{self.part:06d}.parquet"),
+                         self.sink.getvalue().to_pybytes())
+            self.out, self.part = None, self.part + 1
 
     def run(group: list[int], progress: ProgressPrinter) -> None:
         for f in forwards:
             f.progress = progress.queue
         spent = dict.fromkeys(("render", "forward", "targets", "arrow", "writer"), 0.0)  # seconds, for `-v`
-        pending, parts = [], {k: ([], 0, 0) for k in group}  # view -> (tables, rows, files written)
+        pending, files = [], {k: ViewFile(k) for k in group}
         step = max(1, min(c.batch_size, RENDER_ROWS // len(group)))
         with progress, ThreadPoolExecutor(1, thread_name_prefix="raykd-cache-write") as writer:
             for s in range(0, n, step):
@@ -491,23 +526,16 @@ def _local_pass(cfg, splits, teachers, targets, device, fs, root):
                     t, spent["targets"] = time.perf_counter(), spent["targets"] + time.perf_counter() - t
                     for k in group:  # rows are view-major within a render batch
                         mask = sub["view_id"] == k
-                        if not mask.any():
-                            continue
-                        tables, rows, files = parts[k]
-                        tables.append(to_table({key: v[mask] for key, v in sub.items()}))
-                        rows += int(mask.sum())
-                        if rows >= c.rows_per_file:
-                            pending.append(writer.submit(write, k, tables, files))
-                            tables, rows, files = [], 0, files + 1
-                        parts[k] = (tables, rows, files)
+                        if mask.any():
+                            pending += [writer.submit(w) for w in files[k].add(to_table({key: v[mask] for key, v in sub.items()}))]
                     t, spent["arrow"] = time.perf_counter(), spent["arrow"] + time.perf_counter() - t
-                    while len(pending) > 2:  # at most a few files' rows wait for the writer; a failed write raises
+                    while len(pending) > 2 * len(group):  # a bounded backlog; a failed write raises here
                         pending.pop(0).result()
                     spent["writer"] += time.perf_counter() - t
             t = time.perf_counter()
-            for k, (tables, rows, files) in parts.items():
-                if tables:
-                    pending.append(writer.submit(write, k, tables, files))
+            for f in files.values():
+                pending += [writer.submit(w) for w in f.close()]
+                pending.append(writer.submit(f.finish))
             for p in pending:
                 p.result()
             spent["writer"] += time.perf_counter() - t
