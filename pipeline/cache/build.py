@@ -369,6 +369,10 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
     c = cfg.cache
     targets = _targets(cfg, splits.num_classes)
     how = engine(cfg, splits)
+    if how == "ray":  # first: ray.data reads raykd's logging settings when imported, and `auto` asks the cluster for GPUs
+        from pipeline.raysetup import init_ray
+
+        init_ray(cfg)
     device = resolve_device(cfg.run.device)
     t_start = time.time()
     views_meta, todo = {}, []
@@ -547,11 +551,10 @@ def _local_pass(cfg, splits, teachers, targets, device, fs, root):
 
 def _ray_pass(cfg, splits, teachers, targets, device, fs, root):
     """A pass as one Ray Data pipeline: render, one actor pool per teacher, the targets, write_parquet."""
-    from pipeline.raysetup import check_fits, init_ray, local_thread_share
+    from pipeline.raysetup import check_fits, local_thread_share
 
     c = cfg.cache
-    init_ray(cfg)  # before ray.data is imported: it reads raykd's logging settings then
-    import ray
+    import ray  # started by _build_views
     from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
 
     ctx = ray.data.DataContext.get_current()
