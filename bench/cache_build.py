@@ -66,7 +66,7 @@ def timed(argv: list[str]) -> tuple[float, str]:
     p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        sys.exit(f"[bench] {' '.join(argv[:4])} ... failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+        sys.exit(f"[bench] {' '.join(argv[:5])} ... failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
     return wall, p.stdout
 
 

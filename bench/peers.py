@@ -43,7 +43,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, ".peers")
 TORCHDISTILL = "torchdistill==1.1.5"
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, HERE]
+
+from cache_build import timed  # noqa: E402  (bench/cache_build.py: a whole process, timed)
+from stats import ci  # noqa: E402  (bench/stats.py)
 
 # ---------------------------------------------------------------------------------------------------------
 # what a torchdistill user writes: the data set and model factories its config names, and the loop of its
@@ -249,21 +252,6 @@ def ensure_torchdistill() -> None:
                        check=True)
 
 
-def timed(argv: list[str], env: dict | None = None) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        sys.exit(f"[peers] {' '.join(argv[:5])} ... failed ({p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
-    return wall, p.stdout
-
-
-def ci95(xs: list[float]) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5) if len(xs) > 1 else 0.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-c", "--config", default="configs/bench_speed.yaml")
@@ -276,7 +264,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.td_student:  # one torchdistill student, in this process
-        sys.path[:0] = [os.path.join(PEERS, "site"), HERE]
+        sys.path.insert(0, os.path.join(PEERS, "site"))
         register()
         print(json.dumps(torchdistill_student(args.td_student[0], int(args.td_student[1]), int(args.td_student[2]))))
         return
@@ -350,7 +338,7 @@ def main() -> None:
         res[side].update({
             "median_epoch_s": round(statistics.median(e for x in xs for e in x["epoch_s"][1:]), 3),
             "median_student_wall_s": round(statistics.median(x["wall_s"] for x in xs), 2),
-            "test_acc_mean": round(statistics.mean(accs), 4), "test_acc_ci95": round(ci95(accs), 4)})
+            "test_acc_mean": round(ci(accs)[0], 4), "test_acc_ci95": round(ci(accs)[2], 4)})
     res["unmatched"] = ["crop/flip draws (torchvision's RNG vs raykd's seeded views)",
                         "OneCycleLR's cosine warm-up vs raykd's linear one",
                         "torchdistill's teacher runs online each batch (its design); raykd's reads the cache"]
