@@ -118,20 +118,11 @@ def cmd_distill(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pipeline.cache import build_cache
-    from pipeline.config import variant
-    from pipeline.distill import format_results, run_students
-    from pipeline.teachers import format_table, run_teachers
+    from pipeline.chain import run_all
+    from pipeline.distill import format_results
+    from pipeline.teachers import format_table
 
-    cfg = _load(args)
-    print(format_table(run_teachers(cfg)), flush=True)
-    build_cache(cfg, overwrite=args.overwrite)
-    runs = [variant(cfg, c, f"run.compare.{i}") for i, c in enumerate(cfg.run.compare)] or [cfg]
-    if any(r.method.targets in ("refined", "both") for r in runs):
-        from pipeline.professor import run_professor
-
-        run_professor(cfg)
-    records = run_students(runs, cfg.run.parallel)
+    records = run_all(_load(args), overwrite=args.overwrite, on_teachers=lambda t: print(format_table(t), flush=True))
     print()
     print(format_results(records))
     return 0

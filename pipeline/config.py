@@ -279,7 +279,8 @@ class CacheSection(Section):
     s3_endpoint: Annotated[str | None, AfterValidator(check_endpoint)] = Field(
         None, description="S3-compatible endpoint for cache.uri and run.storage_path (else AWS_ENDPOINT_URL / AWS default)")
     views_per_pass: int | None = Field(
-        None, gt=0, description="views built per pass (and committed together); None = all missing")
+        None, gt=0, description="views built per pass (and committed together); None = one with the local engine "
+                            "(a student can start on each as it is committed), all missing with Ray Data")
     engine: Literal["auto", "local", "ray"] = Field(
         "auto", description="local: the teachers run in this process, no Ray; ray: a Ray Data pipeline, an actor pool "
                             "per teacher; auto: local unless the data is a streamed folder, a teacher has more than "

@@ -129,8 +129,8 @@ class StudentJob(Job):
             return {}
         import ray
 
-        return {f"view{k}": ray.data.read_parquet(fs_files, filesystem=self.cache_fs).select_columns(list(self.columns))
-                for k, fs_files in self.files.items()}
+        return {f"view{k}": ray.data.read_parquet(self.files[k], filesystem=self.cache_fs).select_columns(list(self.columns))
+                for k in self.files.used}  # (a view of a cache being built: waited for here)
 
 
 def _load_online(entries, num_classes, in_chans, device) -> dict[str, nn.Module]:
@@ -282,7 +282,7 @@ def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
     if from_student:
         return _student_as_teacher(cfg, from_student, splits, online, out)
     if not online:
-        cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
+        cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint, wait=True)  # or one being built
         cache.expect(data_fingerprint=splits.fingerprint)
         # the targets' names: the teachers, or `ensemble` for a cache of their mean's top-k only (feature
         # methods read the teachers' maps, which are always per teacher)
@@ -328,7 +328,7 @@ def _student_as_teacher(cfg: Config, name: str, splits, online: bool, out: str):
     entry = {"name": name, "arch": rec["arch"], "path": path, "sha256": rec["files"]["student.safetensors"]}
     cache = None
     if not online:
-        cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
+        cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint, wait=True)  # or one being built
         cache.expect(data_fingerprint=splits.fingerprint)
     views = cache.manifest["views"] if cache is not None else cfg.cache.views
     upstream = hashlib.sha256(f"{rec['fingerprint']}:{entry['sha256']}".encode()).hexdigest()
@@ -440,11 +440,11 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
         cols += [C.scale(c) for c in cols if C.parse(c).kind == "feat" and C.scale(c) in cache.manifest["columns"]]
         used = sorted({e % p.views for e in range(d.optim.epochs)})
         nbytes = row_bytes(cache.manifest["columns"], cols) * len(p.splits.train) * len(used) // d.workers.num_workers
-        files = {k: cache.view_files(k) for k in used}
+        files = cache.view_files_of(used)  # a ViewFiles: on a cache being built, views are waited for as read
         refined_files = {k: cache.refined_files(k) for k in used} if C.REFINED in cols else None
+        files.checks.sha256.update(cache.checks([p for ps in (refined_files or {}).values() for p in ps]).sha256)
         cache_kw = {
-            "cache_fs": cache.fs, "files": files,
-            "checks": cache.checks([p for ps in [*files.values(), *(refined_files or {}).values()] for p in ps]),
+            "cache_fs": cache.fs, "files": files, "checks": files.checks,
             "columns": tuple(c for c in cols if c != C.REFINED), "targets": reader,
             "refined_files": refined_files,
             "in_memory": in_memory_choice(d.in_memory, nbytes, memory_budget() // max(1, concurrent)),

@@ -7,6 +7,7 @@ CPUs that Train workers would otherwise hold, and on 2 cores the read never star
 from __future__ import annotations
 
 import os
+import threading
 
 from pipeline.errors import ConfigError
 from pipeline.log import log
@@ -70,13 +71,21 @@ def catch_sigterm() -> None:
     """Put raykd's SIGTERM handler back (after ray.init set Ray's), while the CLI has it on."""
     import signal
 
-    if _catching_sigterm:
+    if _catching_sigterm and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+_INIT = threading.Lock()  # `raykd run` builds its cache in a thread while its students start
+
+
 def init_ray(cfg) -> None:
-    """Start a local Ray or connect to `ray.address` / RAY_ADDRESS (once per process). A cluster gets
-    the environment settings and the user modules of `run.imports` (`plugins.ship`) with the job."""
+    """Start a local Ray or connect to `ray.address` / RAY_ADDRESS (once per process, from any thread). A
+    cluster gets the environment settings and the user modules of `run.imports` (`plugins.ship`) with the job."""
+    with _INIT:
+        _init_ray(cfg)
+
+
+def _init_ray(cfg) -> None:
     import ray
 
     if ray.is_initialized():

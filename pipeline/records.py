@@ -109,6 +109,8 @@ class ViewCommit(_Record):
 
 class BuildStarted(_Record):
     fingerprint: str
+    manifest: dict | None = None  # the manifest of the views committed so far (students train on them meanwhile)
+    error: str | None = None  # why the build failed, for the students waiting on it
 
 
 class LockOwner(_Record):

@@ -65,16 +65,11 @@ def distill(cfg: Config) -> dict:
 
 def compare(cfg: Config, parallel: int | None = None) -> list[dict]:
     """`raykd run` without the printing: teachers, cache, the professor when a run needs it, then one
-    student per `run.compare` entry (or the configured one), `parallel` at a time; their records."""
-    from pipeline.distill import run_students
+    student per `run.compare` entry (or the configured one), `parallel` at a time, training while the
+    cache is built; their records."""
+    from pipeline.chain import run_all
 
-    teachers(cfg)
-    runs = [_variant(cfg, c, f"run.compare.{i}") for i, c in enumerate(cfg.run.compare)] or [cfg]
-    if any(r.distill.teachers == "cache" for r in runs):
-        cache(cfg)
-    if any(r.method.targets in ("refined", "both") for r in runs):
-        professor(cfg)
-    return run_students(runs, parallel or cfg.run.parallel)
+    return run_all(cfg, parallel)
 
 
 def sweep(cfg: Config) -> dict:

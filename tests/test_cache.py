@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.errors import RaykdError
 from pipeline.cache import Cache, CacheError, build_cache, column_array, dequantize_int8, inspect_cache, quantize_int8
 from pipeline.data import normalize
 from pipeline.teachers import load_teacher
@@ -271,6 +272,83 @@ def test_killed_driver_then_rerun_completes_each_row_once(built, tmp_path, digit
     assert len(pairs) == t.num_rows == 3 * n
     assert [f for f in m["files"] if f["path"].startswith("views/view=0/")] == kept["files"]  # view 0 was not rebuilt
     assert not os.path.exists(os.path.join(uri, "_build.json")) and not os.path.exists(os.path.join(uri, "_build.lock"))
+
+
+def test_student_on_a_cache_being_built_gets_the_rows_of_the_finished_cache(built, tmp_path, capsys):
+    """`raykd distill` beside a running `raykd cache`: it starts once view 0 is committed, waits for each
+    later view as its epoch comes, and trains exactly as it does on the finished cache."""
+    from pipeline.distill import run_distill
+
+    cfg, _ = built
+    uri = str(tmp_path / "growing")
+    extra = [f"cache.uri={uri}", "cache.views=3"]
+    proc, log = build_until_view_0(cfg, tmp_path, extra)
+    student = ["method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=3"]
+    try:
+        capsys.readouterr()
+        early = run_distill(digits_cfg(cfg.run.out_dir, *extra, *student, "distill.name=early"))
+        out = capsys.readouterr().out
+        assert "waiting for the build under way to commit view" in out, out[-2000:]
+        assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
+    finally:
+        proc.kill()
+    late_cfg = digits_cfg(cfg.run.out_dir, *extra, *student, "distill.name=late")
+    late = run_distill(late_cfg)
+    early_m = [json.loads(x) for x in open(os.path.join(cfg.run.out_dir, "students", "early", "metrics.jsonl"))]
+    late_m = [json.loads(x) for x in open(os.path.join(cfg.run.out_dir, "students", "late", "metrics.jsonl"))]
+    assert [m["view"] for m in early_m] == [0, 1, 2] and [m["samples"] for m in early_m] == [m["samples"] for m in late_m]
+    assert [m["train_loss"] for m in early_m] == [m["train_loss"] for m in late_m]
+    assert early["fingerprint"] == late["fingerprint"] and early["test_acc"] == late["test_acc"]
+
+
+def test_a_build_that_fails_ends_the_student_on_it_with_its_error(built, tmp_path, monkeypatch):
+    """The build fails writing view 1 while a student trains on view 0: the student stops with that error."""
+    import threading
+
+    import pipeline.cache.build as build_mod
+    from pipeline.distill import run_distill
+
+    cfg, _ = built
+    uri = str(tmp_path / "failing")
+    extra = [f"cache.uri={uri}", "cache.views=2"]
+    import glob
+
+    saved = os.path.join(cfg.run.out_dir, "ray_train", "student-doomed-*", "latest.json")  # its epoch checkpoints
+    real, calls = build_mod.describe_files, []
+
+    def describe_or_fail(fs, root, folder):
+        calls.append(folder)
+        if len(calls) == 1:
+            return real(fs, root, folder)
+        deadline = time.time() + 120  # view 1: once the student has trained its first epoch, on view 0
+        while not glob.glob(saved) and time.time() < deadline:
+            time.sleep(0.1)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(build_mod, "describe_files", describe_or_fail)
+    failed = {}
+
+    def build():
+        try:
+            build_cache(digits_cfg(cfg.run.out_dir, *extra))
+        except OSError as e:
+            failed["build"] = e
+
+    th = threading.Thread(target=build)
+    th.start()
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(uri, "_views", "view=0.json")) and th.is_alive() and time.time() < deadline:
+        time.sleep(0.1)
+    try:
+        with pytest.raises(RaykdError, match=r"failing: the cache build failed: OSError: \[Errno 28\] No space left on dev"):
+            run_distill(digits_cfg(cfg.run.out_dir, *extra, "method.name=kd", "distill.student.arch=cnn4",
+                                   "distill.optim.epochs=2", "distill.name=doomed"))
+    finally:
+        th.join(timeout=120)
+    (latest,) = glob.glob(saved)
+    assert "build" in failed and json.load(open(latest))["epoch"] == 1  # it trained on view 0, then stopped
+    assert not os.path.exists(os.path.join(uri, "manifest.json"))
+    assert os.path.exists(os.path.join(uri, "_views", "view=0.json"))  # kept for the rerun
 
 
 def _two_builds_at_once(fs, root):

@@ -13,7 +13,7 @@ from pipeline.errors import StageFailed
 from pipeline.models import build_model
 from pipeline.training import evaluate
 
-from conftest import digits_cfg
+from conftest import TEACHERS, digits_cfg
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -208,3 +208,21 @@ def test_bf16_student_trains_under_autocast(tmp_path, monkeypatch):
                      "distill.optim.precision=bf16", "distill.student.arch=cnn8")
     rec = run_distill(cfg)
     assert torch.bfloat16 in seen and rec["test_acc"] > 0.5
+
+
+def test_run_trains_its_student_while_the_cache_is_built(built, tmp_path, cli, capsys):
+    """`raykd run` on a cache it has still to build: the student starts on the views committed so far and
+    is the student `raykd distill` trains on the finished cache (same fingerprint: reused)."""
+    cfg0, _ = built
+    uri = tmp_path / "chain_cache"
+    argv = [f"run.out_dir={cfg0.run.out_dir}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2", "cache.views=3",
+            "cache.layers={b: [stage2, stage3]}", f"cache.uri={uri}", "method.name=kd", "distill.student.arch=cnn4",
+            "distill.optim.epochs=3", "distill.name=chained"]
+    code, out, err = cli("run", *argv)
+    assert code == 0, err[-2000:]
+    assert "chained" in out.split("\n\n")[-1]  # the results table
+    m = json.load(open(uri / "manifest.json"))
+    assert m["views"] == 3 and m["rows"] == 3 * 1294
+    capsys.readouterr()
+    rec = run_distill(digits_cfg(cfg0.run.out_dir, *argv[4:]))
+    assert "up to date" in capsys.readouterr().out and rec["name"] == "chained"

@@ -1,6 +1,7 @@
 """`raykd cache`: run every teacher once over K views of every training sample into a Parquet cache.
 
-The missing views are built pass by pass (`cache.views_per_pass`; default all at once): render the
+The missing views are built pass by pass (`cache.views_per_pass`; default one view per pass in this
+process, all at once with Ray Data): render the
 views (sample id, view id -> record + pixels), every teacher's batched `inference_mode` forward
 (`TeacherForward`, adding its columns), the targets (top-k of each teacher or of their mean, full
 logits kept or dropped), Parquet files straight into `views/view=k/`; each view is then committed by
@@ -211,9 +212,10 @@ def cache_fingerprint(splits, cfg: Config, teachers: list[dict]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> dict:
+def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False, on_first_view=None) -> dict:
     """Build (or finish, or reuse) the cache for `cfg`; returns its manifest. `repair`: check every part
-    file of a finished cache of this config against its sha256 and rebuild the views with a damaged one."""
+    file of a finished cache of this config against its sha256 and rebuild the views with a damaged one.
+    `on_first_view()` is called once students can open it: its first view committed (`Cache(wait=True)`)."""
     from pipeline.data import load_splits
 
     splits = load_splits(cfg.data)
@@ -267,8 +269,19 @@ def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> d
             for path in fs.ls(root, detail=False):
                 if posixpath.basename(path) != LOCK:
                     fs.rm(path, recursive=True)
-        write_json(fs, posixpath.join(root, BUILD), {"fingerprint": fp, "started": time.time()})
-        manifest = _build_views(cfg, splits, teachers, fp, uri, fs, root, lock)
+        started = time.time()
+        write_json(fs, posixpath.join(root, BUILD), {"fingerprint": fp, "started": started})
+        try:
+            manifest = _build_views(cfg, splits, teachers, fp, uri, fs, root, lock, on_first_view)
+        except BaseException as e:  # for the students waiting on this build: why it ended
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else (str(e) if isinstance(e, RaykdError) else
+                                                                          f"{type(e).__name__}: {str(e)[:300]}")
+            if not lock.lost:
+                try:
+                    write_json(fs, posixpath.join(root, BUILD), {"fingerprint": fp, "started": started, "error": why})
+                except Exception:  # noqa: BLE001 - the build's own error is the one to raise
+                    pass
+            raise
         fs.rm(posixpath.join(root, BUILD))  # after the manifest: a build that dies before leaves its record
         return manifest
 
@@ -363,7 +376,7 @@ def engine(cfg: Config, splits) -> str:
     return "local" if local else "ray"
 
 
-def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> dict:
+def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock, on_first_view=None) -> dict:
     from pipeline.raysetup import resolve_device
 
     c = cfg.cache
@@ -382,11 +395,21 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
             views_meta[k] = done
         else:
             todo.append(k)
+
+    def commit_so_far() -> None:  # the manifest of the views committed so far, for students to start on
+        so_far = _manifest(cfg, splits, teachers, fp, fs, root, views_meta, targets, time.time() - t_start)
+        write_json(fs, posixpath.join(root, BUILD), {"fingerprint": fp, "started": t_start, "manifest": so_far})
+        if on_first_view is not None:
+            on_first_view()
+
     if views_meta:
         log.info(f"[cache] views {ranges(sorted(views_meta))} already committed, kept")
+        commit_so_far()
     if todo:
         run_pass = (_local_pass if how == "local" else _ray_pass)(cfg, splits, teachers, targets, device, fs, root)
-    per_pass = c.views_per_pass or len(todo) or 1
+    # a local pass per view: each is committed as soon as its rows are written, so a student can start on it
+    # (a Ray Data pass reads the source once for all its views)
+    per_pass = c.views_per_pass or (1 if how == "local" else len(todo)) or 1
     for group in [todo[i:i + per_pass] for i in range(0, len(todo), per_pass)]:
         t0 = time.time()
         log.info(f"[cache] views {ranges(group)}: {len(splits.train)} samples x {len(group)} views x {len(teachers)} teachers "
@@ -407,6 +430,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock) -> d
                 raise CacheError(f"view {k}: wrote {rows} rows, expected {len(splits.train)}; not committed")
             views_meta[k] = {"fingerprint": fp, "view": k, "files": files, "rows": rows}
             write_json(fs, marker(root, k), views_meta[k])
+        commit_so_far()
         log.info(f"[cache] views {ranges(group)}: committed in {time.time() - t0:.1f}s")
     from pipeline.config import dump_config
 
@@ -605,7 +629,7 @@ def type_str(t) -> str:
 def _manifest(cfg, splits, teachers, fp, fs, root, views_meta, targets, seconds) -> dict:
     import pyarrow.parquet as pq
 
-    first = posixpath.join(root, views_meta[0]["files"][0]["path"])
+    first = posixpath.join(root, views_meta[min(views_meta)]["files"][0]["path"])
     with fs.open(first, "rb") as f:
         schema = pq.read_schema(f)
     files = [f for k in sorted(views_meta) for f in views_meta[k]["files"]]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.cache import columns as C
-from pipeline.records import Manifest, check
-from pipeline.cache.storage import (MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, CacheError, open_fs, read_json,
-                                        read_parquet_part, storage_errors, storage_message, view_dir)
+from pipeline.log import log
+from pipeline.records import BuildStarted, LockRecord, Manifest, ViewCommit, check
+from pipeline.cache.storage import (BUILD, LOCK, MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, CacheError, marker,
+                                    open_fs, owner_alive, read_json, read_parquet_part, storage_errors,
+                                    storage_message, view_dir)
 
 
 def column_array(table, name: str) -> np.ndarray:
@@ -83,14 +86,80 @@ def load_refined(fs, paths: list[str], by_view: bool = False, checks: PartChecks
     return keys[order], column_array(t, C.REFINED)[order].astype(np.float32)
 
 
-class Cache:
-    """An opened, validated cache: its manifest, what it holds, and its rows."""
+@dataclass(frozen=True)
+class Building:
+    """A cache whose build is running (its lock held by a live owner): where a reader waits for a view's
+    commit record. The wait ends with a CacheError when the build fails (its error, from `_build.json`) or
+    stops (its lock gone, or its owner dead) before committing the view."""
 
-    def __init__(self, uri: str, s3_endpoint: str | None = None):
+    uri: str
+    fs: object
+    root: str
+    fingerprint: str
+    poll_s: float = 0.5
+
+    def state(self) -> dict | None:
+        """The build's record while it runs, else None; raises the build's failure."""
+        build = read_json(self.fs, posixpath.join(self.root, BUILD), BuildStarted, "unfinished build record")
+        if build is not None and build.get("error"):
+            raise CacheError(f"{self.uri}: the cache build failed: {build['error']}")
+        lock = read_json(self.fs, posixpath.join(self.root, LOCK), LockRecord, "lock")
+        if build is None or build.get("fingerprint") != self.fingerprint or lock is None or not owner_alive(lock):
+            return None
+        return build
+
+    def wait(self, k: int) -> list[dict]:
+        """View k's part files (path, rows, bytes, sha256), once the build has committed it."""
+        said = False
+        while True:
+            self.fs.invalidate_cache()
+            rec = read_json(self.fs, marker(self.root, k), ViewCommit, "view commit record")
+            if rec is not None and rec["fingerprint"] == self.fingerprint:
+                return rec["files"]
+            if self.state() is None:
+                rec = read_json(self.fs, marker(self.root, k), ViewCommit, "view commit record")  # committed as it ended?
+                if rec is not None and rec["fingerprint"] == self.fingerprint:
+                    return rec["files"]
+                raise CacheError(f"{self.uri}: the cache build stopped before committing view {k} (its lock is gone "
+                                 "or its process died); rerun `raykd cache` to finish it")
+            if not said:
+                log.info(f"[cache] waiting for the build under way to commit view {k}")
+                said = True
+            time.sleep(self.poll_s)
+
+
+class ViewFiles(dict):
+    """{view: its part files' paths} for the views a job reads. On a cache being built (`building`), a
+    view not yet committed is waited for when first asked (`files[k]`): its commit record's files are
+    added, with their sha256 added to `checks`."""
+
+    def __init__(self, committed: dict, used: list[int], checks: PartChecks, building: Building | None = None):
+        super().__init__(committed)
+        self.used, self.checks, self.building = list(used), checks, building
+
+    def __missing__(self, k: int) -> list[str]:
+        if self.building is None or k not in self.used:
+            raise KeyError(k)
+        files = self.building.wait(k)
+        paths = [posixpath.join(self.building.root, f["path"]) for f in files]
+        self.checks.sha256.update({p: f["sha256"] for p, f in zip(paths, files)})
+        self[k] = paths
+        return paths
+
+
+class Cache:
+    """An opened, validated cache: its manifest, what it holds, and its rows. `wait`: a cache whose build
+    is running opens too, once its first view is committed: `manifest` then lists the views committed so
+    far, `building` says where to wait for the others (else None)."""
+
+    def __init__(self, uri: str, s3_endpoint: str | None = None, wait: bool = False):
         self.uri = uri
+        self.building: Building | None = None
         self.fs, self.root = open_fs(uri, s3_endpoint)
         try:
             manifest = read_json(self.fs, posixpath.join(self.root, MANIFEST))
+            if manifest is None:
+                manifest = self._running_build(wait)
         except storage_errors() as e:
             raise CacheError(storage_message(uri, e)) from None
         if manifest is None:
@@ -107,6 +176,46 @@ class Cache:
             raise CacheError(f"{uri}/{MANIFEST}: schema_version {version!r}, this raykd reads {SCHEMA_VERSION}")
         self.manifest = check(manifest, Manifest, f"{uri}/{MANIFEST}", "cache manifest", CacheError)
         self._check_files()
+
+    def _running_build(self, wait: bool) -> dict | None:
+        """The manifest so far of a build under way (None if there is none); waits for its first view."""
+        build = read_json(self.fs, posixpath.join(self.root, BUILD), BuildStarted, "unfinished build record")
+        if build is None:
+            return None
+        watch = Building(self.uri, self.fs, self.root, build["fingerprint"])
+        if watch.state() is None:
+            return None  # an interrupted build: named by the caller
+        if not wait:
+            raise CacheError(f"{self.uri}: the cache is being built (no {MANIFEST} yet); wait for `raykd cache` to "
+                             "finish")
+        said = False
+        while True:
+            self.fs.invalidate_cache()
+            manifest = read_json(self.fs, posixpath.join(self.root, MANIFEST))
+            if manifest is not None:
+                return manifest
+            state = watch.state()
+            if state is None:
+                if read_json(self.fs, posixpath.join(self.root, MANIFEST)) is not None:
+                    return read_json(self.fs, posixpath.join(self.root, MANIFEST))
+                raise CacheError(f"{self.uri}: the cache build stopped before committing a view (its lock is gone or "
+                                 "its process died); rerun `raykd cache` to finish it")
+            if state.get("manifest"):
+                self.building = watch
+                return state["manifest"]
+            if not said:
+                log.info(f"[cache] {self.uri}: waiting for the build under way to commit its first view")
+                said = True
+            time.sleep(watch.poll_s)
+
+    def committed(self, k: int) -> bool:
+        """Whether view k's rows are all there (always, once the build is finished)."""
+        return self.building is None or bool(self.view_files(k))
+
+    def view_files_of(self, views: list[int]) -> "ViewFiles":
+        """The part files of these views, for a job: those of a cache being built are waited for when read."""
+        committed = {k: self.view_files(k) for k in views if self.committed(k)}
+        return ViewFiles(committed, views, self.checks([p for ps in committed.values() for p in ps]), self.building)
 
     # ---- what it holds
 
@@ -197,7 +306,7 @@ class Cache:
             if size != f["bytes"]:
                 raise CacheError(f"{self.uri}: part file {path} has {size} bytes, {MANIFEST} says {f['bytes']}")
         roots = [VIEWS] + ([REFINED] if self.manifest.get("professor") else [])  # else refined/ is a leftover
-        for data_root in roots:
+        for data_root in roots if self.building is None else []:  # a build under way writes views not yet listed
             folder = posixpath.join(self.root, data_root)
             present = {posixpath.relpath(p, self.root) for p in self.fs.find(folder)} if self.fs.exists(folder) else set()
             stray = sorted(present - set(listed))
