@@ -568,7 +568,7 @@ def _local_pass(cfg, splits, teachers, targets, device, fs, root):
                 p.result()
             spent["writer"] += time.perf_counter() - t
         log.debug("[cache] views " + ranges(group) + ": " + ", ".join(f"{k} {v:.2f}s" for k, v in spent.items())
-                  + " (writer: waiting for the Parquet writer thread)")
+                  + f" (writer: waiting for the Parquet writer thread; torch threads {torch.get_num_threads()})")
 
     return run
 
