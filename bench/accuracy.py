@@ -26,12 +26,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cache import Cache, build_cache, cache_uri  # noqa: E402
-from pipeline.config import load_config, variant  # noqa: E402
-from pipeline.distill import run_students, student_dir, student_name  # noqa: E402
-from pipeline.errors import StageFailed  # noqa: E402
+from raykd.pipeline.cache import Cache, build_cache, cache_uri  # noqa: E402
+from raykd.pipeline.config import load_config, variant  # noqa: E402
+from raykd.pipeline.distill import run_students, student_dir, student_name  # noqa: E402
+from raykd.pipeline.errors import StageFailed  # noqa: E402
 from stats import ci, paired  # noqa: E402  (bench/stats.py, beside this script)
-from pipeline.teachers import run_teachers  # noqa: E402
+from raykd.pipeline.teachers import run_teachers  # noqa: E402
 
 # method -> (config changes, the cache it reads); "<best>" is the teacher with the best validation accuracy,
 # "<smallest>" the one with the fewest parameters (the A/A pair: its online forward is the cheapest)
@@ -114,7 +114,7 @@ def main() -> None:
     if args.teachers_on_all_data:  # every training image for the teachers, then their checkpoints for the rest
         tcfg = variant(cfg, {"data.train_subset": None, "run.out_dir": cfg.run.out_dir + "-teachers"}, "bench teachers")
         run_teachers(tcfg)
-        from pipeline.teachers import teacher_dir
+        from raykd.pipeline.teachers import teacher_dir
 
         cfg = variant(cfg, {f"teachers.models.{i}.checkpoint": os.path.join(teacher_dir(
             os.path.abspath(tcfg.run.out_dir), t.name), "best.safetensors") for i, t in enumerate(cfg.teachers.models)},
@@ -146,7 +146,7 @@ def main() -> None:
     profs = {}
     for m, rs in runs.items():
         if rs[0].method.targets in ("refined", "both") and VARIANTS[m][1] not in profs:
-            from pipeline.professor import run_professor
+            from raykd.pipeline.professor import run_professor
 
             profs[VARIANTS[m][1]] = prof = run_professor(rs[0])
     order = sorted(runs, key=lambda m: m not in SLOW)

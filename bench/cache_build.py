@@ -5,7 +5,7 @@
 
 Both sides are whole processes of the same Python, timed by this script in turn (bare, raykd, bare,
 raykd, ...; this machine is noisy, so each pair gives its own ratio). Both load the data set and the
-teachers' checkpoints, render the same K views of every training sample (`pipeline.views`), normalise
+teachers' checkpoints, render the same K views of every training sample (`raykd.pipeline.views`), normalise
 them and run every teacher once per view, in batches of `--batch`, on the threads torch takes by default
 (all the cores). The bare loop keeps nothing. The raykd side is `raykd cache --overwrite` into a
 temporary folder: Parquet files, sha256 of every part, commit records, manifest, and whichever engine
@@ -36,10 +36,10 @@ def bare(config: str, overrides: list[str]) -> None:
     """The floor, in this process: prints {"loop_s", "rows"} as JSON on its last line."""
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.data import load_splits, normalize
-    from pipeline.teachers import load_teacher
-    from pipeline.views import make_views
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.data import load_splits, normalize
+    from raykd.pipeline.teachers import load_teacher
+    from raykd.pipeline.views import make_views
 
     cfg = load_config(config, overrides)
     splits = load_splits(cfg.data)
@@ -90,8 +90,8 @@ def main() -> None:
 
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.teachers import run_teachers
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.teachers import run_teachers
 
     cfg = load_config(args.config, over)
     run_teachers(cfg)  # reused when already trained
@@ -101,7 +101,7 @@ def main() -> None:
             b_wall, b_out = timed([sys.executable, os.path.join(HERE, "cache_build.py"), "--bare", "-c", args.config, *over])
             floor = json.loads(b_out.strip().splitlines()[-1])
             uri = os.path.join(tmp, "cache")
-            r_wall, _ = timed([sys.executable, "-m", "pipeline.cli", "cache", "-c", args.config, "--overwrite", *over,
+            r_wall, _ = timed([sys.executable, "-m", "raykd", "cache", "-c", args.config, "--overwrite", *over,
                                f"cache.uri={uri}"])
             with open(os.path.join(uri, "manifest.json")) as f:
                 manifest = json.load(f)

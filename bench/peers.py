@@ -60,8 +60,8 @@ def fashion_split(config: str, overrides: list[str], split: str, train: bool):
     import torch
     from torchvision import transforms
 
-    from pipeline.config import load_config
-    from pipeline.data import load_splits
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.data import load_splits
 
     splits = load_splits(load_config(config, overrides).data)
     part = getattr(splits, split)
@@ -85,7 +85,7 @@ def fashion_split(config: str, overrides: list[str], split: str, train: bool):
 
 def raykd_zoo(arch: str, num_classes: int, in_chans: int, **_):
     """raykd's zoo models, registered into torchdistill's model registry under the key `raykd_zoo`."""
-    from pipeline.models import build_model
+    from raykd.pipeline.models import build_model
 
     return build_model(arch, num_classes, in_chans)
 
@@ -273,9 +273,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.data import load_splits
-    from pipeline.teachers import load_teacher, run_teachers
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.teachers import load_teacher, run_teachers
 
     ensure_torchdistill()
     threads = torch.get_num_threads()
@@ -305,7 +305,7 @@ def main() -> None:
         td_yaml = os.path.join(tmp, "torchdistill.yaml")
         torchdistill_config(td_yaml, args.config, over, ckpt, {"teacher": tarch, "student": args.student},
                             splits.num_classes, splits.in_chans, args.epochs, steps, o)
-        raykd = [sys.executable, "-m", "pipeline.cli"]
+        raykd = [sys.executable, "-m", "raykd"]
         wall, _ = timed([*raykd, "cache", "-c", args.config, *over, *raykd_over])
         res["raykd"]["cache_s"] = round(wall, 2)
         print(f"[peers] raykd cache: {wall:.1f} s", flush=True)

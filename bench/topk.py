@@ -28,8 +28,8 @@ sys.path.insert(0, ROOT)
 
 def target_bytes(uri: str) -> dict[str, float]:
     """Compressed bytes per view row of each target column (logits.*, topk.*) of a cache."""
-    from pipeline.cache import Cache
-    from pipeline.cache import columns as C
+    from raykd.pipeline.cache import Cache
+    from raykd.pipeline.cache import columns as C
 
     cache = Cache(uri)
     rows = cache.manifest["rows"]
@@ -43,13 +43,13 @@ def class_bytes(out_dir: str, num_classes: int = 1000, teachers: int = 3, rows: 
     synthetic data set `random-<num_classes>` (in this process) for it."""
     import numpy as np
 
-    from pipeline.cache import build_cache
-    from pipeline.checkpoints import save_state_dict
-    from pipeline.config import load_config
-    from pipeline.data import DATASETS, Raw
-    from pipeline.models import build_model
-    from pipeline.teachers import run_teachers
-    from pipeline.views import ViewPolicy
+    from raykd.pipeline.cache import build_cache
+    from raykd.pipeline.checkpoints import save_state_dict
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.data import DATASETS, Raw
+    from raykd.pipeline.models import build_model
+    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.views import ViewPolicy
 
     name = f"random-{num_classes}"
     if name not in DATASETS:
@@ -92,10 +92,10 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cmd = "python bench/topk.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    from pipeline.cache import build_cache, cache_uri
-    from pipeline.config import load_config, variant
-    from pipeline.distill import run_students
-    from pipeline.teachers import run_teachers
+    from raykd.pipeline.cache import build_cache, cache_uri
+    from raykd.pipeline.config import load_config, variant
+    from raykd.pipeline.distill import run_students
+    from raykd.pipeline.teachers import run_teachers
 
     t0 = time.time()
     cfg = load_config(args.config, [*args.overrides, "cache.layers={}"])

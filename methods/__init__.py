@@ -4,7 +4,7 @@ own options. Every module of this package is imported here, so a new file regist
 import importlib
 import pkgutil
 
-from methods.base import METHODS, Method, MethodContext, Targets, build_method  # noqa: F401
+from raykd.methods.base import METHODS, Method, MethodContext, Targets, build_method  # noqa: F401
 
 for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")

@@ -34,9 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from methods.base import METHODS, Method
-from methods.dkd import DKDOptions, dkd_terms, warmup_factor
-from pipeline.schema import Section
+from raykd.methods.base import METHODS, Method
+from raykd.methods.dkd import DKDOptions, dkd_terms, warmup_factor
+from raykd.pipeline.schema import Section
 
 
 def adaptive_weight(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,

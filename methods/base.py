@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.ensemble import PER_SAMPLE, mix_logits, teacher_weights
-from pipeline.registry import Registry
+from raykd.methods.ensemble import PER_SAMPLE, mix_logits, teacher_weights
+from raykd.pipeline.registry import Registry
 
 METHODS: Registry = Registry("method")
 
@@ -54,7 +54,7 @@ class Method(nn.Module, metaclass=ABCMeta):
     """Base class. `uses_teachers = False` for methods that need no teacher output (the CE baseline)."""
 
     uses_teachers = True
-    # this method's own options, `method.<name>.*`: a pipeline.schema.Section subclass declared in the
+    # this method's own options, `method.<name>.*`: a raykd.pipeline.schema.Section subclass declared in the
     # method's file (config builds method.<name> from it); None = no options of its own
     Options = None
     # bump when a change to the method's maths makes its earlier students stale: it enters the students'
@@ -73,10 +73,10 @@ class Method(nn.Module, metaclass=ABCMeta):
         return {}
 
     def columns(self) -> list[str]:
-        """What this method reads besides the view and its label, named as `pipeline.cache.columns` does:
+        """What this method reads besides the view and its label, named as `raykd.pipeline.cache.columns` does:
         `logits.<teacher>` (the cache serves them from its full logits or rebuilds them from its top-k),
         feature maps (the reader adds their int8 `.scale`), `refined`."""
-        import pipeline.cache.columns as C
+        import raykd.pipeline.cache.columns as C
 
         if not self.uses_teachers:
             return []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from methods.base import METHODS, Method
+from raykd.methods.base import METHODS, Method
 
 
 @METHODS.register("ce")

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from methods.base import METHODS, Method
-from pipeline.schema import Section
+from raykd.methods.base import METHODS, Method
+from raykd.pipeline.schema import Section
 
 
 def _binary_log_probs(logits: torch.Tensor, gt: torch.Tensor, temperature: float) -> torch.Tensor:

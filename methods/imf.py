@@ -36,10 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from methods.base import METHODS, Method
-from methods.feed import match_size
-from methods.kd import kd_loss
-from pipeline.schema import Section
+from raykd.methods.base import METHODS, Method
+from raykd.methods.feed import match_size
+from raykd.methods.kd import kd_loss
+from raykd.pipeline.schema import Section
 
 
 def ifd_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -78,7 +78,7 @@ def channel_normalised_distance(student_map: torch.Tensor, teacher_map: torch.Te
 
 
 def _error(msg: str):
-    from pipeline.errors import ConfigError
+    from raykd.pipeline.errors import ConfigError
 
     return ConfigError(msg)
 
@@ -161,8 +161,8 @@ class IMF(Method):
         inference.safetensors, with its parameters, FLOPs and test accuracy next to the full student's."""
         import os
 
-        from pipeline.checkpoints import save_state_dict
-        from pipeline.training import evaluate
+        from raykd.pipeline.checkpoints import save_state_dict
+        from raykd.pipeline.training import evaluate
 
         inf = IMFInference(student, self).eval()
         files["inference.safetensors"] = save_state_dict(inf.state_dict(), os.path.join(out_dir, "inference.safetensors"))

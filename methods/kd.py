@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from methods.base import METHODS, Method
-from pipeline.schema import Section
+from raykd.methods.base import METHODS, Method
+from raykd.pipeline.schema import Section
 
 
 def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature: float,

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.ensemble import mix_logits, teacher_weights
+from raykd.methods.ensemble import mix_logits, teacher_weights
 
 
 def _mlp(i: int, h: int, o: int) -> nn.Sequential:
@@ -52,7 +52,7 @@ def latent_size(num_classes: int, latent_dim: int | None) -> int:
     """The latent width: `latent_dim`, default C // 2 (at least 1); never as wide as the classes."""
     d = latent_dim if latent_dim is not None else max(1, num_classes // 2)
     if d >= num_classes:
-        from pipeline.errors import ConfigError
+        from raykd.pipeline.errors import ConfigError
 
         raise ConfigError(f"professor.latent_dim={d} must be narrower than the {num_classes} classes: a latent as "
                           f"wide as q can copy it, label included")

@@ -39,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from methods.base import METHODS, Method
-from methods.kd import KDTerms, kd_loss
-from pipeline.schema import Section  # noqa: F401
+from raykd.methods.base import METHODS, Method
+from raykd.methods.kd import KDTerms, kd_loss
+from raykd.pipeline.schema import Section  # noqa: F401
 
 
 class SKDOptions(KDTerms):

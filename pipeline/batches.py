@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-import pipeline.cache.columns as C
-from pipeline.data import as_tensor, normalize
-from pipeline.views import ViewPolicy, make_views
+import raykd.pipeline.cache.columns as C
+from raykd.pipeline.data import as_tensor, normalize
+from raykd.pipeline.views import ViewPolicy, make_views
 
 _ITEM_BYTES = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "halffloat": 2, "int32": 4, "float": 4, "int64": 8,
                "double": 8}
@@ -32,8 +32,8 @@ def read_view(fs, files: list[str], columns: list[str], checks=None) -> dict[str
     file checked against its sha256 in the manifest as it is read (`checks`, a cache.PartChecks)."""
     import pyarrow as pa
 
-    from pipeline.cache.reader import column_array
-    from pipeline.cache.storage import read_parquet_part
+    from raykd.pipeline.cache.reader import column_array
+    from raykd.pipeline.cache.storage import read_parquet_part
 
     t = pa.concat_tables([checks.read(fs, p, columns) if checks else read_parquet_part(fs, p, columns) for p in files])
     out = {c: column_array(t, c) for c in columns}
@@ -151,7 +151,7 @@ def view_epochs(split, share: np.ndarray, data_seed: int, policy: ViewPolicy, me
                 shuffle: bool, seed: int, keep: bool = True) -> "MemoryEpochs":
     """Epochs of views rendered from a source split: in memory as pixels, or — for a streamed image
     folder — as records rendered one batch ahead (`MemoryEpochs.finish`)."""
-    from pipeline.data import FileImages
+    from raykd.pipeline.data import FileImages
 
     streamed = isinstance(split.images, FileImages)
     finish = RowFormat(mean, std, policy.as_dict(), split).render if streamed else None
@@ -166,7 +166,7 @@ class Refined:
         self.fs, self.files, self.checks, self.loaded = fs, files, checks, {}
 
     def lookup(self, view: int, ids: torch.Tensor) -> torch.Tensor:
-        from pipeline.cache.reader import load_refined
+        from raykd.pipeline.cache.reader import load_refined
 
         if view not in self.loaded:
             self.loaded[view] = load_refined(self.fs, self.files[view], checks=self.checks)
@@ -270,7 +270,7 @@ def cache_view_loader(fs, files: dict[int, list[str]], columns: list[str], fmt: 
 
 def to_device(rows: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """A batch on the training device, int8 feature maps dequantised with their per-row scale."""
-    from pipeline.cache.codecs import dequantize_int8
+    from raykd.pipeline.cache.codecs import dequantize_int8
 
     out = {}
     for k, v in rows.items():
@@ -297,7 +297,7 @@ def in_memory_choice(setting: str, nbytes: int, budget: int | None = None) -> bo
 
 def check_view(fs, files: dict[int, list[str]], checks) -> Callable[[int], None]:
     """`check(view)` for StreamEpochs: read each of the view's files once and compare its sha256."""
-    from pipeline.cache.storage import read_part
+    from raykd.pipeline.cache.storage import read_part
 
     def check(k: int) -> None:
         for path in files[k]:

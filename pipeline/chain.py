@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 
-from pipeline.config import Config, variant
-from pipeline.log import log
+from raykd.pipeline.config import Config, variant
+from raykd.pipeline.log import log
 
 
 def compare_runs(cfg: Config) -> list[Config]:
@@ -25,7 +25,7 @@ class BackgroundBuild:
     view committed, or the build over), `join()` raises what the build raised."""
 
     def __init__(self, cfg: Config, overwrite: bool):
-        from pipeline.cache import build_cache
+        from raykd.pipeline.cache import build_cache
 
         self.first_view = threading.Event()
         self.error: BaseException | None = None
@@ -56,8 +56,8 @@ class BackgroundBuild:
 def run_all(cfg: Config, parallel: int | None = None, overwrite: bool = False, on_teachers=None) -> list[dict]:
     """Every stage of `raykd run`; the students' records. `on_teachers(records)` sees the teachers' records
     before the cache starts (the command prints their table)."""
-    from pipeline.distill import run_students
-    from pipeline.teachers import run_teachers
+    from raykd.pipeline.distill import run_students
+    from raykd.pipeline.teachers import run_teachers
 
     records = run_teachers(cfg)
     if on_teachers is not None:
@@ -67,8 +67,8 @@ def run_all(cfg: Config, parallel: int | None = None, overwrite: bool = False, o
     if not any(r.distill.teachers == "cache" for r in runs):
         return run_students(runs, parallel)
     if any(r.method.targets in ("refined", "both") for r in runs):
-        from pipeline.cache import build_cache
-        from pipeline.professor import run_professor
+        from raykd.pipeline.cache import build_cache
+        from raykd.pipeline.professor import run_professor
 
         build_cache(cfg, overwrite=overwrite)
         run_professor(cfg)

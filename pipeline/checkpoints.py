@@ -12,7 +12,7 @@ import pickle
 
 import torch
 
-from pipeline.errors import CheckpointError
+from raykd.pipeline.errors import CheckpointError
 
 
 def sha256_file(path: str) -> str:
@@ -132,7 +132,7 @@ def load_foreign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
                  key_map: dict[str, str | None] | None = None) -> None:
     """A checkpoint made outside raykd (or by it): keys mapped, then loaded strictly; a wrapped model
     (torchvision:, module:factory) takes the wrapped net's own keys (or raykd's `net.`-prefixed ones)."""
-    from pipeline.models import TappedModel
+    from raykd.pipeline.models import TappedModel
 
     state = map_keys(state, key_map or {})
     if isinstance(model, TappedModel) and not all(k.startswith("net.") for k in state):

@@ -13,14 +13,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
-from pipeline import yamlio
-from pipeline.errors import ConfigError
+from raykd.pipeline import yamlio
+from raykd.pipeline.errors import ConfigError
 
-from pipeline.schema import NAME_RE, OutputName, Section, Seed, check_endpoint  # noqa: F401  (Section: the base of every section, methods' too)
+from raykd.pipeline.schema import NAME_RE, OutputName, Section, Seed, check_endpoint  # noqa: F401  (Section: the base of every section, methods' too)
 
 
 def _known_arch(v: str) -> str:
-    from pipeline.models import check_arch
+    from raykd.pipeline.models import check_arch
 
     check_arch(v)
     return v
@@ -56,7 +56,7 @@ class RunSection(Section):
     @field_validator("imports")
     @classmethod
     def _import(cls, v: list[str]) -> list[str]:
-        from pipeline.plugins import import_modules
+        from raykd.pipeline.plugins import import_modules
 
         import_modules(v)  # before the other sections are validated: they may name what these register
         return v
@@ -112,7 +112,7 @@ class DataSection(Section):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        from pipeline.data import DATASETS
+        from raykd.pipeline.data import DATASETS
 
         DATASETS.check(v)
         return v
@@ -351,7 +351,7 @@ class MethodBase(Section):
     @field_validator("name")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from methods import METHODS
+        from raykd.methods import METHODS
 
         METHODS.check(v)
         return v
@@ -375,7 +375,7 @@ def _method_section() -> type[MethodBase]:
     """MethodBase plus one field per registered method that declares options: `method.<name>`."""
     from pydantic import create_model
 
-    from methods import METHODS
+    from raykd.methods import METHODS
 
     fields = {name: (cls.Options, Field(default_factory=cls.Options, description=(cls.Options.__doc__ or "").strip()))
               for name, cls in METHODS.items() if cls.Options is not None}

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import DataError, RaykdError
-from pipeline.log import log
-from pipeline.records import DataStats, load_record, write_record
-from pipeline.registry import Registry
-from pipeline.views import ViewPolicy
+from raykd.pipeline.errors import DataError, RaykdError
+from raykd.pipeline.log import log
+from raykd.pipeline.records import DataStats, load_record, write_record
+from raykd.pipeline.registry import Registry
+from raykd.pipeline.views import ViewPolicy
 
 DATASETS: Registry = Registry("dataset")
 

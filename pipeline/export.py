@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.errors import CheckpointError, RaykdError
+from raykd.pipeline.errors import CheckpointError, RaykdError
 
 
 class Normalized(nn.Module):
@@ -33,10 +33,10 @@ class Normalized(nn.Module):
 def load_student(cfg, name: str):
     """(the finished student `name` as an nn.Module in eval mode, its record, its directory, the data splits),
     its weights checked against their sha256."""
-    from pipeline.checkpoints import load_into, load_state_dict
-    from pipeline.data import load_splits
-    from pipeline.distill import read_student
-    from pipeline.models import build_model
+    from raykd.pipeline.checkpoints import load_into, load_state_dict
+    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.distill import read_student
+    from raykd.pipeline.models import build_model
 
     sdir = os.path.join(os.path.abspath(cfg.run.out_dir), "students", name)
     rec = read_student(sdir)
@@ -74,9 +74,9 @@ def export_student(cfg, name: str, out: str | None = None, check: bool = True) -
 
 
 def _imf_inference(cfg, rec: dict, sdir: str, student: nn.Module) -> nn.Module:
-    from methods.base import MethodContext, build_method
-    from methods.imf import IMFInference
-    from pipeline.checkpoints import load_state_dict
+    from raykd.methods.base import MethodContext, build_method
+    from raykd.methods.imf import IMFInference
+    from raykd.pipeline.checkpoints import load_state_dict
 
     if "method_ctx" not in rec:
         raise RaykdError(f"student {rec['name']!r} was trained before raykd kept its method context; retrain it to "

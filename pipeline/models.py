@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError
-from pipeline.registry import Registry
+from raykd.pipeline.errors import ConfigError
+from raykd.pipeline.registry import Registry
 
 MODELS: Registry = Registry("model")
 
@@ -273,7 +273,7 @@ class TappedModel(nn.Module):
     children that hold parameters and no `nn.Linear` (the trunk, not the head: `conv1`, `bn1`, `layer1`..
     `layer4` of a ResNet), or, when that is a single `nn.Sequential` (VGG, MobileNet, EfficientNet,
     ConvNeXt: `features`), its children (`features.0`, ...). The parameters are `net.<its own keys>`;
-    a foreign checkpoint loads into `self.net` (`pipeline.checkpoints.load_foreign`).
+    a foreign checkpoint loads into `self.net` (`raykd.pipeline.checkpoints.load_foreign`).
     `grey_to_rgb`: the net takes 3 channels and the data have 1 (torchvision models): the channel is
     repeated (no parameters)."""
 
@@ -364,7 +364,7 @@ def check_arch(arch: str) -> None:
 def _factory(arch: str) -> Callable:
     import inspect
 
-    from pipeline.plugins import import_user_module
+    from raykd.pipeline.plugins import import_user_module
 
     module, _, attr = arch.rpartition(":")
     if not module or not attr:

@@ -14,7 +14,7 @@ import queue as _queue
 import threading
 import time
 
-from pipeline.log import log
+from raykd.pipeline.log import log
 
 
 class ProgressPrinter:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import ConfigError, RaykdError
+from raykd.pipeline.errors import ConfigError, RaykdError
 
 # --------------------------------------------------------------------------------------------------
 # schemas
@@ -243,11 +243,11 @@ OUTPUT_LOCK = ".raykd.lock"
 
 def output_lock(folder: str, what: str):
     """The lock of one output folder (a student's, the teachers', the professor's, a sweep's): the cache's
-    lock (pipeline.cache.storage.Lock) on local disk. A second process that wants to write the same output is
+    lock (raykd.pipeline.cache.storage.Lock) on local disk. A second process that wants to write the same output is
     refused, naming the running one; a dead owner's lock is taken over."""
     import fsspec
 
-    from pipeline.cache.storage import Lock  # storage reads its records with this module's schemas
+    from raykd.pipeline.cache.storage import Lock  # storage reads its records with this module's schemas
 
     os.makedirs(folder, exist_ok=True)
     return Lock(fsspec.filesystem("file"), folder, folder, name=OUTPUT_LOCK, what=what,

@@ -1,4 +1,4 @@
-"""`raykd teachers`: train each teacher on the shared harness (pipeline.harness), or evaluate a given checkpoint.
+"""`raykd teachers`: train each teacher on the shared harness (raykd.pipeline.harness), or evaluate a given checkpoint.
 
 Output per teacher under <out_dir>/teachers/<name>/: best.safetensors (by val accuracy),
 last.safetensors, metrics.jsonl and teacher.json (arch, sha256 of both files, val/test accuracy,
@@ -18,19 +18,19 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoints import (load_foreign, load_into, load_state_dict, resolve_checkpoint, save_state_dict,
+from raykd.pipeline.checkpoints import (load_foreign, load_into, load_state_dict, resolve_checkpoint, save_state_dict,
                                   sha256_file)
-from pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
-from pipeline.data import Splits, load_splits
-from pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
-from pipeline.models import Preprocess, build_model, record_preprocess
-from pipeline.plugins import job_imports
-from pipeline.records import TeacherRecord, inside, load_record, out_root, output_lock, write_record
-from pipeline.tracking import tracking_spec
-from pipeline.progress import Console, ProgressPrinter
-from pipeline.harness import Job, Task
-from pipeline.training import Evaluator, Precision, evaluate, make_optimizer, optimizer_step
-from pipeline.log import log
+from raykd.pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
+from raykd.pipeline.data import Splits, load_splits
+from raykd.pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
+from raykd.pipeline.models import Preprocess, build_model, record_preprocess
+from raykd.pipeline.plugins import job_imports
+from raykd.pipeline.records import TeacherRecord, inside, load_record, out_root, output_lock, write_record
+from raykd.pipeline.tracking import tracking_spec
+from raykd.pipeline.progress import Console, ProgressPrinter
+from raykd.pipeline.harness import Job, Task
+from raykd.pipeline.training import Evaluator, Precision, evaluate, make_optimizer, optimizer_step
+from raykd.pipeline.log import log
 
 RECORD = "teacher.json"
 
@@ -76,7 +76,7 @@ class TeacherJob(Job):
     mean: tuple
     std: tuple
     preprocess: dict | None  # the teacher's own input size and normalisation (TeacherSpec.preprocess)
-    train: Any  # object refs of the splits (pipeline.data.Split)
+    train: Any  # object refs of the splits (raykd.pipeline.data.Split)
     val: Any
     test: Any
 
@@ -90,8 +90,8 @@ class TeacherTask(Task):
     optim_key = "teachers.optim"
 
     def __init__(self, job: TeacherJob, ctx):
-        from pipeline.batches import resolve, view_epochs, worker_share
-        from pipeline.views import ViewPolicy
+        from raykd.pipeline.batches import resolve, view_epochs, worker_share
+        from raykd.pipeline.views import ViewPolicy
 
         self.job, self.device = job, ctx.device
         self.model = build_model(job.arch, job.num_classes, job.in_chans, Preprocess.of(job.preprocess, job.mean, job.std))
@@ -196,8 +196,8 @@ def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
     import ray
 
-    from pipeline.harness import JobFailed, JobRunner, failure_message
-    from pipeline.raysetup import (concurrent_jobs, in_process, init_ray, local_thread_share, resolve_device,
+    from raykd.pipeline.harness import JobFailed, JobRunner, failure_message
+    from raykd.pipeline.raysetup import (concurrent_jobs, in_process, init_ray, local_thread_share, resolve_device,
                                    train_storage)
 
     w = cfg.teachers.workers

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """`raykd ARGV...` run in this process from the repository root: (exit status, stdout, stderr)."""
-    from pipeline.cli import main
+    from raykd.pipeline.cli import main
 
     monkeypatch.chdir(ROOT)
 
@@ -72,8 +72,8 @@ def ray_session(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def digits():
-    from pipeline.config import DataSection
-    from pipeline.data import load_splits
+    from raykd.pipeline.config import DataSection
+    from raykd.pipeline.data import load_splits
 
     return load_splits(DataSection())
 
@@ -83,7 +83,7 @@ TEACHERS = "teachers.models=[{name: a, arch: cnn4, seed: 1}, {name: b, arch: res
 
 
 def digits_cfg(out, *extra):
-    from pipeline.config import load_config
+    from raykd.pipeline.config import load_config
 
     return load_config(None, [f"run.out_dir={out}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2",
                               "cache.views=2", "cache.layers={b: [stage2, stage3]}", *extra])
@@ -92,8 +92,8 @@ def digits_cfg(out, *extra):
 @pytest.fixture(scope="session")
 def built(ray_session, tmp_path_factory):
     """(config, cache manifest) of the shared run: teachers trained, cache built under <out>/cache."""
-    from pipeline.cache import build_cache
-    from pipeline.teachers import run_teachers
+    from raykd.pipeline.cache import build_cache
+    from raykd.pipeline.teachers import run_teachers
 
     cfg = digits_cfg(str(tmp_path_factory.mktemp("cache_run")))
     run_teachers(cfg)
@@ -124,7 +124,7 @@ def build_until_view_0(cfg, tmp_path, extra):
     import time
 
     uri = next(e.split("=", 1)[1] for e in extra if e.startswith("cache.uri="))
-    argv = [sys.executable, "-m", "pipeline.cli", "cache", f"run.out_dir={cfg.run.out_dir}", "run.device=cpu", TEACHERS,
+    argv = [sys.executable, "-m", "raykd", "cache", f"run.out_dir={cfg.run.out_dir}", "run.device=cpu", TEACHERS,
             "teachers.optim.epochs=2", "cache.layers={b: [stage2, stage3]}", "cache.batch_size=1", *extra]
     log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would block the driver
     proc = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)

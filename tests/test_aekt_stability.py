@@ -9,10 +9,10 @@ import os
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.distill import run_distill, student_dir
-from pipeline.errors import StageFailed
-from pipeline.teachers import run_teachers
+from raykd.pipeline.config import load_config
+from raykd.pipeline.distill import run_distill, student_dir
+from raykd.pipeline.errors import StageFailed
+from raykd.pipeline.teachers import run_teachers
 
 
 def test_aekt_at_lr_0_2_stays_finite_with_its_own_lr_factor(tmp_path):

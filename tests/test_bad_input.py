@@ -145,8 +145,8 @@ def _manifest(views: int = 8) -> dict:
 def tmp(tmp_path_factory):
     import pickle
 
-    from pipeline.checkpoints import save_state_dict
-    from pipeline.models import build_model
+    from raykd.pipeline.checkpoints import save_state_dict
+    from raykd.pipeline.models import build_model
 
     d = tmp_path_factory.mktemp("bad")
     (d / "unknown_key.yaml").write_text("distill: {optim: {epoch: 3}}\n")
@@ -249,7 +249,7 @@ def test_teachers_of_one_out_dir_are_trained_by_one_process(tmp_path, cli, monke
 
 def test_yaml_reader_keeps_merge_keys_and_refuses_what_expands(tmp_path):
     """`<<: *base` still overrides merged keys (not a duplicate); the bound counts expanded values."""
-    from pipeline import yamlio
+    from raykd.pipeline import yamlio
 
     assert yamlio.load("base: &b {x: 1, y: 2}\nd: {<<: *b, y: 3}\n")["d"] == {"x": 1, "y": 3}
     small = "a: &a [1, 2, 3]\nb: [*a, *a, *a]\n"
@@ -260,8 +260,8 @@ def test_yaml_reader_keeps_merge_keys_and_refuses_what_expands(tmp_path):
 
 
 def test_paths_stay_inside_their_root(tmp_path):
-    from pipeline.errors import ConfigError
-    from pipeline.records import inside
+    from raykd.pipeline.errors import ConfigError
+    from raykd.pipeline.records import inside
 
     root = str(tmp_path)
     assert inside(root, "students", "kd-cnn4-s0") == os.path.join(root, "students", "kd-cnn4-s0")
@@ -278,8 +278,8 @@ def test_paths_stay_inside_their_root(tmp_path):
      (d / "professor" / "professor.json").write_text('{"file": "../x.safetensors", "sha256": "", "fingerprint": ""}')),
 ])
 def test_records_of_another_shape_are_named(tmp_path, kind, write):
-    from pipeline import distill, professor, teachers
-    from pipeline.errors import RaykdError
+    from raykd.pipeline import distill, professor, teachers
+    from raykd.pipeline.errors import RaykdError
 
     write(tmp_path)
     read = {"teacher record": lambda: teachers.read_record(str(tmp_path), "t"),
@@ -296,8 +296,8 @@ def test_records_of_another_shape_are_named(tmp_path, kind, write):
 @pytest.fixture
 def built_cfg(built, tmp_path):
     """The shared run's config as a YAML file (its cache named explicitly, so a run elsewhere reads it)."""
-    from pipeline.cache import cache_uri
-    from pipeline.config import dump_config, variant
+    from raykd.pipeline.cache import cache_uri
+    from raykd.pipeline.config import dump_config, variant
 
     cfg, _ = built
     path = tmp_path / "built.yaml"
@@ -321,7 +321,7 @@ def test_a_damaged_cache_is_named_not_reused(built_cfg, cli, tmp_path, monkeypat
     """`raykd cache` on a cache whose part file went missing says so (and not that it is up to date)."""
     import shutil
 
-    from pipeline.cache import cache_uri
+    from raykd.pipeline.cache import cache_uri
 
     cfg, path = built_cfg
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -342,7 +342,7 @@ def test_an_output_held_by_a_running_process_is_refused(built_cfg, cli, tmp_path
     """A live owner's lock on the output folder: refused naming it, nothing of that output written."""
     import shutil
 
-    from pipeline.cache import cache_uri
+    from raykd.pipeline.cache import cache_uri
 
     cfg, path = built_cfg
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -391,7 +391,7 @@ def test_two_processes_one_student(built_cfg, cli, tmp_path, monkeypatch):
     # 40 epochs (~6 s): the first run is still training when the second, in this process, looks (under 1 s)
     args = ["distill", "-c", path, "distill.name=twice", "distill.optim.epochs=40", "distill.workers.torch_threads=1"]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, f"run.out_dir={tmp_path / 'a'}"],
+    first = subprocess.Popen([sys.executable, "-m", "raykd", *args, f"run.out_dir={tmp_path / 'a'}"],
                              stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     lock = tmp_path / "a" / "students" / "twice" / ".raykd.lock"
     deadline = time.time() + 60
@@ -456,7 +456,7 @@ from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 3, "object_store_memory": 100 * 2**20,
                                                        "include_dashboard": False}})
 try:
-    from pipeline.cli import main
+    from raykd.pipeline.cli import main
     code = main(["teachers", "run.out_dir={out}", "run.device=cpu", "cache.layers={{}}", "teachers.optim.epochs=1",
                  "teachers.models=[{{name: a, arch: cnn4}}, {{name: b, arch: cnn4, seed: 1}}]"])
     print("NODES", len(ray.nodes()), "ADDRESS", cluster.address == ray.get_runtime_context().gcs_address, flush=True)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.batches import (MemoryEpochs, RowFormat, StreamEpochs, cache_view_loader, in_memory_choice, row_bytes,
+from raykd.pipeline.batches import (MemoryEpochs, RowFormat, StreamEpochs, cache_view_loader, in_memory_choice, row_bytes,
                               worker_share)
-from pipeline.harness import EpochSums
+from raykd.pipeline.harness import EpochSums
 
 from conftest import digits_cfg
 
@@ -77,7 +77,7 @@ def _rows(batches):
 def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
     import ray
 
-    from pipeline.cache import Cache
+    from raykd.pipeline.cache import Cache
 
     cfg, m = built
     cache = Cache(os.path.join(cfg.run.out_dir, "cache"))
@@ -99,7 +99,7 @@ def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
 
 def test_in_memory_and_streamed_students_agree(built):
     """Same views, one full-split batch per step (order cannot matter): the same losses either way."""
-    from pipeline.distill import run_distill, student_dir
+    from raykd.pipeline.distill import run_distill, student_dir
 
     cfg0, _ = built
     common = ["method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=2", "distill.optim.batch_size=2048",

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.checkpoints import load_foreign, map_keys, resolve_checkpoint, save_state_dict
-from pipeline.config import load_config
-from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models import TappedModel, build_model
+from raykd.pipeline.checkpoints import load_foreign, map_keys, resolve_checkpoint, save_state_dict
+from raykd.pipeline.config import load_config
+from raykd.pipeline.errors import CheckpointError, ConfigError
+from raykd.pipeline.models import TappedModel, build_model
 
 USER_MODULE = '''
 import torch.nn as nn
-from pipeline.models import MODELS
+from raykd.pipeline.models import MODELS
 
 
 class Tiny(nn.Module):
@@ -42,7 +42,7 @@ def _registered(num_classes, in_chans):
     return TappedModel(Tiny(num_classes, in_chans), num_classes, in_chans)
 
 
-from pipeline.models import TappedModel  # noqa: E402
+from raykd.pipeline.models import TappedModel  # noqa: E402
 '''
 
 
@@ -72,7 +72,7 @@ def test_tapped_shapes_match_a_forward_and_grey_is_repeated():
     # a trunk held in one Sequential is split into its children
     assert build_model("torchvision:mobilenet_v3_small", 10, 3).stage_names[:2] == ["features.0", "features.1"]
     # and a dotted stage survives the cache's column names
-    from pipeline.cache import columns as C
+    from raykd.pipeline.cache import columns as C
 
     col = C.feat("tv", "features.8")
     assert C.parse(col) == C.Column("feat", "tv", "features.8") and C.parse(C.scale(col)).part == "scale"
@@ -133,9 +133,9 @@ def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, 
     """A torchvision teacher at its own input size (trained, and a foreign copy of it loaded with a key map) and a user's
     module:factory student registered via run.imports, in Ray workers (run.in_process=false): teachers ->
     cache with a module-path feature tap -> FEED distillation."""
-    from pipeline.cache import build_cache
-    from pipeline.distill import run_distill
-    from pipeline.teachers import run_teachers
+    from raykd.pipeline.cache import build_cache
+    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.teachers import run_teachers
 
     out = tmp_path / "run"
     base = [f"run.out_dir={out}", "run.device=cpu", "run.in_process=false", f"run.imports=[{user_module}]",
@@ -145,7 +145,7 @@ def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, 
     assert rec["arch"] == "torchvision:resnet18" and rec["test_acc"] > 0.7  # 10 classes: chance is 0.1
 
     # the same weights as a foreign checkpoint (torchvision's own keys under a DDP prefix), mapped back
-    from pipeline.checkpoints import load_state_dict
+    from raykd.pipeline.checkpoints import load_state_dict
 
     own = load_state_dict(os.path.join(out, "teachers", "tv", "best.safetensors"))
     foreign = str(tmp_path / "tv_ddp.pth")
@@ -176,9 +176,9 @@ def test_teacher_preprocess_resizes_and_renormalises(tmp_path, digits):
     every later load (the record keeps them)."""
     from torchvision.transforms.v2.functional import resize
 
-    from pipeline.models import Preprocess
-    from pipeline.teachers import load_teacher, run_teachers
-    from pipeline.training import evaluate
+    from raykd.pipeline.models import Preprocess
+    from raykd.pipeline.teachers import load_teacher, run_teachers
+    from raykd.pipeline.training import evaluate
 
     pre = Preprocess(digits.mean, digits.std, 16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     raw = torch.rand(2, 1, 8, 8)

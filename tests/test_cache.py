@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import RaykdError
-from pipeline.cache import Cache, CacheError, build_cache, column_array, dequantize_int8, inspect_cache, quantize_int8
-from pipeline.data import normalize
-from pipeline.teachers import load_teacher
-from pipeline.views import apply_views
+from raykd.pipeline.errors import RaykdError
+from raykd.pipeline.cache import Cache, CacheError, build_cache, column_array, dequantize_int8, inspect_cache, quantize_int8
+from raykd.pipeline.data import normalize
+from raykd.pipeline.teachers import load_teacher
+from raykd.pipeline.views import apply_views
 
 from conftest import TEACHERS, build_until_view_0, digits_cfg
 
@@ -277,7 +277,7 @@ def test_killed_driver_then_rerun_completes_each_row_once(built, tmp_path, digit
 def test_student_on_a_cache_being_built_gets_the_rows_of_the_finished_cache(built, tmp_path, capsys):
     """`raykd distill` beside a running `raykd cache`: it starts once view 0 is committed, waits for each
     later view as its epoch comes, and trains exactly as it does on the finished cache."""
-    from pipeline.distill import run_distill
+    from raykd.pipeline.distill import run_distill
 
     cfg, _ = built
     uri = str(tmp_path / "growing")
@@ -305,8 +305,8 @@ def test_a_build_that_fails_ends_the_student_on_it_with_its_error(built, tmp_pat
     """The build fails writing view 1 while a student trains on view 0: the student stops with that error."""
     import threading
 
-    import pipeline.cache.build as build_mod
-    from pipeline.distill import run_distill
+    import raykd.pipeline.cache.build as build_mod
+    from raykd.pipeline.distill import run_distill
 
     cfg, _ = built
     uri = str(tmp_path / "failing")
@@ -356,7 +356,7 @@ def _two_builds_at_once(fs, root):
     while, so the other's attempt can land at any point of the first's hold."""
     import threading
 
-    from pipeline.cache import BuildLock
+    from raykd.pipeline.cache import BuildLock
 
     barrier, results = threading.Barrier(2), {}
 
@@ -395,7 +395,7 @@ def test_build_lock_on_s3_is_a_conditional_put(s3_endpoint):
     import boto3
     import s3fs
 
-    from pipeline.cache.storage import create_json
+    from raykd.pipeline.cache.storage import create_json
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="raykd-lock")
     s3fs.S3FileSystem.clear_instance_cache()
@@ -413,7 +413,7 @@ def test_a_live_build_is_refused_a_dead_one_taken_over(tmp_path):
 
     import fsspec
 
-    from pipeline.cache import BuildLock, owner_alive
+    from raykd.pipeline.cache import BuildLock, owner_alive
 
     here = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -441,7 +441,7 @@ def test_two_builds_of_one_uri_at_once(built, tmp_path, digits):
     winner holds the lock for seconds, longer than the two processes' start-ups differ.)"""
     cfg, _ = built
     uri = str(tmp_path / "twice")
-    argv = [sys.executable, "-m", "pipeline.cli", "cache", f"run.out_dir={cfg.run.out_dir}", "run.device=cpu", TEACHERS,
+    argv = [sys.executable, "-m", "raykd", "cache", f"run.out_dir={cfg.run.out_dir}", "run.device=cpu", TEACHERS,
             "teachers.optim.epochs=2", "cache.views=2", "cache.batch_size=1", f"cache.uri={uri}"]
     logs = [open(tmp_path / f"driver{i}.log", "w+") for i in range(2)]
     procs = [subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT) for log in logs]
@@ -513,7 +513,7 @@ def test_credentials_never_written_or_printed(built, s3_endpoint, tmp_path, capf
     import boto3
     import s3fs
 
-    from pipeline.cli import main as cli_main
+    from raykd.pipeline.cli import main as cli_main
 
     key, secret = "AKIDRAYKDZZ9TEST0001", "raykd-secret-zz9-never-logged"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
@@ -553,10 +553,10 @@ def test_crop_views_store_records_and_replay(ray_session, tmp_path, digits):
     """random_resized_crop views: by default the cache keeps the records (box + flip), not the pixels
     (FKD's layout); the teacher's cached logits are those of the replayed crop, and a student trains
     from the records, rendering each crop in its worker."""
-    from pipeline.config import load_config
-    from pipeline.distill import run_distill
-    from pipeline.teachers import run_teachers
-    from pipeline.views import ViewPolicy
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.views import ViewPolicy
 
     cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.device=cpu", "teachers.optim.epochs=3",
                              "teachers.models=[{name: a, arch: cnn8, seed: 1}]", "cache.views=2",
@@ -583,11 +583,11 @@ def test_crop_views_store_records_and_replay(ray_session, tmp_path, digits):
 def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_path):
     """A streamed image folder is decoded by Ray Data tasks (the driver holds paths): its cache has the same
     rows and pixels as the folder decoded into memory, and a student trains from it."""
-    from pipeline.config import load_config
-    from pipeline.data import load_splits
-    from pipeline.distill import run_distill
-    from pipeline.teachers import run_teachers
-    from pipeline.views import make_views
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.views import make_views
 
     base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", "data.name=imagefolder", f"data.root={digit_folder}",
             "data.image_size=16", "data.val_fraction=0.2", "teachers.optim.epochs=1",

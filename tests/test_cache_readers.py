@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.cache import Cache, column_array
+from raykd.pipeline.cache import Cache, column_array
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

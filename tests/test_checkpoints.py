@@ -4,9 +4,9 @@ import pickle
 import pytest
 import torch
 
-from pipeline.checkpoints import load_into, load_state_dict, save_state_dict, sha256_file
-from pipeline.errors import CheckpointError
-from pipeline.models import build_model
+from raykd.pipeline.checkpoints import load_into, load_state_dict, save_state_dict, sha256_file
+from raykd.pipeline.errors import CheckpointError
+from raykd.pipeline.models import build_model
 
 
 def test_safetensors_round_trip(tmp_path):
@@ -92,6 +92,6 @@ def test_only_safe_loaders_in_the_code():
     assert not offenders, offenders
     import yaml
 
-    from pipeline import yamlio
+    from raykd.pipeline import yamlio
 
     assert yamlio._StrictLoader.__mro__[1] is yaml.SafeLoader  # the config reader: SafeLoader's tags only

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import DataSection
-from pipeline.data import load_splits
-from pipeline.errors import DataError
+from raykd.pipeline.config import DataSection
+from raykd.pipeline.data import load_splits
+from raykd.pipeline.errors import DataError
 
 
 def test_digits_splits_are_seeded_and_disjoint(digits):
@@ -99,7 +99,7 @@ def test_streamed_imagefolder_equals_in_memory(digit_folder):
     same ids, labels, pixels, statistics and fingerprint's split as the folder decoded into memory."""
     import pickle
 
-    from pipeline.data import FileImages
+    from raykd.pipeline.data import FileImages
 
     cfg = DataSection(name="imagefolder", root=str(digit_folder), image_size=16, val_fraction=0.2)
     lazy, eager = load_splits(cfg), load_splits(cfg.model_copy(update={"in_memory": True}))
@@ -124,8 +124,8 @@ def test_streamed_imagefolder_equals_in_memory(digit_folder):
 def test_a_teacher_trains_on_a_streamed_folder_batch_by_batch(digit_folder, tmp_path):
     """A teacher trained on a streamed folder holds its epoch as view records and decodes each batch
     (one ahead, in a thread): it trains exactly as on the folder decoded into memory."""
-    from pipeline.config import load_config
-    from pipeline.teachers import run_teachers
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.teachers import run_teachers
 
     base = ["run.device=cpu", "data.name=imagefolder", f"data.root={digit_folder}", "data.image_size=16",
             "data.val_fraction=0.2", "teachers.optim.epochs=2", "teachers.optim.batch_size=16",
@@ -137,7 +137,7 @@ def test_a_teacher_trains_on_a_streamed_folder_batch_by_batch(digit_folder, tmp_
 
 
 def test_streamed_epochs_hold_records_not_pixels(digit_folder):
-    from pipeline.batches import view_epochs
+    from raykd.pipeline.batches import view_epochs
 
     s = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=16, val_fraction=0.2))
     epochs = view_epochs(s.train, np.arange(len(s.train)), 0, s.policy, s.mean, s.std, lambda e: e, 8, True, 0)
@@ -152,7 +152,7 @@ def test_pairs_stack_two_real_items_and_label_them_10a_plus_b():
     its label names both; every class shares an item with 18 others."""
     from sklearn.datasets import load_digits
 
-    from pipeline.data import make_pairs
+    from raykd.pipeline.data import make_pairs
 
     d = load_digits()
     x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from pipeline.raysetup import connection_message
+from raykd.pipeline.raysetup import connection_message
 
 from conftest import TEACHERS
 
@@ -45,7 +45,7 @@ def test_a_part_damaged_after_the_build_is_named_and_repaired(built, tmp_path, c
     assert _listing(uri) == before  # nothing deleted
     code, out, err = cli("cache", *args, "--repair")
     assert code == 0 and "rebuilding view(s) [0]" in out, err[-2000:]
-    from pipeline.cache import Cache
+    from raykd.pipeline.cache import Cache
 
     Cache(uri).verify()
     kept = [f for f in json.load(open(os.path.join(uri, "manifest.json")))["files"] if f["path"].startswith("views/view=1/")]
@@ -58,8 +58,8 @@ def test_a_part_damaged_after_the_build_is_named_and_repaired(built, tmp_path, c
 def test_an_error_in_code_reaches_the_console_and_is_not_retried(built, tmp_path, monkeypatch, in_process):
     """An exception from the training code (as a bug in a user's method would raise) comes back as its own
     type, message and last frames, in this process or from a Ray task, and is not retried."""
-    from pipeline.distill import read_student, run_distill, student_dir
-    from pipeline.errors import StageFailed
+    from raykd.pipeline.distill import read_student, run_distill, student_dir
+    from raykd.pipeline.errors import StageFailed
 
     from conftest import digits_cfg
 
@@ -76,9 +76,9 @@ def test_an_error_in_code_reaches_the_console_and_is_not_retried(built, tmp_path
 
 
 def test_a_transient_failure_names_this_sessions_log_folder(built, ray_session, tmp_path, monkeypatch):
-    from pipeline.distill import run_distill
-    from pipeline.errors import StageFailed
-    from pipeline.raysetup import logs_dir
+    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.errors import StageFailed
+    from raykd.pipeline.raysetup import logs_dir
 
     from conftest import digits_cfg
 
@@ -113,7 +113,7 @@ def test_a_cluster_that_wants_a_token_is_named(tmp_path):
 
 
 def test_rays_connection_noise_is_held_and_dropped_on_failure(capfd):
-    from pipeline.raysetup import _held_stderr
+    from raykd.pipeline.raysetup import _held_stderr
 
     with _held_stderr() as held:
         os.write(2, b"gcs_client.cc: Failed to get cluster ID\n")

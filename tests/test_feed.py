@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from methods import MethodContext, Targets, build_method
-from methods.feed import feed_loss
-from pipeline.cache import CacheError, dequantize_int8, quantize_int8
-from pipeline.config import MethodSection
-from pipeline.distill import Distiller, run_distill, student_dir
-from pipeline.errors import ConfigError
-from pipeline.models import build_model
+from raykd.methods import MethodContext, Targets, build_method
+from raykd.methods.feed import feed_loss
+from raykd.pipeline.cache import CacheError, dequantize_int8, quantize_int8
+from raykd.pipeline.config import MethodSection
+from raykd.pipeline.distill import Distiller, run_distill, student_dir
+from raykd.pipeline.errors import ConfigError
+from raykd.pipeline.models import build_model
 
 from conftest import digits_cfg
 

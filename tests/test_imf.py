@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from methods import MethodContext, Targets, build_method
-from methods.imf import IMFInference, attentive_logit, channel_normalised_distance, flops
-from pipeline.checkpoints import load_state_dict
-from pipeline.config import MethodSection
-from pipeline.distill import Distiller, run_distill, student_dir
-from pipeline.errors import ConfigError
-from pipeline.models import build_model
-from pipeline.training import evaluate
+from raykd.methods import MethodContext, Targets, build_method
+from raykd.methods.imf import IMFInference, attentive_logit, channel_normalised_distance, flops
+from raykd.pipeline.checkpoints import load_state_dict
+from raykd.pipeline.config import MethodSection
+from raykd.pipeline.distill import Distiller, run_distill, student_dir
+from raykd.pipeline.errors import ConfigError
+from raykd.pipeline.models import build_model
+from raykd.pipeline.training import evaluate
 
 from conftest import digits_cfg
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import METHODS, MethodContext, Targets, build_method
-from methods.dkd import dkd_loss, dkd_terms, warmup_factor
-from methods.kd import kd_loss
-from pipeline.config import MethodSection
-from pipeline.distill import Distiller
-from pipeline.models import build_model
+from raykd.methods import METHODS, MethodContext, Targets, build_method
+from raykd.methods.dkd import dkd_loss, dkd_terms, warmup_factor
+from raykd.methods.kd import kd_loss
+from raykd.pipeline.config import MethodSection
+from raykd.pipeline.distill import Distiller
+from raykd.pipeline.models import build_model
 
 # fixed inputs, written out so they do not depend on any RNG
 ZS = torch.tensor([[-2.2517, -2.3047, -0.5012, -0.8678, 1.1977],
@@ -194,7 +194,7 @@ def test_skd_simplifier_learns_from_its_own_objective_only():
     assert m.simplifier.out.weight.grad is None or m.simplifier.out.weight.grad.abs().sum() == 0
     terms["simplifier_ce"].backward()
     assert m.simplifier.out.bias.grad.abs().sum() > 0  # the zero-initialised projection gets a gradient
-    from methods.skd import simplified_logits
+    from raykd.methods.skd import simplified_logits
 
     # teacher logits with the label first, and with the label ranked last
     right = ZT.clone()
@@ -217,7 +217,7 @@ def test_skd_simplifier_learns_from_its_own_objective_only():
 def test_skd_target_is_the_teacher_at_a_bounded_per_sample_temperature(seed):
     """Whatever the simplifier's weights, its target keeps the teacher's ranking and is the teacher's
     softmax at a temperature within [tau / r, tau * r]: it cannot become the student's prediction."""
-    from methods.skd import simplified_logits
+    from raykd.methods.skd import simplified_logits
 
     torch.manual_seed(seed)
     m = _method("skd", teachers=("a",), skd={"temperature": 2.0, "max_ratio": 3.0})
@@ -248,8 +248,8 @@ def test_aekt_adds_no_parameter_to_the_exported_student():
 
 
 def test_aekt_adaptive_weight_is_detached():
-    from methods.aekt import adaptive_weight, aekt_terms
-    from methods.dkd import dkd_terms
+    from raykd.methods.aekt import adaptive_weight, aekt_terms
+    from raykd.methods.dkd import dkd_terms
 
     zs = ZS.clone().requires_grad_()
     w = adaptive_weight(zs, ZT, Y, 4.0, 5.0)
@@ -280,9 +280,9 @@ def test_refined_targets_replace_or_combine():
 def test_a_methods_version_enters_its_students_fingerprints(monkeypatch):
     """A method whose maths changed (its version bumped) gets new student fingerprints: a rerun trains
     again instead of reusing students of the old maths."""
-    from methods.skd import SKD
-    from pipeline.config import load_config
-    from pipeline.distill import distill_fingerprint
+    from raykd.methods.skd import SKD
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.distill import distill_fingerprint
 
     skd, kd = (load_config(None, [f"method.name={m}"]) for m in ("skd", "kd"))
     now = distill_fingerprint(skd, "data", "up")
@@ -298,9 +298,9 @@ def test_a_method_declares_its_own_options_and_only_they_enter_its_fingerprint()
     the method section is the shared fields and the chosen method's options only."""
     from pydantic import Field
 
-    from methods.base import METHODS as REG
-    from pipeline.config import _method_section
-    from pipeline.schema import Section
+    from raykd.methods.base import METHODS as REG
+    from raykd.pipeline.config import _method_section
+    from raykd.pipeline.schema import Section
 
     class ToyOptions(Section):
         gamma: float = Field(2.0, gt=0)

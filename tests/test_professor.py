@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from pipeline.cache import Cache, CacheError, inspect_cache
-from pipeline.distill import run_distill, student_dir
-from pipeline.professor import run_professor
+from raykd.pipeline.cache import Cache, CacheError, inspect_cache
+from raykd.pipeline.distill import run_distill, student_dir
+from raykd.pipeline.professor import run_professor
 
 from conftest import digits_cfg
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.professor import Professor, professor_losses
-from pipeline.errors import ConfigError
-from pipeline.professor import held_out, refinement_stats
+from raykd.methods.professor import Professor, professor_losses
+from raykd.pipeline.errors import ConfigError
+from raykd.pipeline.professor import held_out, refinement_stats
 
 
 def _q():
@@ -61,7 +61,7 @@ def test_reconstruction_counts_only_the_samples_the_teachers_got_right():
 
 
 def test_per_sample_ensembles_make_the_professors_input():
-    from methods.ensemble import ca_mkd_weights, mix_logits
+    from raykd.methods.ensemble import ca_mkd_weights, mix_logits
 
     torch.manual_seed(0)
     za, zb, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))

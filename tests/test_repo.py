@@ -24,8 +24,8 @@ def test_no_reference_to_a_document_outside_the_repository():
 
 def test_docs_list_every_method_option():
     """docs/methods.md's option tables name every option of every registered method (and no other)."""
-    import methods  # noqa: F401  (registers them)
-    from methods.base import METHODS
+    import raykd.methods  # noqa: F401  (registers them)
+    from raykd.methods.base import METHODS
 
     text = open(os.path.join(ROOT, "docs", "methods.md"), encoding="utf-8").read()
     for name, cls in METHODS.items():
@@ -37,3 +37,29 @@ def test_docs_list_every_method_option():
         section = text[start:end if end > 0 else None]
         listed = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
         assert listed == list(opts.model_fields), f"docs/methods.md, {name}: {listed} vs {list(opts.model_fields)}"
+
+
+def test_the_wheel_installs_raykd_alone(tmp_path):
+    """`pip install raykd` puts one top-level name into site-packages: `raykd` (its `pipeline` and `methods`
+    inside it), never a `pipeline` or `methods` of its own that a user's modules would collide with."""
+    import shutil
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "raykd", "pipeline", "methods"):
+        path = os.path.join(ROOT, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif os.path.exists(path):
+            shutil.copy(path, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("raykd-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"raykd", wheel.name.split("-py")[0] + ".dist-info"}
+    assert {"raykd/__init__.py", "raykd/__main__.py", "raykd/pipeline/cli.py", "raykd/pipeline/cache/build.py",
+            "raykd/methods/kd.py", "raykd/pipeline/ray_data_logging.yaml"} <= set(names)
+    entry = zipfile.ZipFile(wheel).read(wheel.name.split("-py")[0] + ".dist-info/entry_points.txt").decode()
+    assert "raykd = raykd.pipeline.cli:main" in entry

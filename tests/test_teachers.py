@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from pipeline.checkpoints import save_state_dict
-from pipeline.config import load_config
-from pipeline.errors import RaykdError
-from pipeline.models import build_model
-from pipeline.teachers import load_teacher, run_teachers, teacher_dir
-from pipeline.training import evaluate
+from raykd.pipeline.checkpoints import save_state_dict
+from raykd.pipeline.config import load_config
+from raykd.pipeline.errors import RaykdError
+from raykd.pipeline.models import build_model
+from raykd.pipeline.teachers import load_teacher, run_teachers, teacher_dir
+from raykd.pipeline.training import evaluate
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.cache import columns as C
-from pipeline.cache.codecs import topk_decode
-from pipeline.cache.reader import Cache, column_array
+from raykd.pipeline.cache import columns as C
+from raykd.pipeline.cache.codecs import topk_decode
+from raykd.pipeline.cache.reader import Cache, column_array
 
 
 def source_probs(cache: Cache, table, source: str) -> torch.Tensor:

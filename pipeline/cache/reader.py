@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.cache import columns as C
-from pipeline.log import log
-from pipeline.records import BuildStarted, LockRecord, Manifest, ViewCommit, check
-from pipeline.cache.storage import (BUILD, LOCK, MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, CacheError, marker,
+from raykd.pipeline.cache import columns as C
+from raykd.pipeline.log import log
+from raykd.pipeline.records import BuildStarted, LockRecord, Manifest, ViewCommit, check
+from raykd.pipeline.cache.storage import (BUILD, LOCK, MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, CacheError, marker,
                                     open_fs, owner_alive, read_json, read_parquet_part, storage_errors,
                                     storage_message, view_dir)
 
@@ -46,8 +46,8 @@ class TargetReader:
         return [c for cols in self.columns.values() for c in cols]
 
     def __call__(self, raw: dict) -> dict:
-        from pipeline.cache.codecs import topk_decode
-        from pipeline.data import as_tensor
+        from raykd.pipeline.cache.codecs import topk_decode
+        from raykd.pipeline.data import as_tensor
 
         out = {}
         for source, cols in self.columns.items():
