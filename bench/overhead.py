@@ -40,7 +40,6 @@ sys.path.insert(0, ROOT)
 def floor(cfg_path: str, overrides: list[str], epochs: int, out: str) -> None:
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     t_import = time.time()
     from raykd.methods import MethodContext, Targets, build_method

@@ -39,7 +39,6 @@ WORK = os.path.join(ROOT, "runs", "bench-stream")
 
 def make_folder(n: int, size: int, test_n: int = 1000) -> str:
     """<WORK>/folder-<n>/{train,val}/<class>/<id>.jpg from Fashion-MNIST (made once)."""
-    import numpy as np
     from PIL import Image
 
     from raykd.pipeline.config import DataSection

@@ -10,21 +10,18 @@ Our reading (each choice a `method.aekt` option):
   extra parameter) and z_kd = W(z_cls) (-> distillation); W lives in the method, so it is trained and
   checkpointed with the student and saved apart (method.safetensors). Weight decay acts on D, so it
   pulls W towards the identity (no separation decays to "none"); a plain C x C weight under decay was
-  pulled towards 0, i.e. towards z_kd = 0 and a uniform distillation head (version 1);
+  pulled towards 0, i.e. towards z_kd = 0 and a uniform distillation head (see docs/methods.md,
+  *Earlier readings*);
 - explicit term L_ek = w * TCKD(z_t, z_kd) with the adaptive weight
   w = stopgrad(clamp(p_t,target / p_s,target, 0, w_max)), per sample, probabilities at tau (`w_max`),
-  divided by its batch mean (`normalize`, our addition: without it w sits near
-  w_max early on, the explicit term is ~5x DKD's TCKD, and students collapsed — digits demo, cnn4:
-  10 % test accuracy vs 94.7 % normalised, DKD 94.7 %);
+  divided by its batch mean (`normalize`, our addition: without it w sits near w_max early on and the
+  explicit term is ~5x DKD's TCKD);
 - implicit term L_ik = NCKD(z_t, z_kd);
 - L = w_ce * CE(z_cls, y) + min(epoch / warmup, 1) * (alpha * L_ek + beta * L_ik), DKD's defaults;
 - the serialization layer trains at `lr_factor` (0.01) times the student's learning rate: D's gradient
-  is g z^T, so a step moves z_kd by ~ lr |z|^2 g, and with |z| ~ 10-20 the layer diverged at the
-  benchmark's lr 0.2 (||D|| to 1e18 on digits within 3 epochs, at 0.1 too in one seed of two). Chosen
-  on validation accuracy (digits, cnn4 from a cnn8 teacher, lr 0.2, seeds 7 and 8: factor 1 diverged
-  in both seeds, 0.1 ended at 72 % and 28 %, 0.01 at 88.9 % and 88.2 % with `normalize`, 90.3 % and
-  85.4 % without; CE 90.3 % and 93.1 %): stable, but not above CE there. ||D|| (`D_norm`) and the
-  largest adaptive weight applied (`w_peak`) are logged per step.
+  is g z^T, so a step moves z_kd by ~ lr |z|^2 g, and with |z| ~ 10-20 the layer diverges at a
+  student's peak learning rate (the factor was chosen on validation accuracy: docs/methods.md). ||D||
+  (`D_norm`) and the largest adaptive weight applied (`w_peak`) are logged per step.
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ from pydantic import Field
 
 from raykd.methods.base import METHODS, Method
 from raykd.methods.dkd import DKDOptions, dkd_terms, warmup_factor
-from raykd.pipeline.schema import Section
 
 
 def adaptive_weight(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target: torch.Tensor,

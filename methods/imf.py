@@ -20,9 +20,8 @@ Our reading (each a `method.imf.*` option):
   KL(p_t^tau || p_att^tau), alpha = beta = 10; D the squared distance between the channels' spatial maps,
   each L2-normalised, summed over positions and averaged over channels (in [0, 4] whatever the map
   size: the attention-transfer convention of comparing unit maps), the larger map average-pooled to
-  the smaller; p_t the teachers' target as in KD (`method.ensemble`, `targets`). Version 1 took the
-  element-wise mean of the same unit maps, which scales as 1 / (H W): on 14x14 and 7x7 maps alpha * D
-  was ~1/100 of beta * KD and the matched features were barely trained.
+  the smaller; p_t the teachers' target as in KD (`method.ensemble`, `targets`). (A mean over positions
+  would scale as 1 / (H W) and leave the term too small to train: docs/methods.md, *Earlier readings*.)
 - The inference model (`IMFInference`): the student's stages up to the deepest IFD, the IFDs, their
   heads and the attention weights; its output is z_att.
 """

@@ -6,12 +6,9 @@ and (2) faithful to the teacher's inter-class correlations; it is built by refor
 conditional adversarial autoencoder (CAAE); two KD strategies use both teacher and professor; the
 professor is model-agnostic and combines with any KD method.
 
-Why the first reading was replaced (version 1): it trained KL(q || softmax r) + CE(r, y) with the
-label fed to the decoder, a latent wider than the classes and adversarial weights of 0.01. Per
-sample, -sum_c q_c log p_c - log p_y is minimised by p* = (q + e_y) / 2: its "refined" targets were
-the teachers' distribution mixed half and half with the one-hot label (p_y >= 1/2, hence "100 %
-accurate" by construction), and distilling from them was KD plus a label term. That baseline now
-exists on its own (`method.targets: label_mix`) so the professor must beat it.
+A loss of KL(q || softmax r) + CE(r, y) on every sample is minimised per sample by (q + e_y) / 2, the
+teachers' distribution mixed with the label (our first reading: docs/methods.md, *Earlier readings*);
+that mix is a baseline of its own (`method.targets: label_mix`) the professor must beat.
 
 Our reading now (each a `professor` option):
 - q = the teachers' probabilities at tau (`temperature`), combined per `professor.ensemble`

@@ -5,13 +5,9 @@ attention mechanism) turns them into a simpler target for the student; the simpl
 jointly with the student through the distillation loss; the loss form is unchanged, so SKD composes
 with other logit methods.
 
-What that loss optimises, and why two readings failed: a simplifier trained through the student's
-KD term KL(target || p_s) has, whatever its form, the member of its family nearest the student as its
-optimum. Free logits collapse onto the student's own prediction (digits, cnn4: 47 % test with only a
-CE guard; with a pull back to the teacher the target sat between the two and Fashion-MNIST students
-ended at 76.89 +- 1.27 %, below CE's 77.10; version 2); a per-sample temperature goes to the softest
-one allowed from the first epoch (digits: tau(x) = 2 tau everywhere, 90.3 % test against KD's 94.4 and
-CE's 90.5; not released).
+What that loss optimises: a simplifier trained through the student's KD term KL(target || p_s) has,
+whatever its form, the member of its family nearest the student as its optimum, so it collapses onto
+the student (the readings that did so: docs/methods.md, *Earlier readings*).
 
 Our reading now: the simplifier softens or sharpens the teacher per sample — the paper's "softening
 processing ... simplifies the output", made adaptive — and is trained on its own objective, never

@@ -151,9 +151,15 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from raykd.pipeline.config import dump_config
+    from raykd.pipeline.config import dump_config, variant
+    from raykd.pipeline.data import default_views
 
-    print(dump_config(_load(args)), end="")
+    cfg = _load(args)
+    d, views = cfg.data, default_views(cfg.data.name, cfg.data.image_size)
+    if views is not None:  # the data set's own view policy, where the config leaves it to it
+        cfg = variant(cfg, {k: v for k, v, own in (("data.pad", views[0], d.pad), ("data.flip", views[1], d.flip))
+                            if own is None}, "data")
+    print(dump_config(cfg), end="")
     return 0
 
 

@@ -11,7 +11,7 @@ import reprlib
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from raykd.pipeline import yamlio
 from raykd.pipeline.errors import ConfigError
@@ -26,7 +26,7 @@ def _known_arch(v: str) -> str:
     return v
 
 
-# a zoo name (`raykd models`), torchvision:<name> or module.path:factory
+# a zoo name (`raykd zoo`), torchvision:<name> or module.path:factory
 Arch = Annotated[str, AfterValidator(_known_arch)]
 
 

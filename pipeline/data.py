@@ -139,6 +139,24 @@ def cache_home() -> str:
 # loaders
 
 
+# each built-in data set's view policy (pad, flip), what `data.pad` / `data.flip: null` mean for it
+DEFAULT_VIEWS = {"digits": (1, False), "fashion-mnist": (2, True), "fashion-mnist-pairs": (2, True),
+                 "cifar10": (4, True), "cifar100": (4, True)}
+
+
+def default_views(name: str, image_size: int | None) -> tuple[int, bool] | None:
+    """(pad, flip) of a built-in data set (an image folder's pad: an eighth of its image size); None for a
+    registered one, whose loader says."""
+    if name == "imagefolder":
+        return max(1, (image_size or 32) // 8), True
+    return DEFAULT_VIEWS.get(name)
+
+
+def _policy(name: str, image_size: int | None = None) -> ViewPolicy:
+    pad, flip = default_views(name, image_size)
+    return ViewPolicy(pad=pad, flip=flip)
+
+
 @DATASETS.register("digits")
 def _digits(root: str | None, image_size: int | None) -> Raw:
     """scikit-learn's bundled 8x8 digits (1797 images, 0..16): the embedded default. No test split."""
@@ -146,7 +164,7 @@ def _digits(root: str | None, image_size: int | None) -> Raw:
 
     d = load_digits()
     x = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]
-    return Raw(x, d.target.astype(np.int64), None, None, 10, ViewPolicy(pad=1, flip=False))
+    return Raw(x, d.target.astype(np.int64), None, None, 10, _policy("digits"))
 
 
 def _torchvision_arrays(ds) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +188,7 @@ def _fashion_mnist(root: str | None, image_size: int | None) -> Raw:
     except RuntimeError as e:
         raise DataError(f"fashion-mnist: cannot read the IDX files under {root}: {e}") from None
     (trx, try_), (tex, tey) = _torchvision_arrays(tr), _torchvision_arrays(te)
-    return Raw(trx, try_, tex, tey, 10, ViewPolicy(pad=2, flip=True))
+    return Raw(trx, try_, tex, tey, 10, _policy("fashion-mnist"))
 
 
 def make_pairs(images: np.ndarray, labels: np.ndarray, n: int, num_classes: int,
@@ -193,7 +211,7 @@ def _fashion_mnist_pairs(root: str | None, image_size: int | None) -> Raw:
     raw = _fashion_mnist(root, image_size)
     trx, tr_y = make_pairs(raw.train_x, raw.train_y, len(raw.train_y), 10, seed=0)
     tex, te_y = make_pairs(raw.test_x, raw.test_y, len(raw.test_y), 10, seed=1)
-    return Raw(trx, tr_y, tex, te_y, 100, raw.policy)
+    return Raw(trx, tr_y, tex, te_y, 100, _policy("fashion-mnist-pairs"))
 
 
 def _fashion_tv_root(root: str, names: list[str]) -> str:
@@ -244,7 +262,7 @@ def _cifar(cls_name: str, num_classes: int):
         except RuntimeError as e:
             raise DataError(f"{cls_name.lower()}: not found or corrupt under data.root={root} ({e})") from None
         (trx, try_), (tex, tey) = _torchvision_arrays(tr), _torchvision_arrays(te)
-        return Raw(trx, try_, tex, tey, num_classes, ViewPolicy(pad=4, flip=True))
+        return Raw(trx, try_, tex, tey, num_classes, _policy(cls_name.lower()))
 
     return load
 
@@ -279,7 +297,7 @@ def _imagefolder(root: str | None, image_size: int | None, in_memory: bool = Fal
 
     trx, try_ = index(os.path.join(root, "train"))
     tex, tey = index(test_dir) if test_dir else (None, None)
-    return Raw(trx, try_, tex, tey, len(classes), ViewPolicy(pad=max(1, size // 8), flip=True))
+    return Raw(trx, try_, tex, tey, len(classes), _policy("imagefolder", size))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -78,6 +78,16 @@ def digits():
     return load_splits(DataSection())
 
 
+def logit_methods(with_teachers: bool = False) -> list[str]:
+    """Every registered method that reads logits only (no feature maps), from the registry: a new one gets
+    the tests parametrized by it for free. `with_teachers`: only those that read teachers' targets."""
+    from raykd.methods import METHODS
+    from raykd.methods.base import Method
+
+    return [n for n, cls in METHODS.items() if cls.uses_logits and cls.feature_layers is Method.feature_layers
+            and (cls.uses_teachers or not with_teachers)]
+
+
 # The small run most Ray tests share: two tiny teachers on digits and a K=2 cache (with features of b).
 TEACHERS = "teachers.models=[{name: a, arch: cnn4, seed: 1}, {name: b, arch: resnet8, seed: 2}]"
 

@@ -6,9 +6,8 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 
-from raykd.pipeline.checkpoints import load_foreign, map_keys, resolve_checkpoint, save_state_dict
+from raykd.pipeline.checkpoints import load_foreign, map_keys, resolve_checkpoint
 from raykd.pipeline.config import load_config
 from raykd.pipeline.errors import CheckpointError, ConfigError
 from raykd.pipeline.models import TappedModel, build_model

@@ -95,6 +95,10 @@ def test_cli_config_prints_resolved(cli):
     code, out, err = cli("config", "-c", "configs/demo.yaml", "teachers.optim.epochs=3")
     assert code == 0, err
     assert yaml.safe_load(out)["teachers"]["optim"]["epochs"] == 3
+    data = yaml.safe_load(out)["data"]  # the data set's own view policy, not null
+    assert (data["pad"], data["flip"]) == (1, False)
+    code, out, _ = cli("config", "data.name=imagefolder", "data.image_size=64", "data.flip=false")
+    assert code == 0 and (yaml.safe_load(out)["data"]["pad"], yaml.safe_load(out)["data"]["flip"]) == (8, False)
 
 
 def test_shipped_configs_load():
