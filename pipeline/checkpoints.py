@@ -93,25 +93,11 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
 
 
 def resolve_checkpoint(ref: str) -> str:
-    """A checkpoint's file: `ref` itself, or for `torchvision:<WeightsEnum>.<NAME>` (e.g.
-    torchvision:ResNet18_Weights.IMAGENET1K_V1) the file torchvision keeps in the torch hub cache
-    (<torch.hub.get_dir()>/checkpoints/). raykd never downloads: a weights file not in the cache is an error."""
-    if not ref.startswith("torchvision:"):
-        return ref
-    import torchvision.models as tvm
+    """A checkpoint's file: `ref` itself, or a model source's cached weights (`torchvision:<Weights>.<NAME>`,
+    `timm:<name>`: pipeline/sources.py). raykd never downloads: weights not in the cache are an error."""
+    from raykd.pipeline.sources import resolve_checkpoint as resolve
 
-    name = ref[len("torchvision:"):]
-    try:
-        w = tvm.get_weight(name)
-    except (ValueError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {ref}: torchvision has no weights {name!r} ({e})") from None
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
-    if not os.path.isfile(path):
-        raise CheckpointError(
-            f"checkpoint {ref}: {path} is not in the torch cache and raykd does not download; on a machine with "
-            f"internet run `python -c \"import torchvision; torchvision.models.get_weight('{name}').get_state_dict()\"` "
-            f"and copy the file there (or give the file's path as the checkpoint)")
-    return path
+    return resolve(ref)
 
 
 def map_keys(state: dict[str, torch.Tensor], key_map: dict[str, str | None]) -> dict[str, torch.Tensor]:
@@ -131,8 +117,8 @@ def map_keys(state: dict[str, torch.Tensor], key_map: dict[str, str | None]) -> 
 def load_foreign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str, arch: str,
                  key_map: dict[str, str | None] | None = None) -> None:
     """A checkpoint made outside raykd (or by it): keys mapped, then loaded strictly; a wrapped model
-    (torchvision:, module:factory) takes the wrapped net's own keys (or raykd's `net.`-prefixed ones)."""
-    from raykd.pipeline.models import TappedModel
+    (torchvision:, timm:, module:factory) takes the wrapped net's own keys (or raykd's `net.`-prefixed ones)."""
+    from raykd.pipeline.sources import TappedModel
 
     state = map_keys(state, key_map or {})
     if isinstance(model, TappedModel) and not all(k.startswith("net.") for k in state):

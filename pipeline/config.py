@@ -26,7 +26,7 @@ def _known_arch(v: str) -> str:
     return v
 
 
-# a zoo name (`raykd zoo`), torchvision:<name> or module.path:factory
+# a zoo name (`raykd zoo`), or a model source's torchvision:<name>, timm:<name>, module.path:factory
 Arch = Annotated[str, AfterValidator(_known_arch)]
 
 
@@ -180,7 +180,8 @@ class TeacherSpec(Section):
     seed: Seed = 0
     checkpoint: str | None = Field(
         None, description="load and evaluate this state dict instead of training: a .safetensors or torch.save file, "
-                          "or torchvision:<Weights>.<NAME> from the torch hub cache (never downloaded)")
+                          "torchvision:<Weights>.<NAME> from the torch hub cache or timm:<name> from the Hugging Face "
+                          "cache (never downloaded)")
     checkpoint_key_map: dict[str, str | None] = Field(
         default_factory=dict, description="rename the checkpoint's keys by prefix before loading, first match wins: "
                                           "{old: new}; new = null drops the key (e.g. {'module.': '', 'aux.': null})")

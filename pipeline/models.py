@@ -1,13 +1,13 @@
-"""Models: the zoo (CIFAR-style ResNets and WRNs in RepDistiller/mdistiller shapes, a small CNN family),
-any torchvision classification model (`torchvision:<name>`) and a user's own (`<module.path>:<factory>`).
+"""Models: the zoo (CIFAR-style ResNets and WRNs in RepDistiller/mdistiller shapes, a small CNN family)
+and, through the model sources of pipeline/sources.py, any torchvision or timm classification model
+(`torchvision:<name>`, `timm:<name>`) and a user's own (`<module.path>:<factory>`).
 
 Every model has `forward_stages(x) -> (logits, {stage: map})`, the one way FEED, IMF, the cache writer
 and the online path get features, `stage_shapes(image_size)` ((C, H, W) of each stage) and
 `stage_names`. Zoo models return their stages from their own forward and derive the shapes from the
-architecture alone; other models are wrapped in `TappedModel`, whose stages are module paths read by
-forward hooks and whose shapes come from one forward of a blank image.
+architecture alone; a source's models are wrapped (`sources.TappedModel`: forward hooks on module
+paths; timm's through its own intermediate-feature API), their shapes from one forward of a blank image.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raykd.pipeline.errors import ConfigError
 from raykd.pipeline.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -257,156 +256,34 @@ for _w in (4, 8, 16, 32):
 
 
 # --------------------------------------------------------------------------------------------------
-# models from elsewhere: torchvision:<name> and <module.path>:<factory>
-
-TORCHVISION = "torchvision:"
-
-
-class TappedModel(nn.Module):
-    """Any classifier as a raykd model: logits from its own forward, stages from forward hooks on its
-    submodules, named by module path (`layer3`, `features.8`), as torchvision's `get_graph_node_names`
-    would name them. Hooks rather than torch.fx (`torchvision.models.feature_extraction`): they work on
-    models FX cannot trace (data-dependent control flow in a user's forward) and cost nothing when no
-    stage is read.
-
-    Stages: the model's own `raykd_stages` (a list of module paths) when it has one, else its top-level
-    children that hold parameters and no `nn.Linear` (the trunk, not the head: `conv1`, `bn1`, `layer1`..
-    `layer4` of a ResNet), or, when that is a single `nn.Sequential` (VGG, MobileNet, EfficientNet,
-    ConvNeXt: `features`), its children (`features.0`, ...). The parameters are `net.<its own keys>`;
-    a foreign checkpoint loads into `self.net` (`raykd.pipeline.checkpoints.load_foreign`).
-    `grey_to_rgb`: the net takes 3 channels and the data have 1 (torchvision models): the channel is
-    repeated (no parameters)."""
-
-    preprocess: Preprocess | None = None
-
-    def __init__(self, net: nn.Module, num_classes: int, in_chans: int, grey_to_rgb: bool = False):
-        super().__init__()
-        self.net, self.num_classes, self.in_chans, self.grey_to_rgb = net, num_classes, in_chans, grey_to_rgb
-        modules = dict(net.named_modules())  # looked up once: forward_stages runs on every training step
-        own = getattr(net, "raykd_stages", None)
-        if own is not None:
-            unknown = [n for n in own if n not in modules or not n]
-            if unknown:
-                raise ValueError(f"raykd_stages {unknown} are not module paths of {type(net).__name__}")
-            self._stages = list(own)
-        else:
-            self._stages = _trunk(net)
-        self._taps = [(n, modules[n]) for n in self._stages]
-
-    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.preprocess is not None:
-            x = self.preprocess(x)
-        out: dict[str, torch.Tensor] = {}
-        hooks = [mod.register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n, mod in self._taps]
-        try:
-            logits = self.net(x.expand(-1, 3, -1, -1) if self.grey_to_rgb and x.shape[1] == 1 else x)
-        finally:
-            for h in hooks:
-                h.remove()
-        if not isinstance(logits, torch.Tensor):  # GoogLeNet/Inception in training: (logits, aux...)
-            logits = logits.logits if hasattr(logits, "logits") else logits[0]
-        return logits, {n: out[n] for n in self._stages}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_stages(x)[0]
-
-    @property
-    def stage_names(self) -> list[str]:
-        return list(self._stages)
-
-    def stage_shapes(self, image_size: int) -> dict[str, tuple[int, ...]]:
-        """From one forward of a blank image (eval mode, no grad; the mode is restored)."""
-        was = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                p = next(self.parameters(), None)
-                x = torch.zeros(1, self.in_chans, image_size, image_size, device=p.device if p is not None else None)
-                _, maps = self.forward_stages(x)
-        finally:
-            self.train(was)
-        return {n: tuple(m.shape[1:]) for n, m in maps.items()}
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-
-def _trunk(net: nn.Module) -> list[str]:
-    def has(m, kind):
-        return any(isinstance(c, kind) for c in m.modules())
-
-    trunk = [(n, m) for n, m in net.named_children()
-             if any(True for _ in m.parameters()) and not has(m, nn.Linear)]
-    if len(trunk) == 1 and isinstance(trunk[0][1], nn.Sequential):
-        return [f"{trunk[0][0]}.{n}" for n, _ in trunk[0][1].named_children()]
-    return [n for n, _ in trunk]
-
-
-def torchvision_names() -> list[str]:
-    import torchvision.models as tvm
-
-    return tvm.list_models(module=tvm)
+# every arch string: a zoo name, or `<scheme>:<name>` of a model source (pipeline/sources.py)
 
 
 def check_arch(arch: str) -> None:
-    """ValueError naming what is wrong with `arch` (a zoo name, torchvision:<name> or module.path:factory)."""
-    if arch.startswith(TORCHVISION):
-        name = arch[len(TORCHVISION):]
-        if name not in torchvision_names():
-            raise ValueError(f"{arch!r}: torchvision has no classification model {name!r} "
-                             f"(torchvision.models.list_models(): {', '.join(torchvision_names()[:8])}, ...)")
-    elif ":" in arch:
-        _factory(arch)
-    else:
+    """ValueError naming what is wrong with `arch` (a zoo name, or a model source's `<scheme>:<name>`)."""
+    from raykd.pipeline.sources import source_of
+
+    found = source_of(arch)
+    if found is None:
         MODELS.check(arch)
-
-
-def _factory(arch: str) -> Callable:
-    import inspect
-
-    from raykd.pipeline.plugins import import_user_module
-
-    module, _, attr = arch.rpartition(":")
-    if not module or not attr:
-        raise ValueError(f"{arch!r}: a user model is given as module.path:factory")
-    mod = import_user_module(module, repr(arch))
-    fn = getattr(mod, attr, None)
-    if not callable(fn):
-        raise ValueError(f"{arch!r}: {module} has no callable {attr!r}")
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin without a signature: calling it tells
-        return fn
-    try:
-        sig.bind(num_classes=10, in_chans=3)
-    except TypeError as e:
-        raise ValueError(f"{arch!r} is not a model factory: raykd calls it as {attr}(num_classes=, in_chans=) and "
-                         f"that call does not fit its signature {attr}{sig} ({e})") from None
-    return fn
+    else:
+        src, name = found
+        src.check(name)
 
 
 def build_model(arch: str, num_classes: int, in_chans: int, preprocess: Preprocess | None = None) -> nn.Module:
-    """A zoo model, `torchvision:<name>` (built untrained with `num_classes` outputs: weights come from a
-    teacher's `checkpoint`) or `module.path:factory` (called as factory(num_classes=, in_chans=)); the
-    latter two wrapped in `TappedModel` unless they are zoo models already. `preprocess`: a teacher's own
-    input size and normalisation, applied first by `forward_stages`."""
-    model = _build(arch, num_classes, in_chans)
+    """A zoo model, or a model source's (`torchvision:<name>`, `timm:<name>`, `module.path:factory`: built
+    untrained with `num_classes` outputs, weights from a teacher's `checkpoint`, wrapped as a raykd model
+    with stage taps). `preprocess`: a teacher's own input size and normalisation, applied first by
+    `forward_stages`."""
+    from raykd.pipeline.sources import source_of
+
+    found = source_of(arch)
+    if found is None:
+        model = MODELS.get(arch)(num_classes, in_chans)
+    else:
+        src, name = found
+        model = src.build(name, num_classes, in_chans)
     if preprocess is not None:
         model.preprocess = preprocess
     return model
-
-
-def _build(arch: str, num_classes: int, in_chans: int) -> nn.Module:
-    if arch.startswith(TORCHVISION):
-        check_arch(arch)
-        import torchvision.models as tvm
-
-        net = tvm.get_model(arch[len(TORCHVISION):], weights=None, num_classes=num_classes)
-        return TappedModel(net, num_classes, in_chans, grey_to_rgb=in_chans == 1)
-    if ":" in arch:
-        net = _factory(arch)(num_classes=num_classes, in_chans=in_chans)
-        if not isinstance(net, nn.Module):
-            raise ConfigError(f"arch {arch}: {arch.rpartition(':')[2]}(num_classes={num_classes}, in_chans={in_chans}) "
-                              f"returned a {type(net).__name__}, not a torch.nn.Module")
-        return net if isinstance(net, ZooModel) else TappedModel(net, num_classes, in_chans)
-    return MODELS.get(arch)(num_classes, in_chans)

@@ -59,7 +59,9 @@ def job_imports(cfg) -> Imports:
     """What a job's worker must import: `run.imports`, then the modules of `module:factory` models."""
     names = list(cfg.run.imports)
     archs = [t.arch for t in cfg.teachers.models] + [cfg.distill.student.arch]
-    names += [a.rpartition(":")[0] for a in archs if ":" in a and not a.startswith("torchvision:")]
+    from raykd.pipeline.sources import worker_imports
+
+    names += [m for a in archs for m in worker_imports(a)]
     names = list(dict.fromkeys(names))
     import_modules(names)
     return tuple((n, _root(n)) for n in names)

@@ -25,6 +25,7 @@ from raykd.pipeline.data import Splits, load_splits
 from raykd.pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from raykd.pipeline.models import Preprocess, build_model, record_preprocess
 from raykd.pipeline.plugins import job_imports
+from raykd.pipeline.sources import is_source_ref
 from raykd.pipeline.records import TeacherRecord, inside, load_record, out_root, output_lock, write_record
 from raykd.pipeline.tracking import tracking_spec
 from raykd.pipeline.progress import Console, ProgressPrinter
@@ -299,7 +300,7 @@ def _evaluate_given(spec, splits, device, tdir) -> dict:
     test_acc, _ = evaluate(model, splits.test.images, splits.test.labels, splits.mean, splits.std, device)
     sha = save_state_dict(model.state_dict(), os.path.join(tdir, "best.safetensors"))  # in raykd's own keys
     return {"name": spec.name, "arch": spec.arch, "seed": spec.seed,
-            "source": spec.checkpoint if spec.checkpoint.startswith("torchvision:") else os.path.abspath(spec.checkpoint),
+            "source": spec.checkpoint if is_source_ref(spec.checkpoint) else os.path.abspath(spec.checkpoint),
             "source_sha256": sha256_file(path), "params": model.num_params(),
             "best": {"file": "best.safetensors", "sha256": sha}, "val_acc": val_acc, "test_acc": test_acc}
 

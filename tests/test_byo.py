@@ -10,7 +10,8 @@ import torch
 from raykd.pipeline.checkpoints import load_foreign, map_keys, resolve_checkpoint
 from raykd.pipeline.config import load_config
 from raykd.pipeline.errors import CheckpointError, ConfigError
-from raykd.pipeline.models import TappedModel, build_model
+from raykd.pipeline.models import build_model
+from raykd.pipeline.sources import TappedModel
 
 USER_MODULE = '''
 import torch.nn as nn
@@ -41,7 +42,7 @@ def _registered(num_classes, in_chans):
     return TappedModel(Tiny(num_classes, in_chans), num_classes, in_chans)
 
 
-from raykd.pipeline.models import TappedModel  # noqa: E402
+from raykd.pipeline.sources import TappedModel  # noqa: E402
 '''
 
 
@@ -198,3 +199,77 @@ def test_teacher_preprocess_resizes_and_renormalises(tmp_path, digits):
     acc, _ = evaluate(model, torch.from_numpy(digits.test.images), torch.from_numpy(digits.test.labels),
                       digits.mean, digits.std, "cpu")
     assert acc == pytest.approx(rec["test_acc"], abs=1e-9) and acc > 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# timm: one registered model source (pipeline/sources.py); tests build timm's tiny test models untrained
+
+
+def test_timm_models_are_raykd_models_with_timms_own_feature_taps():
+    from raykd.pipeline.models import check_arch
+
+    pytest.importorskip("timm")
+    m = build_model("timm:test_efficientnet", 10, 1).eval()
+    x = torch.randn(4, 1, 16, 16)
+    logits, stages = m.forward_stages(x)
+    assert torch.allclose(logits, m.net(x), atol=1e-5)  # the model's own forward, split at its features
+    final, maps = m.net.forward_intermediates(x)
+    assert list(stages) == [f["module"] for f in m.net.feature_info] == m.stage_names
+    assert all(torch.equal(stages[n], t) for n, t in zip(stages, maps))
+    assert m.stage_shapes(16)["blocks.2"] == tuple(stages["blocks.2"].shape[1:])
+    with pytest.raises(ValueError, match="'timm:no_such_net': timm has no model 'no_such_net'"):
+        check_arch("timm:no_such_net")
+
+
+def test_timm_checkpoints_come_from_the_hugging_face_cache_never_downloaded(tmp_path, monkeypatch):
+    """`timm:<name>` as a teacher's checkpoint: the weights file of its hub id in the local Hugging Face
+    cache, or an error saying how to put it there."""
+    pytest.importorskip("timm")
+    import huggingface_hub.constants as hf
+
+    from raykd.pipeline.checkpoints import resolve_checkpoint
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"timm:resnet18.a1_in1k: timm/resnet18.a1_in1k is not in the Hugging "
+                                              r"Face cache and raykd does not download"):
+        resolve_checkpoint("timm:resnet18.a1_in1k")
+    snap = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("0123abc")
+    assert resolve_checkpoint("timm:resnet18.a1_in1k") == str(snap / "model.safetensors")
+    assert resolve_checkpoint(str(tmp_path / "w.pt")) == str(tmp_path / "w.pt")  # a file is itself
+
+
+def test_timm_teacher_cache_and_student(ray_session, tmp_path):
+    """A timm teacher -> a cache of its logits and a map tapped by timm's feature API -> a timm student."""
+    pytest.importorskip("timm")
+    from raykd.pipeline.cache import Cache, build_cache, column_array
+    from raykd.pipeline.data import normalize
+    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.teachers import load_teacher, run_teachers
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"run.out_dir={out}", "run.device=cpu", "teachers.optim.epochs=4",
+                             "teachers.optim.batch_size=64",
+                             "teachers.models=[{name: tm, arch: 'timm:test_efficientnet', seed: 1, image_size: 16}]",
+                             "cache.views=1", "cache.layers={tm: [blocks.2]}", "distill.student.arch=timm:test_resnet",
+                             "method.name=kd", "distill.optim.epochs=3", "distill.optim.batch_size=32"])
+    (rec,) = run_teachers(cfg)
+    assert rec["arch"] == "timm:test_efficientnet" and rec["test_acc"] > 0.3  # 10 classes: chance is 0.1
+    manifest = build_cache(cfg)
+    (t,) = manifest["teachers"]
+    assert manifest["columns"]["feat.tm.blocks.2"].startswith("tensor<halffloat>")
+    table = Cache(str(out / "cache")).read_table(["pixels", "logits.tm", "feat.tm.blocks.2"])
+    teacher, _ = load_teacher(str(out), "tm")
+    splits_mean, splits_std = manifest["dataset"]["mean"], manifest["dataset"]["std"]
+    with torch.inference_mode():
+        x = normalize(torch.from_numpy(column_array(table, "pixels")[:64]), splits_mean, splits_std)
+        logits, maps = teacher.forward_stages(x)
+    cached = torch.from_numpy(column_array(table, "feat.tm.blocks.2")[:64].astype("float32"))
+    assert tuple(cached.shape[1:]) == tuple(t["layers"]["blocks.2"])
+    assert torch.allclose(cached, maps["blocks.2"], atol=2e-2, rtol=1e-2)  # fp16 of timm's own intermediate map
+    assert torch.allclose(torch.from_numpy(column_array(table, "logits.tm")[:64].astype("float32")), logits, atol=2e-2)
+    srec = run_distill(cfg)
+    assert srec["arch"] == "timm:test_resnet" and srec["test_acc"] > 0.3
