@@ -148,15 +148,15 @@ def render_view(split, share: np.ndarray, view: int, data_seed: int, policy: Vie
 
 
 def view_epochs(split, share: np.ndarray, data_seed: int, policy: ViewPolicy, mean, std, view_of, batch_size: int,
-                shuffle: bool, seed: int, keep: bool = True) -> "MemoryEpochs":
+                shuffle: bool, seed: int, keep: bool = True, workers: int | None = None) -> "MemoryEpochs":
     """Epochs of views rendered from a source split: in memory as pixels, or — for a streamed image
-    folder — as records rendered one batch ahead (`MemoryEpochs.finish`)."""
+    folder — as records rendered batch by batch ahead of the step (`MemoryEpochs.finish`, `workers`)."""
     from raykd.pipeline.data import FileImages
 
     streamed = isinstance(split.images, FileImages)
     finish = RowFormat(mean, std, policy.as_dict(), split).render if streamed else None
     return MemoryEpochs(lambda k: render_view(split, share, k, data_seed, policy, mean, std, defer=streamed),
-                        view_of, batch_size, shuffle, seed, keep=keep, finish=finish)
+                        view_of, batch_size, shuffle, seed, keep=keep, finish=finish, workers=workers)
 
 
 class Refined:
@@ -181,14 +181,20 @@ class Refined:
 class MemoryEpochs:
     """Epochs from views held in memory: `load(view)` gives the worker's share of a view as prepared
     tensors, read once and kept for every later epoch of that view (`keep`); each epoch is a seeded
-    permutation of it (or its order, without shuffling), batched by indexing."""
+    permutation of it (or its order, without shuffling), batched by indexing.
+
+    `finish`, per batch (views held as records: decode, crop, resize, flip, normalise), runs in a pool of
+    `workers` threads (default: the torch threads the job holds, i.e. its share of the cores) ahead of
+    the training step, at most 2 x workers batches ahead, and the batches come out in order: the same
+    pixels whatever the pool size (PIL and torch release the GIL while they decode and resize)."""
 
     def __init__(self, load: Callable[[int], dict[str, torch.Tensor]], view_of: Callable[[int], int],
                  batch_size: int, shuffle: bool, seed: int, keep: bool = True,
-                 finish: Callable[[dict], dict] | None = None):
+                 finish: Callable[[dict], dict] | None = None, workers: int | None = None):
         self.load, self.view_of, self.batch_size, self.shuffle, self.seed, self.keep = \
             load, view_of, batch_size, shuffle, seed, keep
-        self.finish = finish  # per batch (rendering views from records), one batch ahead in a thread
+        self.finish = finish
+        self.workers = max(1, workers or torch.get_num_threads())
         self.views: dict[int, dict[str, torch.Tensor]] = {}
 
     def prepare(self, epoch: int) -> None:
@@ -213,8 +219,8 @@ class MemoryEpochs:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(1, thread_name_prefix="raykd-render") as pool:  # decoding overlaps the step
-            ahead = [pool.submit(self.finish, b) for b in itertools.islice(batches, 2)]
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="raykd-render") as pool:  # decoding overlaps the step
+            ahead = [pool.submit(self.finish, b) for b in itertools.islice(batches, 2 * self.workers)]
             for b in batches:
                 ahead.append(pool.submit(self.finish, b))
                 yield ahead.pop(0).result()
