@@ -190,11 +190,15 @@ class MemoryEpochs:
 
     def __init__(self, load: Callable[[int], dict[str, torch.Tensor]], view_of: Callable[[int], int],
                  batch_size: int, shuffle: bool, seed: int, keep: bool = True,
-                 finish: Callable[[dict], dict] | None = None, workers: int | None = None):
+                 finish: Callable[[dict], dict] | None = None, workers: int | None = None,
+                 device=None, device_views: str | bool = "false", views_used: int = 1):
         self.load, self.view_of, self.batch_size, self.shuffle, self.seed, self.keep = \
             load, view_of, batch_size, shuffle, seed, keep
         self.finish = finish
         self.workers = max(1, workers or torch.get_num_threads())
+        # on CUDA: the views on the device when they fit (`distill.device_views`), else batches pinned
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device_views, self.views_used, self.on_device = device_views, views_used, None
         self.views: dict[int, dict[str, torch.Tensor]] = {}
 
     def prepare(self, epoch: int) -> None:
@@ -202,7 +206,13 @@ class MemoryEpochs:
         if k not in self.views:
             if not self.keep:
                 self.views.clear()
-            self.views[k] = self.load(k)
+            rows = self.load(k)
+            if self.on_device is None:  # decided on the first view: every view has its size
+                nbytes = sum(v.numel() * v.element_size() for v in rows.values()) * (self.views_used if self.keep else 1)
+                self.on_device = self.finish is None and device_views_choice(self.device_views, nbytes, self.device)
+            if self.on_device:
+                rows = {c: v.to(self.device) for c, v in rows.items()}
+            self.views[k] = rows
 
     def __call__(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         self.prepare(epoch)
@@ -210,12 +220,14 @@ class MemoryEpochs:
         n = len(rows["y"])
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-            order = torch.randperm(n, generator=g)
+            order = torch.randperm(n, generator=g).to(rows["y"].device)  # the same order wherever the view is
             batches = ({k: v[order[s:s + self.batch_size]] for k, v in rows.items()} for s in range(0, n, self.batch_size))
         else:
             batches = ({k: v[s:s + self.batch_size] for k, v in rows.items()} for s in range(0, n, self.batch_size))
+        pin = self.device.type == "cuda" and not self.on_device  # host batches pinned: asynchronous copies
         if self.finish is None:
-            yield from batches
+            for b in batches:
+                yield {k: v.pin_memory() for k, v in b.items()} if pin else b
             return
         from concurrent.futures import ThreadPoolExecutor
 
@@ -223,9 +235,11 @@ class MemoryEpochs:
             ahead = [pool.submit(self.finish, b) for b in itertools.islice(batches, 2 * self.workers)]
             for b in batches:
                 ahead.append(pool.submit(self.finish, b))
-                yield ahead.pop(0).result()
+                out = ahead.pop(0).result()
+                yield {k: v.pin_memory() for k, v in out.items()} if pin else out
             for f in ahead:
-                yield f.result()
+                out = f.result()
+                yield {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
 class StreamEpochs:
@@ -284,11 +298,27 @@ def to_device(rows: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
         if col.kind == "feat" and col.part == "scale":
             continue
         v = v.to(device, non_blocking=True)
+        if k == "x" and v.is_cuda and v.dim() == 4:  # convolutions' fastest layout on CUDA
+            v = v.contiguous(memory_format=torch.channels_last)
         if col.kind == "feat":
             scale = rows.get(C.scale(k))
             v = dequantize_int8(v, scale.to(device)) if scale is not None else v.float()
         out[k] = v
     return out
+
+
+def device_views_choice(setting: str | bool, nbytes: int, device, free: int | None = None) -> bool:
+    """`distill.device_views`: hold a job's in-memory views on its training device, indexed there with no
+    copy per batch. true / false; auto: on CUDA when they take at most half the device's free memory
+    (`free`: torch.cuda.mem_get_info's); on the CPU, where the views are already, auto is false."""
+    device = torch.device(device)
+    if setting in ("true", True):
+        return True
+    if setting in ("false", False) or device.type == "cpu":
+        return False
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0]
+    return nbytes <= free // 2
 
 
 def in_memory_choice(setting: str, nbytes: int, budget: int | None = None) -> bool:

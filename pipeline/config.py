@@ -411,6 +411,10 @@ class DistillSection(Section):
         "auto", description="hold each worker's share of the views it trains on in memory (read once, batched by "
                             "indexing), or stream them through Ray Data; auto: in memory when they fit a quarter "
                             "of the available memory")
+    device_views: bool | Literal["auto"] = Field(
+        "auto", description="on CUDA, hold the in-memory views on the device (batches indexed there, no copy per "
+                            "step); auto: when they take at most half its free memory; else batches are copied from "
+                            "pinned host memory. Views replayed from records stay on the host")
     test_every: int = Field(
         1, ge=0, description="evaluate the test split every N epochs and always after the last; 0 = after the last "
                              "only (the validation split is evaluated every epoch). Training is the same either way")

@@ -116,6 +116,7 @@ class StudentJob(Job):
     checks: Any = None  # a cache.PartChecks: each part file's sha256, checked as the job reads it
     refined_files: dict | None = None
     in_memory: bool = True
+    device_views: Any = "auto"  # DistillSection.device_views
     shuffle_buffer: int = 0
     test_every: int = 1  # DistillSection.test_every
     online_teachers: tuple = ()  # ({name, arch, path, weights}, ...): run inside the worker
@@ -182,7 +183,8 @@ class StudentTask(Task):
                 load = cache_view_loader(job.cache_fs, job.files, list(job.columns), fmt, ctx.rank, ctx.world, job.seed,
                                          refined, job.checks)
                 self.data = MemoryEpochs(load, view_of, job.optim.batch_size, shuffle, job.seed,
-                                         finish=None if C.PIXELS in job.columns else fmt.render)
+                                         finish=None if C.PIXELS in job.columns else fmt.render, device=ctx.device,
+                                         device_views=job.device_views, views_used=min(job.views, job.epochs))
             else:
                 if ctx.world > 1:
                     source = lambda k: ctx.shard(f"view{k}")  # noqa: E731
@@ -201,6 +203,8 @@ class StudentTask(Task):
         self.evaluator = Evaluator({"val": resolve(job.val), "test": resolve(job.test)}, job.mean, job.std, ctx.device)
 
     def prepare(self, ctx):
+        if ctx.device.type == "cuda":  # the layout to_device gives the inputs there
+            self.student.to(memory_format=torch.channels_last)
         self.model = ctx.prepare_model(Distiller(self.student, self.method))
         self.precision = Precision(self.job.optim.precision, ctx.device)
         self.bare = self.model.module if hasattr(self.model, "module") else self.model
@@ -463,6 +467,7 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
         method=cfg.method.model_dump(mode="json"), method_ctx=p.mctx, optim=d.optim,
         views=p.views, data_seed=cfg.data.seed, policy=splits.policy.as_dict(), mean=splits.mean, std=splits.std,
         n_train=len(splits.train), val=refs["val"], test=refs["test"], shuffle_buffer=d.shuffle_buffer,
+        device_views=d.device_views,
         test_every=d.test_every,
         # weights travel with the job (Ray's object store), not as paths: no node needs this one's disk
         online_teachers=tuple({**t, "weights": read_verified(t["path"], t["sha256"])} for t in p.online_teachers),

@@ -380,6 +380,8 @@ def train_loop(job: Job, ctx: Context | None = None) -> JobResult:
     t = time.perf_counter()
     ctx = ctx or TrainContext()
     set_threads(job, ctx)
+    if ctx.device.type == "cuda":  # convolutions autotuned for the job's fixed shapes
+        torch.backends.cudnn.benchmark = True
     plugins.load(job.imports)
     torch.manual_seed(job.seed)
     task = job.build(ctx)

@@ -136,3 +136,24 @@ def test_the_render_pool_gives_the_same_pixels_whatever_its_size(digit_folder, p
     assert [len(e) for e in one] == [len(e) for e in three] and len(one[0]) > 3
     assert all(torch.equal(a, b) for e1, e3 in zip(one, three) for a, b in zip(e1, e3))
     assert not torch.equal(one[0][0], one[1][0])  # another view, another order: the comparison can fail
+
+
+def test_device_views_decision_and_the_same_batches_either_way():
+    from raykd.pipeline.batches import device_views_choice
+
+    gib = 2**30
+    assert device_views_choice("auto", 3 * gib, "cuda", free=8 * gib)  # fits half the free memory
+    assert not device_views_choice("auto", 5 * gib, "cuda", free=8 * gib)
+    assert device_views_choice(True, 50 * gib, "cuda", free=8 * gib) and not device_views_choice(False, 1, "cuda", free=8 * gib)
+    assert not device_views_choice("auto", 1, "cpu")  # the views are there already
+    view = {"x": torch.randn(100, 1, 4, 4), "y": torch.arange(100) % 10, "sample_id": torch.arange(100)}
+
+    def epochs(setting):
+        data = MemoryEpochs(lambda k: dict(view), lambda e: 0, 16, True, 3, device="cpu", device_views=setting)
+        got = [[b for b in data(e)] for e in range(2)]
+        return data.on_device, got
+
+    (placed, a), (host, b) = epochs(True), epochs(False)
+    assert placed and not host  # the two paths (indexing where the view lies, or on the host) both ran
+    assert all(torch.equal(p[k], q[k]) for ea, eb in zip(a, b) for p, q in zip(ea, eb) for k in view)
+    assert not torch.equal(a[0][0]["sample_id"], a[1][0]["sample_id"])  # a new permutation each epoch
