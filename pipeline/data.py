@@ -76,8 +76,14 @@ def decode_image(path: str, size: int) -> np.ndarray:
     """One image file as uint8 (S, S, 3): RGB, short side resized to S (antialiased), centre crop."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        img = Image.open(f).convert("RGB")
+    if "::" in path or "://" in path:  # a member of a shard (tar://<member>::<shard URL>), or a URL
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")
+    else:
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")
     return np.asarray(_fit(size)(img), dtype=np.uint8)
 
 
@@ -147,7 +153,7 @@ DEFAULT_VIEWS = {"digits": (1, False), "fashion-mnist": (2, True), "fashion-mnis
 def default_views(name: str, image_size: int | None) -> tuple[int, bool] | None:
     """(pad, flip) of a built-in data set (an image folder's pad: an eighth of its image size); None for a
     registered one, whose loader says."""
-    if name == "imagefolder":
+    if name in ("imagefolder", "webdataset"):
         return max(1, (image_size or 32) // 8), True
     return DEFAULT_VIEWS.get(name)
 
@@ -383,7 +389,14 @@ def _fingerprint(s: Splits, data_cfg) -> str:
         h.update(part.labels.tobytes())
         if isinstance(part.images, FileImages):  # the files (path, size, mtime) and the decoded size
             h.update(repr(part.images.size).encode())
+            shards: dict[str, str] = {}  # a shard member's: its shard's, looked up once
             for p in part.images.paths:
+                if "::" in p:
+                    shard = p.split("::", 1)[1]
+                    if shard not in shards:
+                        shards[shard] = _url_id(shard)
+                    h.update(f"{p}\0{shards[shard]}\n".encode())
+                    continue
                 st = os.stat(p)
                 h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         else:  # the sha256 of all the pixels, as before (fed in chunks)
@@ -392,6 +405,15 @@ def _fingerprint(s: Splits, data_cfg) -> str:
                 inner.update(np.ascontiguousarray(batch).tobytes())
             h.update(inner.digest())
     return h.hexdigest()
+
+
+def _url_id(url: str) -> str:
+    """A stored file's size and version (mtime, or an object store's ETag / LastModified)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    return repr((info.get("size"), info.get("mtime"), info.get("ETag"), str(info.get("LastModified"))))
 
 
 def as_tensor(a):
@@ -413,3 +435,6 @@ def normalize(images_u8, mean, std):
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+from raykd.pipeline import shards  # noqa: E402,F401 - registers the shard sources (webdataset)

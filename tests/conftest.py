@@ -144,3 +144,30 @@ def build_until_view_0(cfg, tmp_path, extra):
         time.sleep(0.2)
     assert os.path.exists(marker), log.read_text()[-3000:]
     return proc, log
+
+
+def make_shards(folder, out, per_shard=25):
+    """The image folder's train/ and val/ as tar shards (<key>.jpg + <key>.cls), in the folder's own order
+    (classes sorted, files sorted), `per_shard` samples each: (train shard paths, test shard paths)."""
+    import io
+    import tarfile
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    made = {}
+    for split, dest in (("train", "train"), ("val", "test")):
+        _, to_idx = find_classes(os.path.join(folder, "train"))
+        samples = make_dataset(os.path.join(folder, split), to_idx, extensions=IMG_EXTENSIONS)
+        os.makedirs(os.path.join(out, dest), exist_ok=True)
+        made[dest] = []
+        for s in range(0, len(samples), per_shard):
+            path = os.path.join(out, dest, f"{dest}-{s // per_shard:06d}.tar")
+            with tarfile.open(path, "w") as tar:
+                for i, (p, y) in enumerate(samples[s:s + per_shard]):
+                    tar.add(p, arcname=f"{s + i:06d}.jpg")
+                    info = tarfile.TarInfo(f"{s + i:06d}.cls")
+                    data = str(y).encode()
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            made[dest].append(path)
+    return made["train"], made["test"]

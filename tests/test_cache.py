@@ -606,3 +606,33 @@ def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_p
         np.testing.assert_array_equal(column_array(t, "pixels")[rows], want)
     rec = run_distill(cfg)
     assert 0 <= rec["test_acc"] <= 1 and rec["epochs"] == 1
+
+
+def test_webdataset_shards_cache_as_the_folder_does(ray_session, digit_folder, tmp_path):
+    """Tar shards of the folder's JPEGs, streamed: the cache holds the same view records and pixels as the
+    folder's images rendered in memory."""
+    from raykd.pipeline.config import load_config
+    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.views import make_views
+
+    from conftest import make_shards
+
+    make_shards(digit_folder, tmp_path / "wds")
+    base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", "data.name=webdataset", f"data.root={tmp_path / 'wds'}",
+            "data.image_size=16", "data.val_fraction=0.2", "teachers.optim.epochs=1",
+            "teachers.models=[{name: a, arch: cnn4, seed: 1}]", "cache.views=2"]
+    cfg = load_config(None, base)
+    from raykd.pipeline.teachers import run_teachers
+
+    run_teachers(cfg)
+    m = build_cache(cfg)
+    eager = load_splits(cfg.data.model_copy(update={"name": "imagefolder", "root": str(digit_folder), "in_memory": True}))
+    t = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table()
+    ids, vids = column_array(t, "sample_id"), column_array(t, "view_id")
+    assert m["rows"] == 2 * len(eager.train) and sorted(set(ids.tolist())) == sorted(eager.train.ids.tolist())
+    pos = np.searchsorted(eager.train.ids, ids)
+    for v in (0, 1):
+        rows = vids == v
+        want, rec = make_views(eager.train.images[pos[rows]], ids[rows], v, cfg.data.seed, eager.policy)
+        np.testing.assert_array_equal(column_array(t, "pixels")[rows], want)
+        np.testing.assert_array_equal(column_array(t, "view_ox")[rows], rec["ox"])

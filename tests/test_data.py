@@ -10,6 +10,8 @@ from raykd.pipeline.config import DataSection
 from raykd.pipeline.data import load_splits
 from raykd.pipeline.errors import DataError
 
+from conftest import make_shards
+
 
 def test_digits_splits_are_seeded_and_disjoint(digits):
     s = digits
@@ -165,3 +167,53 @@ def test_pairs_stack_two_real_items_and_label_them_10a_plus_b():
         assert y == 10 * a + b
     again, _ = make_pairs(x, d.target, 5000, 10, seed=0)
     assert np.array_equal(px, again)  # seeded
+
+
+# --------------------------------------------------------------------------------------------------
+# shard sources: WebDataset-style tar shards made here from the digit folder's real JPEGs
+
+
+def test_webdataset_shards_are_the_image_folder_streamed(digit_folder, tmp_path):
+    from raykd.pipeline.data import FileImages
+
+    make_shards(digit_folder, tmp_path / "wds")
+    folder = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=24))
+    shards = load_splits(DataSection(name="webdataset", root=str(tmp_path / "wds"), image_size=24))
+    assert isinstance(shards.train.images, FileImages)  # streamed: decoded when read
+    assert shards.train.images.paths[0].startswith("tar://000")  # a member of its shard, by fsspec's chained URL
+    for a, b in ((folder.train, shards.train), (folder.val, shards.val), (folder.test, shards.test)):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.images[np.arange(len(a))], b.images[np.arange(len(b))])
+    assert (shards.num_classes, shards.policy) == (folder.num_classes, folder.policy)
+    assert shards.fingerprint != folder.fingerprint  # other files: another source
+
+
+def test_webdataset_shards_on_s3(digit_folder, tmp_path, s3_endpoint):
+    import boto3
+
+    train, test = make_shards(digit_folder, tmp_path / "wds", per_shard=40)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="shards")
+    for p in train + test:
+        s3.upload_file(p, "shards", f"wds/{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}")
+    local = load_splits(DataSection(name="webdataset", root=str(tmp_path / "wds"), image_size=24))
+    remote = load_splits(DataSection(name="webdataset", root="s3://shards/wds", image_size=24))
+    assert remote.train.images.paths[0].endswith("::s3://shards/wds/train/train-000000.tar")
+    np.testing.assert_array_equal(local.train.labels, remote.train.labels)
+    np.testing.assert_array_equal(local.train.images[np.arange(20)], remote.train.images[np.arange(20)])
+    with pytest.raises(DataError, match="webdataset: no train/\\*.tar under data.root=s3://shards/nothing"):
+        load_splits(DataSection(name="webdataset", root="s3://shards/nothing", image_size=24))
+
+
+def test_a_shard_sample_without_its_class_is_named(tmp_path):
+    import io
+    import tarfile
+
+    os.makedirs(tmp_path / "bad" / "train")
+    with tarfile.open(tmp_path / "bad" / "train" / "a.tar", "w") as tar:
+        info = tarfile.TarInfo("000001.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(DataError, match=r"a.tar: sample '000001' has no image .* or no .cls"):
+        load_splits(DataSection(name="webdataset", root=str(tmp_path / "bad")))
