@@ -195,8 +195,6 @@ def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
 
 
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
-    import ray
-
     from raykd.pipeline.harness import JobFailed, JobRunner, failure_message
     from raykd.pipeline.raysetup import (concurrent_jobs, in_process, init_ray, local_thread_share, resolve_device,
                                    train_storage)
@@ -211,7 +209,12 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
         init_ray(cfg)
     device = resolve_device(cfg.run.device)
     threads = w.torch_threads or local_thread_share(cfg.ray, parallel * w.num_workers)  # disjoint shares of the cores
-    refs = {k: getattr(splits, k) if inline else ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
+    if inline:  # a lone job in this process: no Ray at all
+        refs = {k: getattr(splits, k) for k in ("train", "val", "test")}
+    else:
+        import ray
+
+        refs = {k: ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
     storage = train_storage(cfg)
     records, failed = {}, []
     runner = JobRunner(parallel, inline=inline)
