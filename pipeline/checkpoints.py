@@ -27,10 +27,11 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str) -> str:
     """Atomically write `state` as safetensors; returns the file's sha256."""
     from safetensors.torch import save_file
 
+    from raykd.pipeline.records import atomic_path
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
     return sha256_file(path)
 
 

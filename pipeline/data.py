@@ -21,7 +21,7 @@ import numpy as np
 
 from raykd.pipeline.errors import DataError, RaykdError
 from raykd.pipeline.log import log
-from raykd.pipeline.records import DataStats, load_record, write_record
+from raykd.pipeline.records import DataStats, atomic_path, load_record, write_record
 from raykd.pipeline.registry import Registry
 from raykd.pipeline.views import ViewPolicy
 
@@ -248,11 +248,9 @@ def _fashion_tv_root(root: str, names: list[str]) -> str:
         dst = os.path.join(raw, n)
         if os.path.exists(dst):
             continue
-        tmp = f"{dst}.tmp{os.getpid()}"
         opener = gzip.open if src.endswith(".gz") else open
-        with opener(src, "rb") as fi, open(tmp, "wb") as fo:
+        with atomic_path(dst) as tmp, opener(src, "rb") as fi, open(tmp, "wb") as fo:  # a reader never sees half
             shutil.copyfileobj(fi, fo)
-        os.replace(tmp, dst)  # atomic: a concurrent reader never sees half a file
     return tv_root
 
 

@@ -38,7 +38,7 @@ from raykd.pipeline.harness import Job, JobFailed, JobRunner, Task, failure_mess
 from raykd.pipeline.models import build_model, record_preprocess
 from raykd.pipeline.plugins import job_imports
 from raykd.pipeline.raysetup import check_fits
-from raykd.pipeline.records import StudentRecord, inside, load_record, out_root, output_lock, write_record
+from raykd.pipeline.records import StudentRecord, atomic_path, inside, load_record, out_root, output_lock, write_record
 from raykd.pipeline.schema import check_output_name
 from raykd.pipeline.tracking import tracking_spec
 from raykd.pipeline.progress import ProgressPrinter
@@ -482,8 +482,8 @@ def finish_student(p: Plan, res) -> dict:
     st, history = res.state["task"], res.history
     files = {"student.safetensors": save_state_dict(st["student"], os.path.join(p.sdir, "student.safetensors"))}
     pt = os.path.join(p.sdir, "student.pt")
-    torch.save(st["student"], pt + ".tmp")
-    os.replace(pt + ".tmp", pt)
+    with atomic_path(pt) as tmp:
+        torch.save(st["student"], tmp)
     files["student.pt"] = sha256_file(pt)
     if st["method"]:
         files["method.safetensors"] = save_state_dict(st["method"], os.path.join(p.sdir, "method.safetensors"))

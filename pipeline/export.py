@@ -93,23 +93,24 @@ def _imf_inference(cfg, rec: dict, sdir: str, student: nn.Module) -> nn.Module:
 
 
 def _write(net: nn.Module, x: torch.Tensor, out: str, name: str, check: bool) -> dict:
-    tmp = f"{out}.tmp{os.getpid()}.onnx"
-    torch.onnx.export(net, (x,), tmp, input_names=["pixels"], output_names=["logits"],
-                      dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, verbose=False)
+    from raykd.pipeline.records import atomic_path
+
     diff = None
-    if check:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            ort = None
-        if ort is not None:
-            probe = torch.rand(5, *x.shape[1:])
-            got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"pixels": probe.numpy()})[0]
-            with torch.no_grad():
-                want = net(probe).numpy()
-            diff = float(np.abs(got - want).max())
-            if not diff <= 1e-3 * max(1.0, float(np.abs(want).max())):
-                os.remove(tmp)
-                raise RaykdError(f"the ONNX export of {name!r} disagrees with PyTorch (max |diff| {diff:.3g}); nothing written")
-    os.replace(tmp, out)
+    with atomic_path(out, suffix=".onnx") as tmp:  # nothing at `out` unless the export is whole and checked
+        torch.onnx.export(net, (x,), tmp, input_names=["pixels"], output_names=["logits"],
+                          dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, verbose=False)
+        if check:
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                ort = None
+            if ort is not None:
+                probe = torch.rand(5, *x.shape[1:])
+                got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"pixels": probe.numpy()})[0]
+                with torch.no_grad():
+                    want = net(probe).numpy()
+                diff = float(np.abs(got - want).max())
+                if not diff <= 1e-3 * max(1.0, float(np.abs(want).max())):
+                    raise RaykdError(f"the ONNX export of {name!r} disagrees with PyTorch (max |diff| {diff:.3g}); "
+                                     "nothing written")
     return {"path": out, "max_abs_diff": diff}

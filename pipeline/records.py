@@ -9,8 +9,10 @@ raykd reads; other fields are kept as they are.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import posixpath
 import re
 from typing import Annotated, Any
@@ -203,12 +205,23 @@ def load_record(path: str, schema: type[BaseModel], kind: str, missing_ok: bool 
     return check(obj, schema, path, kind)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """A temporary name beside `path` for the block to write; moved onto `path` when the block ends (a
+    rename: readers see the old file or the whole new one, never a part), removed if it raises."""
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_record(path: str, obj: Any, indent: int | None = 2) -> None:
-    """Write JSON whole or not at all: a temporary file beside it, then a rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write JSON whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
