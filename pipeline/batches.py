@@ -224,10 +224,12 @@ class MemoryEpochs:
             batches = ({k: v[order[s:s + self.batch_size]] for k, v in rows.items()} for s in range(0, n, self.batch_size))
         else:
             batches = ({k: v[s:s + self.batch_size] for k, v in rows.items()} for s in range(0, n, self.batch_size))
-        pin = self.device.type == "cuda" and not self.on_device  # host batches pinned: asynchronous copies
+        if self.device.type == "cuda" and not self.on_device:  # host batches pinned: asynchronous copies
+            out = (lambda b: {k: v.pin_memory() for k, v in b.items()})  # noqa: E731
+        else:
+            out = (lambda b: b)  # noqa: E731
         if self.finish is None:
-            for b in batches:
-                yield {k: v.pin_memory() for k, v in b.items()} if pin else b
+            yield from map(out, batches)
             return
         from concurrent.futures import ThreadPoolExecutor
 
@@ -235,11 +237,9 @@ class MemoryEpochs:
             ahead = [pool.submit(self.finish, b) for b in itertools.islice(batches, 2 * self.workers)]
             for b in batches:
                 ahead.append(pool.submit(self.finish, b))
-                out = ahead.pop(0).result()
-                yield {k: v.pin_memory() for k, v in out.items()} if pin else out
+                yield out(ahead.pop(0).result())
             for f in ahead:
-                out = f.result()
-                yield {k: v.pin_memory() for k, v in out.items()} if pin else out
+                yield out(f.result())
 
 
 class StreamEpochs:

@@ -580,6 +580,22 @@ def test_crop_views_store_records_and_replay(ray_session, tmp_path, digits):
     assert rec["test_acc"] > 0.3  # 10 classes; two epochs from replayed crops
 
 
+def _assert_cache_renders(cfg, m, eager):
+    """The K=2 cache of `cfg` holds every training sample of `eager` (its images in memory) once per view,
+    with the view records and pixels those images render to."""
+    from raykd.pipeline.views import make_views
+
+    t = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table()
+    ids, vids = column_array(t, "sample_id"), column_array(t, "view_id")
+    assert m["rows"] == 2 * len(eager.train) and sorted(set(ids.tolist())) == sorted(eager.train.ids.tolist())
+    pos = np.searchsorted(eager.train.ids, ids)
+    for v in (0, 1):
+        rows = vids == v
+        want, rec = make_views(eager.train.images[pos[rows]], ids[rows], v, cfg.data.seed, eager.policy)
+        np.testing.assert_array_equal(column_array(t, "pixels")[rows], want)
+        np.testing.assert_array_equal(column_array(t, "view_ox")[rows], rec["ox"])
+
+
 def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_path):
     """A streamed image folder is decoded by Ray Data tasks (the driver holds paths): its cache has the same
     rows and pixels as the folder decoded into memory, and a student trains from it."""
@@ -587,7 +603,6 @@ def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_p
     from raykd.pipeline.data import load_splits
     from raykd.pipeline.distill import run_distill
     from raykd.pipeline.teachers import run_teachers
-    from raykd.pipeline.views import make_views
 
     base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", "data.name=imagefolder", f"data.root={digit_folder}",
             "data.image_size=16", "data.val_fraction=0.2", "teachers.optim.epochs=1",
@@ -596,14 +611,7 @@ def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_p
     run_teachers(cfg)
     m = build_cache(cfg)
     eager = load_splits(cfg.data.model_copy(update={"in_memory": True}))
-    t = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table()
-    ids, vids = column_array(t, "sample_id"), column_array(t, "view_id")
-    assert m["rows"] == 2 * len(eager.train) and sorted(set(ids.tolist())) == sorted(eager.train.ids.tolist())
-    pos = np.searchsorted(eager.train.ids, ids)
-    for v in (0, 1):
-        rows = vids == v
-        want, _ = make_views(eager.train.images[pos[rows]], ids[rows], v, cfg.data.seed, eager.policy)
-        np.testing.assert_array_equal(column_array(t, "pixels")[rows], want)
+    _assert_cache_renders(cfg, m, eager)
     rec = run_distill(cfg)
     assert 0 <= rec["test_acc"] <= 1 and rec["epochs"] == 1
 
@@ -613,7 +621,6 @@ def test_webdataset_shards_cache_as_the_folder_does(ray_session, digit_folder, t
     folder's images rendered in memory."""
     from raykd.pipeline.config import load_config
     from raykd.pipeline.data import load_splits
-    from raykd.pipeline.views import make_views
 
     from conftest import make_shards
 
@@ -627,12 +634,4 @@ def test_webdataset_shards_cache_as_the_folder_does(ray_session, digit_folder, t
     run_teachers(cfg)
     m = build_cache(cfg)
     eager = load_splits(cfg.data.model_copy(update={"name": "imagefolder", "root": str(digit_folder), "in_memory": True}))
-    t = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table()
-    ids, vids = column_array(t, "sample_id"), column_array(t, "view_id")
-    assert m["rows"] == 2 * len(eager.train) and sorted(set(ids.tolist())) == sorted(eager.train.ids.tolist())
-    pos = np.searchsorted(eager.train.ids, ids)
-    for v in (0, 1):
-        rows = vids == v
-        want, rec = make_views(eager.train.images[pos[rows]], ids[rows], v, cfg.data.seed, eager.policy)
-        np.testing.assert_array_equal(column_array(t, "pixels")[rows], want)
-        np.testing.assert_array_equal(column_array(t, "view_ox")[rows], rec["ox"])
+    _assert_cache_renders(cfg, m, eager)

@@ -108,18 +108,21 @@ class Building:
             return None
         return build
 
+    def committed(self, k: int) -> list[dict] | None:
+        """View k's part files (path, rows, bytes, sha256) if this build has committed it."""
+        rec = read_json(self.fs, marker(self.root, k), ViewCommit, "view commit record")
+        return rec["files"] if rec is not None and rec["fingerprint"] == self.fingerprint else None
+
     def wait(self, k: int) -> list[dict]:
-        """View k's part files (path, rows, bytes, sha256), once the build has committed it."""
+        """View k's part files, once the build has committed it."""
         said = False
         while True:
             self.fs.invalidate_cache()
-            rec = read_json(self.fs, marker(self.root, k), ViewCommit, "view commit record")
-            if rec is not None and rec["fingerprint"] == self.fingerprint:
-                return rec["files"]
+            if (files := self.committed(k)) is not None:
+                return files
             if self.state() is None:
-                rec = read_json(self.fs, marker(self.root, k), ViewCommit, "view commit record")  # committed as it ended?
-                if rec is not None and rec["fingerprint"] == self.fingerprint:
-                    return rec["files"]
+                if (files := self.committed(k)) is not None:  # committed as the build ended
+                    return files
                 raise CacheError(f"{self.uri}: the cache build stopped before committing view {k} (its lock is gone "
                                  "or its process died); rerun `raykd cache` to finish it")
             if not said:
@@ -191,13 +194,11 @@ class Cache:
         said = False
         while True:
             self.fs.invalidate_cache()
-            manifest = read_json(self.fs, posixpath.join(self.root, MANIFEST))
-            if manifest is not None:
-                return manifest
             state = watch.state()
+            manifest = read_json(self.fs, posixpath.join(self.root, MANIFEST))  # after the state: a build that ends
+            if manifest is not None:                                            # between the two is seen finished
+                return manifest
             if state is None:
-                if read_json(self.fs, posixpath.join(self.root, MANIFEST)) is not None:
-                    return read_json(self.fs, posixpath.join(self.root, MANIFEST))
                 raise CacheError(f"{self.uri}: the cache build stopped before committing a view (its lock is gone or "
                                  "its process died); rerun `raykd cache` to finish it")
             if state.get("manifest"):
