@@ -79,11 +79,11 @@ def decode_image(path: str, size: int) -> np.ndarray:
     if "::" in path or "://" in path:  # a member of a shard (tar://<member>::<shard URL>), or a URL
         import fsspec
 
-        with fsspec.open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
+        opener = fsspec.open
     else:
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
+        opener = open
+    with opener(path, "rb") as f:
+        img = Image.open(f).convert("RGB")
     return np.asarray(_fit(size)(img), dtype=np.uint8)
 
 
