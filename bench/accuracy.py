@@ -105,6 +105,9 @@ def main() -> None:
                     help="train the teachers on every training image (data.train_subset only for the students)")
     ap.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default=None, help="default bench/results/accuracy_<dataset>.json")
+    ap.add_argument("--one-cache", action="store_true",
+                    help="every row reads the features cache (K = cache.views): CE and KD are then FEED's and IMF's "
+                         "baselines on their own cache, and the *_features rows are not needed")
     ap.add_argument("--into", default=None, help="replace these methods' rows in this earlier result file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -130,7 +133,10 @@ def main() -> None:
     best = max(teachers, key=lambda t: t["val_acc"])["name"]
     smallest = min(teachers, key=lambda t: t["params"])["name"]
     methods = [m for m in args.methods]
-    needed = {VARIANTS[m][1] for m in methods}
+    kind_of = {m: FEATURES if args.one_cache else VARIANTS[m][1] for m in methods}
+    if args.one_cache and (same := [m for m in methods if m.endswith("_features")]):
+        ap.error(f"--one-cache: {', '.join(same)} would repeat the ce / kd rows on the same cache")
+    needed = set(kind_of.values())
     manifests = {}
     for kind in (LOGITS, FEATURES):
         if kind in needed:
@@ -138,17 +144,17 @@ def main() -> None:
     t_cache = time.time() - t0 - t_teachers
 
     def changes(m: str, s: int) -> dict:
-        return {**caches[VARIANTS[m][1]], **row_changes(m, best, smallest), "distill.student.seed": s,
+        return {**caches[kind_of[m]], **row_changes(m, best, smallest), "distill.student.seed": s,
                 "distill.name": f"acc-{m}-s{s}"}
 
     runs = {m: [variant(cfg, changes(m, s), f"bench method {m}") for s in args.seeds] for m in methods}
     prof = None
     profs = {}
     for m, rs in runs.items():
-        if rs[0].method.targets in ("refined", "both") and VARIANTS[m][1] not in profs:
+        if rs[0].method.targets in ("refined", "both") and kind_of[m] not in profs:
             from raykd.pipeline.professor import run_professor
 
-            profs[VARIANTS[m][1]] = prof = run_professor(rs[0])
+            profs[kind_of[m]] = prof = run_professor(rs[0])
     order = sorted(runs, key=lambda m: m not in SLOW)
     flat = [r for m in order for r in runs[m]]
     t1 = time.time()
@@ -166,10 +172,10 @@ def main() -> None:
         rs = [r for r in recs[m] if r is not None]
         lost = {s: failed.get(student_name(c), "failed") for s, c, r in zip(args.seeds, runs[m], recs[m]) if r is None}
         if not rs:
-            rows[m] = {"failed": lost, "cache": VARIANTS[m][1]}
+            rows[m] = {"failed": lost, "cache": kind_of[m]}
             continue
         rows[m] = {**_row(rs, seeds), **({"failed": lost} if lost else {}), "params": rs[0]["params"], "method_params": rs[0].get("method_params"),
-                   "cache": VARIANTS[m][1],
+                   "cache": kind_of[m],
                    # wall time per student, students sharing the cores (run.parallel at a time)
                    "train_time_s": round(statistics.median(r["wall_time_s"] for r in rs), 1),
                    "epoch_time_s": round(statistics.median(r["epoch_time_s"] for r in rs), 2),
@@ -207,7 +213,7 @@ def main() -> None:
         "best_teacher": best, "professor_refined_acc": prof["refined_acc"] if prof else None,
         "professor": {k: {"refined_acc": p["refined_acc"], "ensemble_acc": p["ensemble_acc"], "heldout": p.get("heldout")}
                       for k, p in profs.items()},
-        "teachers_on_all_data": args.teachers_on_all_data,
+        "teachers_on_all_data": args.teachers_on_all_data, "one_cache": args.one_cache,
         "views_per_cache": {k: mf["views"] for k, mf in manifests.items()},
         "cache": {"bytes": manifest["bytes"], "feat_dtype": cfg.cache.feat_dtype, "layers": cfg.cache.layers,
                   "bytes_per_sample": round(manifest["bytes"] / n, 1),

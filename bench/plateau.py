@@ -2,7 +2,7 @@
 trained twice the regime's epochs (by default) on the regime's caches (the logits one has K = the regime's
 epochs: a longer run reads each view more than once) and teachers (run `make bench` first), 5 seeds.
 
-    python bench/plateau.py [--epochs N] [--methods ce kd ...] [--out bench/results/full/plateau.json]
+    python bench/plateau.py [--epochs N] [--methods ce kd ...] [--out bench/results/fm10/plateau.json]
 
 Tells whether the regime's students were trained long enough: if twice the epochs moves CE or KD (or
 the gap between them), the regime's epochs were too few; `bench/report.py` reads plateau.json for that
@@ -57,9 +57,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--methods", nargs="+", default=["ce", "kd"], choices=list(VARIANTS),
                     help="rows of bench/accuracy.py to probe (CE and KD are the convergence target's)")
-    ap.add_argument("--regime", default="bench/results/full/accuracy.json",
+    ap.add_argument("--regime", default="bench/results/fm10/accuracy.json",
                     help="the regime's result: which teacher was best and smallest")
-    ap.add_argument("--out", default="bench/results/full/plateau.json")
+    ap.add_argument("--out", default="bench/results/fm10/plateau.json")
     args = ap.parse_args()
     cfg = load_config(args.config)
     regime = json.load(open(args.regime))  # the teachers its rows' placeholders resolved to

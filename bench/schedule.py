@@ -1,7 +1,7 @@
 """Schedule probe: which (batch size, peak learning rate) lets the regime's student converge in its epochs?
 
     python bench/schedule.py [--grid 128:0.05 64:0.05 128:0.2 128:0.4 64:0.2] [--seeds 0 1] [--methods ce kd]
-                             [--out bench/results/full/schedule.json]
+                             [--out bench/results/fm10/schedule.json]
 
 CE students (with `--methods`, also KD from the teachers' mean probability) on the regime's logits cache
 and teachers (run `make bench` first), at the regime's epochs and at twice them, 2 seeds per setting
@@ -37,7 +37,7 @@ def main() -> None:
                     help="batch_size:lr settings")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     ap.add_argument("--methods", nargs="+", default=["ce"], choices=["ce", "kd"])
-    ap.add_argument("--out", default="bench/results/full/schedule.json")
+    ap.add_argument("--out", default="bench/results/fm10/schedule.json")
     args = ap.parse_args()
     cfg = load_config(args.config)
     base, short = on_regime_logits(cfg), cfg.distill.optim.epochs
