@@ -101,3 +101,13 @@ def test_verdicts_against_the_nearest_baselines():
     assert v["professor + KD (`targets: both`)"][0] == "not reproduced"
     assert v["SKD"][0] == "partly" and "-0.20 ± 0.00" in v["SKD"][1]  # above KD, below its reduction
     assert "AEKT" not in v                          # no row: no verdict
+
+
+def test_verdicts_with_one_cache_judge_feature_methods_against_ce_and_kd():
+    """With every row on the feature cache (`--one-cache`) there are no *_features rows: pFEED is judged
+    against CE and KD themselves; with two caches, without its own cache's baselines it gets no verdict."""
+    ms = {"ce": _at(0.860), "kd": _at(0.870), "pfeed": _at(0.865)}
+    assert report.verdicts(ms) == []
+    v = {m: (verdict, measured) for m, verdict, measured in report.verdicts(ms, one_cache=True)}
+    assert v["pFEED (3 teachers)"][0] == "partly"
+    assert "− CE (no teacher) +0.50" in v["pFEED (3 teachers)"][1]
