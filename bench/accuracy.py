@@ -97,6 +97,19 @@ def _curve(cfg, rec: dict) -> list[float]:
     return [round(json.loads(line)["val_acc"], 5) for line in open(path)]
 
 
+def _pair_all(rows: dict) -> None:
+    """Every row's paired differences to CE and to KD (the teachers' mean probability), over common seeds:
+    after a rerun's rows are merged, so that they pair with the earlier run's baselines too."""
+    for m, r in rows.items():
+        for base in ("ce", "kd"):
+            if "per_seed" not in r or "per_seed" not in rows.get(base, {}):
+                continue
+            if base != m:
+                r[f"vs_{base}"] = _rounded(paired(r, rows[base]))
+            if "inference" in r:
+                r["inference"][f"vs_{base}"] = _rounded(paired(r["inference"], rows[base]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-c", "--config", default="configs/fashion_mnist.yaml")
@@ -189,14 +202,6 @@ def main() -> None:
         if "generations" in rs[0]:  # sequential FEED: every generation
             rows[m]["generations"] = [_row(rs, seeds, key=lambda r, g=g: r["generations"][g])
                                       for g in range(len(rs[0]["generations"]))]
-    for m, r in rows.items():  # paired differences to CE and to KD (the teachers' mean probability)
-        for base in ("ce", "kd"):
-            if "per_seed" not in r or "per_seed" not in rows.get(base, {}):
-                continue
-            if base != m:
-                r[f"vs_{base}"] = _rounded(paired(r, rows[base]))
-            if "inference" in r:
-                r["inference"][f"vs_{base}"] = _rounded(paired(r["inference"], rows[base]))
     manifest = manifests.get(FEATURES) or manifests[LOGITS]
     cfg = variant(cfg, caches[FEATURES if FEATURES in manifests else LOGITS], "bench cache")
     cols = Cache(cache_uri(cfg), cfg.cache.s3_endpoint).column_bytes()
@@ -231,6 +236,7 @@ def main() -> None:
         earlier.setdefault("reruns", []).append({"command": cmd, "date": res["date"], "methods": list(rows),
                                                  "time_s": res["time_s"]})
         res = earlier
+    _pair_all(res["methods"])
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=2)
