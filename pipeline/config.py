@@ -95,7 +95,7 @@ class DataSection(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="only for datasets without a test split (digits)")
     train_subset: int | None = Field(None, gt=0, description="keep this many training samples (seeded)")
     test_subset: int | None = Field(None, gt=0, description="keep this many test samples (seeded): quick benchmarks only")
-    image_size: int | None = Field(None, gt=0, description="imagefolder and webdataset: resize + centre-crop to this")
+    image_size: int | None = Field(None, gt=0, description="imagefolder, webdataset and parquet: resize + centre-crop to this")
     in_memory: bool = Field(False, description="imagefolder only: decode the whole folder into memory once "
                                                "(small folders) instead of streaming its files")
     mean: list[float] | None = Field(None, description="per-channel mean in [0, 1]; None = measured on the training "

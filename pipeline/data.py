@@ -76,6 +76,13 @@ def decode_image(path: str, size: int) -> np.ndarray:
     """One image file as uint8 (S, S, 3): RGB, short side resized to S (antialiased), centre crop."""
     from PIL import Image
 
+    if path.startswith("pq:"):  # a row of a Parquet shard's image column (pq:<group>:<row>:<column>::<URL>)
+        import io
+
+        from raykd.pipeline.shards import parquet_image
+
+        img = Image.open(io.BytesIO(parquet_image(path))).convert("RGB")
+        return np.asarray(_fit(size)(img), dtype=np.uint8)
     if "::" in path or "://" in path:  # a member of a shard (tar://<member>::<shard URL>), or a URL
         import fsspec
 
@@ -153,7 +160,7 @@ DEFAULT_VIEWS = {"digits": (1, False), "fashion-mnist": (2, True), "fashion-mnis
 def default_views(name: str, image_size: int | None) -> tuple[int, bool] | None:
     """(pad, flip) of a built-in data set (an image folder's pad: an eighth of its image size); None for a
     registered one, whose loader says."""
-    if name in ("imagefolder", "webdataset"):
+    if name in ("imagefolder", "webdataset", "parquet"):
         return max(1, (image_size or 32) // 8), True
     return DEFAULT_VIEWS.get(name)
 
@@ -435,4 +442,4 @@ def normalize(images_u8, mean, std):
     return (x - m) / s
 
 
-from raykd.pipeline import shards  # noqa: E402,F401 - registers the shard sources (webdataset)
+from raykd.pipeline import shards  # noqa: E402,F401 - registers the shard sources (webdataset, parquet)

@@ -1,4 +1,5 @@
-"""Shard sources: image sets published as WebDataset-style tar shards, local or on any fsspec store (S3).
+"""Shard sources: image sets published as WebDataset-style tar shards or as Parquet files with an
+image-bytes column (as Hugging Face datasets publish them), local or on any fsspec store (S3).
 
 `data.name: webdataset`, `data.root: <folder or URL>` holding `train/*.tar` and `test/*.tar` (or `val/`).
 A shard's samples are its members grouped by key (the name before the first dot, WebDataset's rule):
@@ -9,10 +10,21 @@ fsspec keeps one index of a shard per process). Sample ids are positions in the 
 within a shard, in key order: stable while the shards are. The images are `FileImages`, as an image
 folder's, so views, caches and students treat both alike (resized on the short side and centre-cropped
 to `data.image_size`).
+
+`data.name: parquet`, `data.root` holding `train/*.parquet` and `test/*.parquet` (or `val/`), or Hugging
+Face's layout (`[data/]train-*.parquet`, `test-*` or `validation-*`). The image column is `image` (or
+`img`, `jpg`, `jpeg`, `png`, `webp`): encoded bytes, or Hugging Face's `Image` struct {bytes, path}; the
+class column `label` (or `labels`, `cls`, `target`), integers. Indexing reads each file's footer and
+its class column only. An image is referred to as `pq:<row group>:<row>:<column>::<file URL>` and read
+with its whole row group's image column (Parquet cannot read one row of a column chunk), kept per process
+for the next images of that group (`_row_group`, 8 groups): reading in order — the cache build, the
+evaluation — reads each group once; a shuffled epoch reads a group per image, so keep row groups small
+for streamed students (Hugging Face writes 100 rows per group for image sets).
 """
 
 from __future__ import annotations
 
+import functools
 import posixpath
 
 import numpy as np
@@ -21,6 +33,8 @@ from raykd.pipeline.data import DATASETS, FileImages, Raw, _policy
 from raykd.pipeline.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")
+LABEL_COLUMNS = ("label", "labels", "cls", "target")
 
 
 def _shards(fs, folder: str) -> list[str]:
@@ -75,4 +89,107 @@ def _webdataset(root: str | None, image_size: int | None) -> Raw:
     num_classes = int(max(tr_y.max(), te_y.max() if te_y is not None and len(te_y) else 0)) + 1
     return Raw(FileImages(np.array(tr_urls, dtype=object), size), tr_y,
                FileImages(np.array(te_urls, dtype=object), size) if test else None, te_y, num_classes,
+               _policy("imagefolder", size))
+
+
+# --------------------------------------------------------------------------------------------------
+# Parquet shards
+
+
+def _parquet_files(fs, base: str, split_names: tuple[str, ...]) -> list[str]:
+    for name in split_names:  # train/*.parquet, then Hugging Face's train-*.parquet (at the root or in data/)
+        for pattern in (f"{name}/*.parquet", f"{name}-*.parquet", f"data/{name}-*.parquet"):
+            if files := sorted(fs.glob(posixpath.join(base, pattern))):
+                return files
+    return []
+
+
+def _columns(schema, url: str) -> tuple[str, str]:
+    """(the image column as read: `image.bytes` for a struct, the class column) of one file's schema."""
+    import pyarrow as pa
+
+    names = schema.names
+    image = next((c for c in IMAGE_COLUMNS if c in names), None)
+    label = next((c for c in LABEL_COLUMNS if c in names), None)
+    if image is None or label is None:
+        raise DataError(f"parquet: {url}: no {'image' if image is None else 'class'} column (looked for "
+                        f"{', '.join(IMAGE_COLUMNS if image is None else LABEL_COLUMNS)}; it has {', '.join(names)})")
+    kind = schema.field(image).type
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        image = f"{image}.bytes"
+    elif not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise DataError(f"parquet: {url}: column {image!r} is {kind}, not image bytes (binary or a struct with bytes)")
+    if not pa.types.is_integer(schema.field(label).type):
+        raise DataError(f"parquet: {url}: class column {label!r} is {schema.field(label).type}, not integers")
+    return image, label
+
+
+def index_parquet(fs, protocol: str, files: list[str]) -> tuple[list[str], np.ndarray]:
+    """(each sample's image reference, its class) over the files, in order: footers and class columns only."""
+    import pyarrow.parquet as pq
+
+    refs, labels = [], []
+    for path in files:
+        url = path if protocol in ("file", "local") else f"{protocol}://{path}"
+        with fs.open(path, "rb") as f:
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not Parquet
+                raise DataError(f"parquet: {url} is not readable Parquet ({e})") from None
+            image, label = _columns(pf.schema_arrow, url)
+            ys = pf.read(columns=[label]).column(0)
+            if ys.null_count:
+                raise DataError(f"parquet: {url}: {ys.null_count} rows have no class in column {label!r}")
+            labels.append(ys.to_numpy())
+            for g in range(pf.metadata.num_row_groups):
+                refs += [f"pq:{g}:{r}:{image}::{url}" for r in range(pf.metadata.row_group(g).num_rows)]
+    return refs, np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+
+
+def parquet_image(ref: str) -> bytes:
+    """The encoded image a `pq:<row group>:<row>:<column>::<file URL>` reference names."""
+    head, url = ref.split("::", 1)
+    _, group, row, column = head.split(":", 3)
+    image = _row_group(url, int(group), column)[int(row)]
+    if image is None:
+        raise DataError(f"parquet: {url}: row {row} of row group {group} has no image")
+    return image
+
+
+@functools.lru_cache(maxsize=8)
+def _row_group(url: str, group: int, column: str) -> list:
+    """One row group's encoded images (a list of bytes), read once per process while it is among the last 8."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as f:
+        col = pq.ParquetFile(f).read_row_group(group, columns=[column]).column(0).combine_chunks()
+    if "." in column:  # a struct {bytes, path}: its bytes
+        col = col.field(column.split(".", 1)[1])
+    return col.to_pylist()
+
+
+@DATASETS.register("parquet")
+def _parquet(root: str | None, image_size: int | None) -> Raw:
+    from raykd.pipeline.cache.storage import open_fs, storage_errors, storage_message
+
+    if not root:
+        raise DataError("parquet: set data.root to the folder or URL holding train/*.parquet (and test/*.parquet)")
+    size = image_size or 32
+    fs, base = open_fs(root)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    try:
+        train = _parquet_files(fs, base, ("train",))
+        if not train:
+            raise DataError(f"parquet: no train/*.parquet (or train-*.parquet) under data.root={root}")
+        test = _parquet_files(fs, base, ("test", "val", "validation"))
+        tr_refs, tr_y = index_parquet(fs, protocol, train)
+        te_refs, te_y = index_parquet(fs, protocol, test) if test else ([], None)
+    except storage_errors() as e:
+        raise DataError(f"parquet: {storage_message(root, e)}") from None
+    if not len(tr_y):
+        raise DataError(f"parquet: the train files under data.root={root} hold no rows")
+    num_classes = int(max(tr_y.max(), te_y.max() if te_y is not None and len(te_y) else 0)) + 1
+    return Raw(FileImages(np.array(tr_refs, dtype=object), size), tr_y,
+               FileImages(np.array(te_refs, dtype=object), size) if test else None, te_y, num_classes,
                _policy("imagefolder", size))

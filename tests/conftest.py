@@ -171,3 +171,29 @@ def make_shards(folder, out, per_shard=25):
                     tar.addfile(info, io.BytesIO(data))
             made[dest].append(path)
     return made["train"], made["test"]
+
+
+def make_parquet_shards(folder, out, per_file=40, group=16, hf=False):
+    """The image folder's train/ and val/ as Parquet files with an image-bytes column (Hugging Face's
+    `Image` struct {bytes, path}) and a `label` column, `per_file` rows each, row groups of `group`, in the
+    folder's own order. `hf`: Hugging Face's layout (data/train-00000-of-0000N.parquet, validation-*)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    made = {}
+    for split, dest in (("train", "train"), ("val", "validation" if hf else "test")):
+        _, to_idx = find_classes(os.path.join(folder, "train"))
+        samples = make_dataset(os.path.join(folder, split), to_idx, extensions=IMG_EXTENSIONS)
+        n = -(-len(samples) // per_file)
+        made[dest] = []
+        for k, s in enumerate(range(0, len(samples), per_file)):
+            rows = samples[s:s + per_file]
+            images = [{"bytes": open(p, "rb").read(), "path": os.path.basename(p)} for p, _ in rows]
+            path = (os.path.join(out, "data", f"{dest}-{k:05d}-of-{n:05d}.parquet") if hf
+                    else os.path.join(out, dest, f"{k:05d}.parquet"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            pq.write_table(pa.table({"image": images, "label": pa.array([y for _, y in rows], pa.int64())}),
+                           path, row_group_size=group)
+            made[dest].append(path)
+    return made["train"], made["validation" if hf else "test"]

@@ -616,16 +616,17 @@ def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_p
     assert 0 <= rec["test_acc"] <= 1 and rec["epochs"] == 1
 
 
-def test_webdataset_shards_cache_as_the_folder_does(ray_session, digit_folder, tmp_path):
-    """Tar shards of the folder's JPEGs, streamed: the cache holds the same view records and pixels as the
-    folder's images rendered in memory."""
+@pytest.mark.parametrize("source", ["webdataset", "parquet"])
+def test_shards_cache_as_the_folder_does(ray_session, digit_folder, tmp_path, source):
+    """Tar shards or Parquet files of the folder's JPEGs, streamed: the cache holds the same view records
+    and pixels as the folder's images rendered in memory."""
     from raykd.pipeline.config import load_config
     from raykd.pipeline.data import load_splits
 
-    from conftest import make_shards
+    from conftest import make_parquet_shards, make_shards
 
-    make_shards(digit_folder, tmp_path / "wds")
-    base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", "data.name=webdataset", f"data.root={tmp_path / 'wds'}",
+    (make_shards if source == "webdataset" else make_parquet_shards)(digit_folder, tmp_path / "wds")
+    base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", f"data.name={source}", f"data.root={tmp_path / 'wds'}",
             "data.image_size=16", "data.val_fraction=0.2", "teachers.optim.epochs=1",
             "teachers.models=[{name: a, arch: cnn4, seed: 1}]", "cache.views=2"]
     cfg = load_config(None, base)

@@ -10,7 +10,7 @@ from raykd.pipeline.config import DataSection
 from raykd.pipeline.data import load_splits
 from raykd.pipeline.errors import DataError
 
-from conftest import make_shards
+from conftest import make_parquet_shards, make_shards
 
 
 def test_digits_splits_are_seeded_and_disjoint(digits):
@@ -204,6 +204,67 @@ def test_webdataset_shards_on_s3(digit_folder, tmp_path, s3_endpoint):
     np.testing.assert_array_equal(local.train.images[np.arange(20)], remote.train.images[np.arange(20)])
     with pytest.raises(DataError, match="webdataset: no train/\\*.tar under data.root=s3://shards/nothing"):
         load_splits(DataSection(name="webdataset", root="s3://shards/nothing", image_size=24))
+
+
+@pytest.mark.parametrize("hf", [False, True], ids=["folders", "hugging-face-layout"])
+def test_parquet_shards_are_the_image_folder_streamed(digit_folder, tmp_path, hf):
+    from raykd.pipeline.data import FileImages
+    from raykd.pipeline.shards import _row_group
+
+    make_parquet_shards(digit_folder, tmp_path / "pq", hf=hf)
+    folder = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=24))
+    shards = load_splits(DataSection(name="parquet", root=str(tmp_path / "pq"), image_size=24))
+    assert isinstance(shards.train.images, FileImages)  # streamed: decoded when read
+    assert shards.train.images.paths[0].startswith("pq:0:0:image.bytes::")
+    _row_group.cache_clear()
+    shards.train.images[np.arange(len(shards.train))]  # in order: each row group read once
+    groups = {(p.split("::")[1], p.split(":")[1]) for p in shards.train.images.paths}
+    assert _row_group.cache_info().misses == len(groups) > 1
+    for a, b in ((folder.train, shards.train), (folder.val, shards.val), (folder.test, shards.test)):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.images[np.arange(len(a))], b.images[np.arange(len(b))])
+    assert (shards.num_classes, shards.policy) == (folder.num_classes, folder.policy)
+    assert shards.fingerprint != folder.fingerprint
+
+
+def test_parquet_shards_on_s3(digit_folder, tmp_path, s3_endpoint):
+    import boto3
+
+    train, test = make_parquet_shards(digit_folder, tmp_path / "pq")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="pqshards")
+    for p in train + test:
+        s3.upload_file(p, "pqshards", f"pq/{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}")
+    local = load_splits(DataSection(name="parquet", root=str(tmp_path / "pq"), image_size=24))
+    remote = load_splits(DataSection(name="parquet", root="s3://pqshards/pq", image_size=24))
+    assert remote.train.images.paths[0].endswith("::s3://pqshards/pq/train/00000.parquet")
+    np.testing.assert_array_equal(local.train.labels, remote.train.labels)
+    np.testing.assert_array_equal(local.test.labels, remote.test.labels)
+    np.testing.assert_array_equal(local.train.images[np.arange(len(local.train))],
+                                  remote.train.images[np.arange(len(remote.train))])
+    with pytest.raises(DataError, match=r"parquet: no train/\*.parquet .* under data.root=s3://pqshards/nothing"):
+        load_splits(DataSection(name="parquet", root="s3://pqshards/nothing", image_size=24))
+
+
+def test_a_parquet_file_without_images_or_classes_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(tmp_path / "bad" / "train")
+    bad = tmp_path / "bad" / "train" / "a.parquet"
+    pq.write_table(pa.table({"pixels": [b"abc"], "label": [1]}), bad)
+    with pytest.raises(DataError, match=r"a.parquet: no image column \(looked for image, .*; it has pixels, label\)"):
+        load_splits(DataSection(name="parquet", root=str(tmp_path / "bad")))
+    pq.write_table(pa.table({"image": ["not bytes"], "label": [1]}), bad)
+    with pytest.raises(DataError, match=r"a.parquet: column 'image' is string, not image bytes"):
+        load_splits(DataSection(name="parquet", root=str(tmp_path / "bad")))
+    pq.write_table(pa.table({"image": [b"abc"], "label": ["cat"]}), bad)
+    with pytest.raises(DataError, match=r"a.parquet: class column 'label' is string, not integers"):
+        load_splits(DataSection(name="parquet", root=str(tmp_path / "bad")))
+    bad.write_bytes(b"PAR1 but not really")
+    with pytest.raises(DataError, match=r"parquet: .*a.parquet is not readable Parquet"):
+        load_splits(DataSection(name="parquet", root=str(tmp_path / "bad")))
 
 
 def test_a_shard_sample_without_its_class_is_named(tmp_path):
