@@ -52,7 +52,7 @@ VARIANTS = {
     "professor_refined": ({"method.name": "kd", "method.targets": "refined"}, LOGITS),
     "dkd": ({"method.name": "dkd"}, LOGITS),
     "aekt": ({"method.name": "aekt"}, LOGITS),
-    "aekt_no_norm": ({"method.name": "aekt", "method.aekt.normalize": False}, LOGITS),
+    "aekt_norm": ({"method.name": "aekt", "method.aekt.normalize": True}, LOGITS),
     "skd": ({"method.name": "skd"}, LOGITS),
     # SKD's reduction when its per-sample temperature sits at the floor tau / r (r = 2): KD with the teacher at 2
     "skd_fixed": ({"method.name": "kd", "method.kd.teacher_temperature": 2.0}, LOGITS),

@@ -35,7 +35,7 @@ PROFILES = {
         # one cache (K = 4, with the feature maps) for every row, so CE and KD are FEED's and IMF's baselines
         "accuracy": ["--seeds", "0", "1", "2", "3", "4", "--teachers-on-all-data", "--one-cache", "--methods", "ce",
                      "kd_best", "kd", "kd_weighted", "kd_ca_mkd", "kd_entropy", "kd_ae_kd", "kd_wce1", "label_mix",
-                     "professor_kd", "professor_refined", "dkd", "aekt", "aekt_no_norm", "skd", "skd_fixed", "pfeed",
+                     "professor_kd", "professor_refined", "dkd", "aekt", "aekt_norm", "skd", "skd_fixed", "pfeed",
                      "imf", "imf_kd"],
     },
     # configs/bench.yaml (`make bench-fm10`): the 10-class regime, teachers on all 57,000 training images,
