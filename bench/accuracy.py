@@ -236,6 +236,7 @@ def main() -> None:
         earlier.setdefault("reruns", []).append({"command": cmd, "date": res["date"], "methods": list(rows),
                                                  "time_s": res["time_s"]})
         res = earlier
+    res = json.loads(json.dumps(res))  # seeds as the file keeps them (strings), for this run's rows and an earlier one's alike
     _pair_all(res["methods"])
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
@@ -243,7 +244,7 @@ def main() -> None:
     print(f"\n| method | test acc (mean ± 95 % CI, {len(args.seeds)} seeds) | vs CE | vs KD |")
     print("|---|---|---|---|")
     d = lambda x: "—" if not x else f"{100 * x['mean']:+.2f} ± {100 * x['ci95']:.2f}"  # noqa: E731
-    for m, r in rows.items():
+    for m, r in ((m, res["methods"][m]) for m in rows):
         if "test_acc_mean" not in r:
             print(f"| {m} | failed in every seed | — | — |")
             continue
