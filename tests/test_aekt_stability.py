@@ -8,11 +8,10 @@ import math
 import os
 
 import pytest
-
-from raykd.pipeline.config import load_config
-from raykd.pipeline.distill import run_distill, student_dir
-from raykd.pipeline.errors import StageFailed
-from raykd.pipeline.teachers import run_teachers
+from raykd.pipeline.core.config import load_config
+from raykd.pipeline.core.errors import StageFailed
+from raykd.pipeline.stages.distill import run_distill, student_dir
+from raykd.pipeline.stages.teachers import run_teachers
 
 
 def test_aekt_at_lr_0_2_stays_finite_with_its_own_lr_factor(tmp_path):

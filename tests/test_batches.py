@@ -6,12 +6,17 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from raykd.pipeline.batches import (MemoryEpochs, RowFormat, StreamEpochs, cache_view_loader, in_memory_choice, row_bytes,
-                              worker_share)
-from raykd.pipeline.harness import EpochSums
-
 from conftest import digits_cfg
+from raykd.pipeline.data.batches import (
+    MemoryEpochs,
+    RowFormat,
+    StreamEpochs,
+    cache_view_loader,
+    in_memory_choice,
+    row_bytes,
+    worker_share,
+)
+from raykd.pipeline.harness.loop import EpochSums
 
 
 def test_worker_shares_partition_the_rows():
@@ -76,7 +81,6 @@ def _rows(batches):
 
 def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
     import ray
-
     from raykd.pipeline.cache import Cache
 
     cfg, m = built
@@ -99,7 +103,7 @@ def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
 
 def test_in_memory_and_streamed_students_agree(built):
     """Same views, one full-split batch per step (order cannot matter): the same losses either way."""
-    from raykd.pipeline.distill import run_distill, student_dir
+    from raykd.pipeline.stages.distill import run_distill, student_dir
 
     cfg0, _ = built
     common = ["method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=2", "distill.optim.batch_size=2048",
@@ -118,10 +122,10 @@ def test_in_memory_and_streamed_students_agree(built):
 def test_the_render_pool_gives_the_same_pixels_whatever_its_size(digit_folder, policy):
     """Views replayed from JPEGs (a streamed image folder) in a pool of 1 or 3 threads: every batch of
     every epoch identical, in the same order."""
-    from raykd.pipeline.config import DataSection
-    from raykd.pipeline.data import FileImages, load_splits
-    from raykd.pipeline.views import ViewPolicy
-    from raykd.pipeline.batches import view_epochs
+    from raykd.pipeline.core.config import DataSection
+    from raykd.pipeline.data.batches import view_epochs
+    from raykd.pipeline.data.datasets import FileImages, load_splits
+    from raykd.pipeline.data.views import ViewPolicy
 
     splits = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=24))
     assert isinstance(splits.train.images, FileImages)
@@ -139,7 +143,7 @@ def test_the_render_pool_gives_the_same_pixels_whatever_its_size(digit_folder, p
 
 
 def test_device_views_decision_and_the_same_batches_either_way():
-    from raykd.pipeline.batches import device_views_choice
+    from raykd.pipeline.data.batches import device_views_choice
 
     gib = 2**30
     assert device_views_choice("auto", 3 * gib, "cuda", free=8 * gib)  # fits half the free memory

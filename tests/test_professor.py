@@ -6,12 +6,10 @@ import os
 import shutil
 
 import pytest
-
-from raykd.pipeline.cache import Cache, CacheError, inspect_cache
-from raykd.pipeline.distill import run_distill, student_dir
-from raykd.pipeline.professor import run_professor
-
 from conftest import digits_cfg
+from raykd.pipeline.cache import Cache, CacheError, inspect_cache
+from raykd.pipeline.stages.distill import run_distill, student_dir
+from raykd.pipeline.stages.professor import run_professor
 
 pytestmark = pytest.mark.timeout(400)
 

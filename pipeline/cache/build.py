@@ -22,21 +22,42 @@ import time
 
 import numpy as np
 import torch
-
 from raykd.pipeline.cache import columns as C
 from raykd.pipeline.cache.codecs import mean_probs, quantize_int8, topk_encode
-from raykd.pipeline.plugins import job_imports
-from raykd.pipeline.cache.storage import (BUILD, LOCK, MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, BuildLock, CacheError,
-                                        describe_files, files_present, marker, open_fs, read_json, storage_errors,
-                                        storage_message, view_dir, write_json)
 from raykd.pipeline.cache.reader import Cache
-from raykd.pipeline.checkpoints import read_verified
-from raykd.pipeline.config import Config
-from raykd.pipeline.errors import ConfigError, RaykdError
-from raykd.pipeline.records import BuildStarted, Manifest, ViewCommit, check, out_root
-from raykd.pipeline.progress import ProgressPrinter, emit
-from raykd.pipeline.log import log
-from raykd.pipeline.views import ViewPolicy, make_views
+from raykd.pipeline.cache.storage import (
+    BUILD,
+    LOCK,
+    MANIFEST,
+    REFINED,
+    SCHEMA_VERSION,
+    VIEWS,
+    BuildLock,
+    CacheError,
+    describe_files,
+    files_present,
+    marker,
+    open_fs,
+    read_json,
+    storage_errors,
+    storage_message,
+    view_dir,
+    write_json,
+)
+from raykd.pipeline.core.config import Config
+from raykd.pipeline.core.errors import ConfigError, RaykdError
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.progress import ProgressPrinter, emit
+from raykd.pipeline.core.records import (
+    BuildStarted,
+    Manifest,
+    ViewCommit,
+    check,
+    out_root,
+)
+from raykd.pipeline.data.views import ViewPolicy, make_views
+from raykd.pipeline.models.checkpoints import read_verified
+from raykd.pipeline.models.plugins import job_imports
 
 RENDER_ROWS = 4096  # rows of one render batch, at most: batch_size samples x the views of a pass
 ROW_GROUP = 2048  # rows of a Parquet row group the local engine writes (a view of 8,000 rows: 4 groups, the first 3 while computing)
@@ -56,8 +77,7 @@ def split_to_ray(split, rows_per_block: int = 4096):
     import pyarrow as pa
     import ray
     from ray.data.extensions import ArrowTensorArray
-
-    from raykd.pipeline.data import FileImages
+    from raykd.pipeline.data.datasets import FileImages
 
     if isinstance(split.images, FileImages):
         tables = [pa.table({"sample_id": pa.array(split.ids[s:s + rows_per_block]),
@@ -79,7 +99,7 @@ def split_to_ray(split, rows_per_block: int = 4096):
 
 def decode_files(batch: dict, size: int) -> dict:
     """Paths -> images (a streamed folder's rows, decoded in a Ray Data task)."""
-    from raykd.pipeline.data import FileImages
+    from raykd.pipeline.data.datasets import FileImages
 
     return {"sample_id": batch["sample_id"], "label": batch["label"],
             "image": FileImages(batch["path"], size)[np.arange(len(batch["path"]))]}
@@ -109,9 +129,9 @@ class TeacherForward:
     def __init__(self, name: str, arch: str, ckpt_path: str, weights: bytes, num_classes: int, in_chans: int,
                  mean, std, layers: list[str], feat_dtype: str, device: str, threads: int | None, progress=None,
                  imports=(), preprocess: dict | None = None):
-        from raykd.pipeline import plugins
-        from raykd.pipeline.checkpoints import load_into, state_from_bytes
-        from raykd.pipeline.models import build_model, record_preprocess
+        from raykd.pipeline.models import plugins
+        from raykd.pipeline.models.checkpoints import load_into, state_from_bytes
+        from raykd.pipeline.models.zoo import build_model, record_preprocess
     
         plugins.load(imports)
         if threads:  # else Ray's default: as many as the actor's CPUs
@@ -125,7 +145,7 @@ class TeacherForward:
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
-        from raykd.pipeline.data import as_tensor, normalize
+        from raykd.pipeline.data.datasets import as_tensor, normalize
 
         x = normalize(as_tensor(batch[C.PIXELS]).to(self.device), self.mean, self.std)
         logits, stages = self.model.forward_stages(x)
@@ -167,7 +187,7 @@ def encode_targets(batch: dict, teachers: list[str], keep_logits: bool, k: int |
 
 
 def _teacher_entries(cfg: Config, out_dir: str, splits) -> list[dict]:
-    from raykd.pipeline.teachers import load_teacher, teacher_dir
+    from raykd.pipeline.stages.teachers import load_teacher, teacher_dir
 
     names = cfg.cache.teachers or [t.name for t in cfg.teachers.models]
     entries = []
@@ -216,7 +236,7 @@ def build_cache(cfg: Config, overwrite: bool = False, repair: bool = False, on_f
     """Build (or finish, or reuse) the cache for `cfg`; returns its manifest. `repair`: check every part
     file of a finished cache of this config against its sha256 and rebuild the views with a damaged one.
     `on_first_view()` is called once students can open it: its first view committed (`Cache(wait=True)`)."""
-    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.data.datasets import load_splits
 
     splits = load_splits(cfg.data)
     out = out_root(cfg)
@@ -364,8 +384,8 @@ def _repair(cfg, splits, teachers, fp, uri, fs, root, manifest) -> dict:
 def engine(cfg: Config, splits) -> str:
     """`cache.engine` resolved: `auto` is `local` unless the split is a streamed folder, a teacher asks for
     more than one actor, or raykd runs on a cluster (ray.address / RAY_ADDRESS)."""
-    from raykd.pipeline.data import FileImages
-    from raykd.pipeline.raysetup import is_local
+    from raykd.pipeline.data.datasets import FileImages
+    from raykd.pipeline.harness.raysetup import is_local
 
     c = cfg.cache
     if c.engine != "auto":
@@ -377,13 +397,13 @@ def engine(cfg: Config, splits) -> str:
 
 
 def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock, on_first_view=None) -> dict:
-    from raykd.pipeline.raysetup import resolve_device
+    from raykd.pipeline.harness.raysetup import resolve_device
 
     c = cfg.cache
     targets = _targets(cfg, splits.num_classes)
     how = engine(cfg, splits)
     if how == "ray":  # first: ray.data reads raykd's logging settings when imported, and `auto` asks the cluster for GPUs
-        from raykd.pipeline.raysetup import init_ray
+        from raykd.pipeline.harness.raysetup import init_ray
 
         init_ray(cfg)
     device = resolve_device(cfg.run.device)
@@ -432,7 +452,7 @@ def _build_views(cfg, splits, teachers, fp, uri, fs, root, lock: BuildLock, on_f
             write_json(fs, marker(root, k), views_meta[k])
         commit_so_far()
         log.info(f"[cache] views {ranges(group)}: committed in {time.time() - t0:.1f}s")
-    from raykd.pipeline.config import dump_config
+    from raykd.pipeline.core.config import dump_config
 
     with fs.open(posixpath.join(root, "config.resolved.yaml"), "wb") as f:  # the config that built it
         f.write(dump_config(cfg).encode())
@@ -575,11 +595,13 @@ def _local_pass(cfg, splits, teachers, targets, device, fs, root):
 
 def _ray_pass(cfg, splits, teachers, targets, device, fs, root):
     """A pass as one Ray Data pipeline: render, one actor pool per teacher, the targets, write_parquet."""
-    from raykd.pipeline.raysetup import check_fits, local_thread_share
+    from raykd.pipeline.harness.raysetup import check_fits, local_thread_share
 
     c = cfg.cache
     import ray  # started by _build_views
-    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat  # the enum's only home in 2.60
+    from ray.data._internal.tensor_extensions.arrow import (
+        FixedShapeTensorFormat,  # the enum's only home in 2.60
+    )
 
     ctx = ray.data.DataContext.get_current()
     ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE  # pyarrow-native tensors

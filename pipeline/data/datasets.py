@@ -18,12 +18,16 @@ import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from raykd.pipeline.errors import DataError, RaykdError
-from raykd.pipeline.log import log
-from raykd.pipeline.records import DataStats, atomic_path, load_record, write_record
-from raykd.pipeline.registry import Registry
-from raykd.pipeline.views import ViewPolicy
+from raykd.pipeline.core.errors import DataError, RaykdError
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.records import (
+    DataStats,
+    atomic_path,
+    load_record,
+    write_record,
+)
+from raykd.pipeline.core.registry import Registry
+from raykd.pipeline.data.views import ViewPolicy
 
 DATASETS: Registry = Registry("dataset")
 
@@ -79,7 +83,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
     if path.startswith("pq:"):  # a row of a Parquet shard's image column (pq:<group>:<row>:<column>::<URL>)
         import io
 
-        from raykd.pipeline.shards import parquet_image
+        from raykd.pipeline.data.shards import parquet_image
 
         img = Image.open(io.BytesIO(parquet_image(path))).convert("RGB")
         return np.asarray(_fit(size)(img), dtype=np.uint8)
@@ -442,4 +446,4 @@ def normalize(images_u8, mean, std):
     return (x - m) / s
 
 
-from raykd.pipeline import shards  # noqa: E402,F401 - registers the shard sources (webdataset, parquet)
+from raykd.pipeline.data import shards  # noqa: E402,F401 - registers the shard sources (webdataset, parquet)

@@ -25,10 +25,9 @@ import traceback
 from typing import Any, Callable, Iterable
 
 import torch
-
-from raykd.pipeline import plugins
-from raykd.pipeline.errors import CheckpointError, RaykdError, StageFailed
-from raykd.pipeline.records import LatestCheckpoint, check
+from raykd.pipeline.core.errors import CheckpointError, RaykdError, StageFailed
+from raykd.pipeline.core.records import LatestCheckpoint, check
+from raykd.pipeline.models import plugins
 
 STATE_FILE = "train_state.pt"
 LATEST = "latest.json"
@@ -374,7 +373,7 @@ def set_threads(job: Job, ctx: Context) -> int:
 def train_loop(job: Job, ctx: Context | None = None) -> JobResult:
     """The skeleton: restore -> for each epoch: load its data, train, sum the terms on the device, evaluate,
     report + checkpoint. Returns the last checkpointed state, the metrics of every epoch and a profile."""
-    from raykd.pipeline.progress import emit
+    from raykd.pipeline.core.progress import emit
 
     prof = {"started": time.time(), "build_s": 0.0, "load_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "report_s": 0.0}
     t = time.perf_counter()
@@ -396,7 +395,7 @@ def train_loop(job: Job, ctx: Context | None = None) -> JobResult:
     task.prepare(ctx)
     prof["build_s"] = time.perf_counter() - t
     last = state
-    from raykd.pipeline.tracking import Tracker
+    from raykd.pipeline.harness.tracking import Tracker
 
     tracker = Tracker(job.tracking if ctx.rank == 0 else None)
     try:
@@ -412,7 +411,7 @@ def train_loop(job: Job, ctx: Context | None = None) -> JobResult:
 
 
 def _epochs(job, ctx, task, start, history, resumed, last, prof, tracker):
-    from raykd.pipeline.progress import emit
+    from raykd.pipeline.core.progress import emit
 
     for epoch in range(start, job.epochs):
         t_load = time.perf_counter()
@@ -470,8 +469,7 @@ def run_train(job: Job, tune: bool = False) -> JobResult:
     """A multi-worker job on Ray Train: the one place a TorchTrainer is built."""
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from raykd.pipeline.raysetup import TRAIN_LOG_LEVEL, scaling
+    from raykd.pipeline.harness.raysetup import TRAIN_LOG_LEVEL, scaling
 
     callbacks = None
     if tune:
@@ -583,8 +581,7 @@ class JobRunner:
 
     def _start(self, job: Job, on_done, attempt: int) -> None:
         import ray
-
-        from raykd.pipeline.raysetup import check_fits
+        from raykd.pipeline.harness.raysetup import check_fits
 
         check_fits({"CPU": job.workers.cpus_per_worker, "GPU": job.workers.gpus_per_worker if job.device == "cuda" else 0},
                    f"{WORKERS_KEY.get(job.kind, job.kind)}.cpus_per_worker/gpus_per_worker")
@@ -614,7 +611,7 @@ class JobRunner:
                 if attempt >= job.workers.max_failures:
                     return JobFailed.of(job, e, attempt + 1)
                 attempt += 1
-                from raykd.pipeline.progress import emit
+                from raykd.pipeline.core.progress import emit
 
                 emit(job.progress, f"[{job.kind} {job.name}] failed ({describe(e)}); restarting from its "
                      f"newest checkpoint (attempt {attempt + 1} of {job.workers.max_failures + 1})")
@@ -645,7 +642,7 @@ class JobRunner:
                     out = cause
                 elif job.workers.num_workers == 1 and attempt < job.workers.max_failures and transient(e):
                     # a failed or killed one-worker job starts again from its newest checkpoint
-                    from raykd.pipeline.progress import emit
+                    from raykd.pipeline.core.progress import emit
 
                     emit(job.progress, f"[{job.kind} {job.name}] failed ({describe(e)}); restarting from its "
                          f"newest checkpoint (attempt {attempt + 2} of {job.workers.max_failures + 1})")
@@ -675,7 +672,7 @@ def failure_message(f: JobFailed) -> str:
     if not f.retryable:
         return (f"{what} of {f.job.name} failed: {f.reason}. Not retried: an error in code comes back on every "
                 "attempt; once it is fixed, the same command resumes from the checkpoints kept")
-    from raykd.pipeline.raysetup import logs_hint
+    from raykd.pipeline.harness.raysetup import logs_hint
 
     tries = f" after {f.attempts} attempts" if f.attempts > 1 else ""
     return (f"{what} of {f.job.name} failed{tries} ({f.reason}); its checkpoints are kept: rerun the same command "

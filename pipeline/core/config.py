@@ -11,16 +11,27 @@ import reprlib
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_serializer, model_validator
-
-from raykd.pipeline import yamlio
-from raykd.pipeline.errors import ConfigError
-
-from raykd.pipeline.schema import NAME_RE, OutputName, Section, Seed, check_endpoint  # noqa: F401  (Section: the base of every section, methods' too)
+from pydantic import (
+    AfterValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from raykd.pipeline.core import yamlio
+from raykd.pipeline.core.errors import ConfigError
+from raykd.pipeline.core.schema import (  # noqa: F401  (Section: the base of every section, methods' too)
+    NAME_RE,
+    OutputName,
+    Section,
+    Seed,
+    check_endpoint,
+)
 
 
 def _known_arch(v: str) -> str:
-    from raykd.pipeline.models import check_arch
+    from raykd.pipeline.models.zoo import check_arch
 
     check_arch(v)
     return v
@@ -56,7 +67,7 @@ class RunSection(Section):
     @field_validator("imports")
     @classmethod
     def _import(cls, v: list[str]) -> list[str]:
-        from raykd.pipeline.plugins import import_modules
+        from raykd.pipeline.models.plugins import import_modules
 
         import_modules(v)  # before the other sections are validated: they may name what these register
         return v
@@ -112,7 +123,7 @@ class DataSection(Section):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        from raykd.pipeline.data import DATASETS
+        from raykd.pipeline.data.datasets import DATASETS
 
         DATASETS.check(v)
         return v
@@ -375,7 +386,6 @@ class MethodBase(Section):
 def _method_section() -> type[MethodBase]:
     """MethodBase plus one field per registered method that declares options: `method.<name>`."""
     from pydantic import create_model
-
     from raykd.methods import METHODS
 
     fields = {name: (cls.Options, Field(default_factory=cls.Options, description=(cls.Options.__doc__ or "").strip()))

@@ -22,10 +22,10 @@ import math
 import os
 import time
 
-from raykd.pipeline.config import DISTRIBUTIONS, Config, dump_config, variant
-from raykd.pipeline.errors import ConfigError, StageFailed
-from raykd.pipeline.log import log
-from raykd.pipeline.records import inside, out_root, output_lock
+from raykd.pipeline.core.config import DISTRIBUTIONS, Config, dump_config, variant
+from raykd.pipeline.core.errors import ConfigError, StageFailed
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.records import inside, out_root, output_lock
 
 
 def check_space(cfg: Config) -> None:
@@ -84,8 +84,7 @@ def _tune_space(cfg: Config) -> dict:
 def _trial(params: dict, base: dict, name: str, progress, concurrent: int, cwd: str) -> None:
     """One Tune trial: the base config with this trial's values, distilled exactly as `raykd distill` does."""
     from ray import tune
-
-    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.stages.distill import run_distill
 
     os.chdir(cwd)  # Tune starts trials in their own working folder: relative paths are the user's
     changes = {k.replace("__", "."): v for k, v in params.items()}
@@ -112,9 +111,13 @@ def run_sweep(cfg: Config) -> dict:
 def _run_sweep(cfg: Config, name: str, root: str, out: str) -> dict:
     import ray
     from ray import tune
-
-    from raykd.pipeline.progress import ProgressPrinter
-    from raykd.pipeline.raysetup import check_fits, concurrent_jobs, init_ray, resolve_device
+    from raykd.pipeline.core.progress import ProgressPrinter
+    from raykd.pipeline.harness.raysetup import (
+        check_fits,
+        concurrent_jobs,
+        init_ray,
+        resolve_device,
+    )
 
     sw = cfg.sweep
     init_ray(cfg)
@@ -150,8 +153,8 @@ def _run_sweep(cfg: Config, name: str, root: str, out: str) -> dict:
 
             if sw.search == "optuna":
                 try:
-                    from ray.tune.search.optuna import OptunaSearch
                     import optuna
+                    from ray.tune.search.optuna import OptunaSearch
                 except ImportError:
                     raise ConfigError("sweep.search=optuna needs optuna: pip install 'raykd[optuna]'") from None
                 # Optuna's TPE, seeded; the limiter keeps it from proposing more trials than run at once
@@ -191,7 +194,7 @@ def _summarise(cfg: Config, name: str, out: str, grid, seconds: float) -> dict:
                      **{k: m.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")},
                      "teachers_loaded": m.get("teachers_loaded"), "error": type(r.error).__name__ if r.error else ""})
     if all(r[sw.metric] is None for r in rows):
-        from raykd.pipeline.raysetup import logs_hint
+        from raykd.pipeline.harness.raysetup import logs_hint
 
         errors = sorted({r["error"] for r in rows if r["error"]})
         raise StageFailed(f"sweep {name}: no trial reported a result (errors: {', '.join(errors) or 'none'}; each "

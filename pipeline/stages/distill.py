@@ -4,7 +4,7 @@ Cached mode: epoch e reads view partition e mod K of the cache, so the student s
 the teachers saw; each worker holds its share of the views in memory (read once) or streams them
 through Ray Data (`distill.in_memory`). Online mode runs the same loop on the same views, rendered from
 the source images, with the teachers inside each worker: the speed baseline and the check that the
-cache changes nothing. The job runs on the shared harness (raykd.pipeline.harness): one worker in one Ray
+cache changes nothing. The job runs on the shared harness (raykd.pipeline.harness.loop): one worker in one Ray
 task (or in the Tune trial itself), several on Ray Train.
 
 Output under <out_dir>/students/<name>/: student.safetensors and student.pt (state dict), method.safetensors
@@ -28,22 +28,49 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-
 from raykd.methods import METHODS, MethodContext, Targets, build_method
 from raykd.pipeline.cache import columns as C
-from raykd.pipeline.checkpoints import read_verified, save_state_dict, sha256_file
-from raykd.pipeline.config import Config, MethodSection, OptimSection, variant, write_resolved
-from raykd.pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
-from raykd.pipeline.harness import Job, JobFailed, JobRunner, Task, failure_message
-from raykd.pipeline.models import build_model, record_preprocess
-from raykd.pipeline.plugins import job_imports
-from raykd.pipeline.raysetup import check_fits
-from raykd.pipeline.records import StudentRecord, atomic_path, inside, load_record, out_root, output_lock, write_record
-from raykd.pipeline.schema import check_output_name
-from raykd.pipeline.tracking import tracking_spec
-from raykd.pipeline.progress import ProgressPrinter
-from raykd.pipeline.training import Evaluator, Precision, make_optimizer, optimizer_step
-from raykd.pipeline.log import log
+from raykd.pipeline.core.config import (
+    Config,
+    MethodSection,
+    OptimSection,
+    variant,
+    write_resolved,
+)
+from raykd.pipeline.core.errors import (
+    CheckpointError,
+    ConfigError,
+    RaykdError,
+    StageFailed,
+)
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.progress import ProgressPrinter
+from raykd.pipeline.core.records import (
+    StudentRecord,
+    atomic_path,
+    inside,
+    load_record,
+    out_root,
+    output_lock,
+    write_record,
+)
+from raykd.pipeline.core.schema import check_output_name
+from raykd.pipeline.harness.loop import Job, JobFailed, JobRunner, Task, failure_message
+from raykd.pipeline.harness.raysetup import check_fits
+from raykd.pipeline.harness.tracking import tracking_spec
+from raykd.pipeline.harness.training import (
+    Evaluator,
+    Precision,
+    make_optimizer,
+    optimizer_step,
+)
+from raykd.pipeline.models.checkpoints import (
+    read_verified,
+    save_state_dict,
+    sha256_file,
+)
+from raykd.pipeline.models.plugins import job_imports
+from raykd.pipeline.models.zoo import build_model, record_preprocess
 
 RECORD = "student.json"
 
@@ -106,7 +133,7 @@ class StudentJob(Job):
     mean: tuple
     std: tuple
     n_train: int
-    val: Any  # object refs of the splits (raykd.pipeline.data.Split)
+    val: Any  # object refs of the splits (raykd.pipeline.data.datasets.Split)
     test: Any
     train: Any = None  # only to render views: online, or a cache without pixels
     cache_fs: Any = None  # cached mode: the cache's filesystem, files per view, columns read
@@ -135,7 +162,7 @@ class StudentJob(Job):
 
 
 def _load_online(entries, num_classes, in_chans, device) -> dict[str, nn.Module]:
-    from raykd.pipeline.checkpoints import load_into, state_from_bytes
+    from raykd.pipeline.models.checkpoints import load_into, state_from_bytes
 
     models = {}
     for t in entries:
@@ -147,7 +174,7 @@ def _load_online(entries, num_classes, in_chans, device) -> dict[str, nn.Module]
 
 def _load_professor(p: dict, num_classes: int, device):
     from raykd.methods.professor import Professor
-    from raykd.pipeline.checkpoints import load_into, state_from_bytes
+    from raykd.pipeline.models.checkpoints import load_into, state_from_bytes
 
     prof = Professor(num_classes, p["latent_dim"], p["hidden"], p["temperature"], p["ensemble"])
     load_into(prof, state_from_bytes(p["weights"], p["path"]), p["path"], "professor")
@@ -156,9 +183,17 @@ def _load_professor(p: dict, num_classes: int, device):
 
 class StudentTask(Task):
     def __init__(self, job: StudentJob, ctx):
-        from raykd.pipeline.batches import (MemoryEpochs, Refined, RowFormat, StreamEpochs, cache_view_loader, check_view,
-                                      view_epochs, worker_share)
-        from raykd.pipeline.batches import resolve
+        from raykd.pipeline.data.batches import (
+            MemoryEpochs,
+            Refined,
+            RowFormat,
+            StreamEpochs,
+            cache_view_loader,
+            check_view,
+            resolve,
+            view_epochs,
+            worker_share,
+        )
 
         self.job, self.device = job, ctx.device
         self.student = build_model(job.arch, job.num_classes, job.in_chans)
@@ -216,7 +251,7 @@ class StudentTask(Task):
         return self.data(epoch)
 
     def step(self, batch, epoch):
-        from raykd.pipeline.batches import to_device
+        from raykd.pipeline.data.batches import to_device
 
         b = to_device(batch, self.device)
         x, y = b["x"], b["y"]
@@ -267,7 +302,7 @@ class StudentTask(Task):
 
 
 def _policy(d: dict):
-    from raykd.pipeline.views import ViewPolicy
+    from raykd.pipeline.data.views import ViewPolicy
 
     return ViewPolicy(**d)
 
@@ -279,7 +314,7 @@ def _policy(d: dict):
 def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
     """(teacher names, their val accuracy, K, upstream fingerprint, cache or None, in-worker teacher entries)."""
     from raykd.pipeline.cache import Cache, cache_uri
-    from raykd.pipeline.teachers import read_record, teacher_dir
+    from raykd.pipeline.stages.teachers import read_record, teacher_dir
 
     out = os.path.abspath(cfg.run.out_dir)
     from_student = method_cls.student_teacher(cfg)
@@ -341,7 +376,7 @@ def _student_as_teacher(cfg: Config, name: str, splits, online: bool, out: str):
 
 def _professor_entry(cfg: Config) -> dict:
     """The trained professor (for online mode with refined targets), verified against its sha256."""
-    from raykd.pipeline.professor import read_record
+    from raykd.pipeline.stages.professor import read_record
 
     out = os.path.join(os.path.abspath(cfg.run.out_dir), "professor")
     rec = read_record(out)
@@ -426,8 +461,8 @@ def plan_student(cfg: Config, splits) -> Plan | dict:
 
 def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurrent: int = 1) -> StudentJob:
     """The plan as a job: the splits as object refs, the cache's files and columns, in memory or streamed."""
-    from raykd.pipeline.batches import in_memory_choice, memory_budget, row_bytes
-    from raykd.pipeline.raysetup import train_storage
+    from raykd.pipeline.data.batches import in_memory_choice, memory_budget, row_bytes
+    from raykd.pipeline.harness.raysetup import train_storage
 
     cfg, d = p.cfg, p.cfg.distill
     cache_kw: dict = {}
@@ -558,7 +593,7 @@ def _say(queue, line: str) -> None:
     if queue is None:
         log.info(line)
     else:
-        from raykd.pipeline.progress import emit
+        from raykd.pipeline.core.progress import emit
 
         emit(queue, line)
 
@@ -585,13 +620,13 @@ class _Students:
     @property
     def queue(self):
         if self._queue is None:
-            from raykd.pipeline.progress import Console
+            from raykd.pipeline.core.progress import Console
 
             self._queue = Console() if self.inline else self.stack.enter_context(ProgressPrinter()).queue
         return self._queue
 
     def _splits(self, cfg: Config):
-        from raykd.pipeline.data import load_splits
+        from raykd.pipeline.data.datasets import load_splits
 
         key = cfg.data.model_dump_json()
         if key not in self.splits:
@@ -611,7 +646,7 @@ class _Students:
 
     def start(self, i: int, chain: list[Config], done: list[dict]) -> None:
         """Plan the next student of config i's chain and submit its job (or take its finished record)."""
-        from raykd.pipeline.raysetup import init_ray, resolve_device
+        from raykd.pipeline.harness.raysetup import init_ray, resolve_device
 
         while True:
             cfg = chain[len(done)]
@@ -710,7 +745,12 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
     returns their records. A failed student does not stop the others; the failures are reported together
     at the end (exit 1). `tune`: this is a Ray Tune trial (`raykd sweep`): its jobs run in this process,
     reporting every epoch to Tune; `concurrent` trials share the node's cores."""
-    from raykd.pipeline.raysetup import concurrent_jobs, in_process, init_ray, local_thread_share
+    from raykd.pipeline.harness.raysetup import (
+        concurrent_jobs,
+        in_process,
+        init_ray,
+        local_thread_share,
+    )
 
     for out in {c.run.out_dir: c for c in cfgs}.values():
         out_root(out)  # usable, before anything starts

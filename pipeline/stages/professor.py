@@ -1,6 +1,6 @@
 """`raykd professor`: train the CAAE professor on the cached teacher targets, then add a `refined` column.
 
-Training is a job of the shared harness (raykd.pipeline.harness) reading only the cache's labels and teacher
+Training is a job of the shared harness (raykd.pipeline.harness.loop) reading only the cache's labels and teacher
 logits (no teacher runs), one view partition per epoch. The refined column is then written by a Ray Data actor pool over the cache
 into its own files, `refined/view=k/*.parquet` (sample_id, view_id, refined), keyed by
 (sample_id, view_id); the teachers' part files are never rewritten. The manifest, rewritten last,
@@ -23,19 +23,41 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from raykd.methods.professor import Professor, professor_losses, teacher_probs
+from raykd.pipeline.cache import (
+    MANIFEST,
+    REFINED,
+    Cache,
+    CacheError,
+    TargetReader,
+    cache_uri,
+    column_array,
+    describe_files,
+    load_refined,
+    view_dir,
+    write_json,
+)
 from raykd.pipeline.cache import columns as C
-from raykd.pipeline.cache import (MANIFEST, REFINED, Cache, CacheError, TargetReader, cache_uri, column_array,
-                            describe_files, load_refined, view_dir, write_json)
-from raykd.pipeline.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
-from raykd.pipeline.config import Config, write_resolved
-from raykd.pipeline.harness import Job, Task
-from raykd.pipeline.plugins import job_imports
-from raykd.pipeline.records import ProfessorRecord, load_record, out_root, output_lock, write_record
-from raykd.pipeline.tracking import tracking_spec
-from raykd.pipeline.progress import Console, ProgressPrinter
-from raykd.pipeline.log import log
+from raykd.pipeline.core.config import Config, write_resolved
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.progress import Console, ProgressPrinter
+from raykd.pipeline.core.records import (
+    ProfessorRecord,
+    load_record,
+    out_root,
+    output_lock,
+    write_record,
+)
+from raykd.pipeline.harness.loop import Job, Task
+from raykd.pipeline.harness.tracking import tracking_spec
+from raykd.pipeline.models.checkpoints import (
+    load_into,
+    read_verified,
+    save_state_dict,
+    sha256_file,
+    state_from_bytes,
+)
+from raykd.pipeline.models.plugins import job_imports
 
 RECORD = "professor.json"
 
@@ -93,8 +115,14 @@ class ProfessorTask(Task):
     optim_key = "professor.optim"
 
     def __init__(self, job: ProfessorJob, ctx):
-        from raykd.pipeline.batches import MemoryEpochs, StreamEpochs, check_view, read_view, worker_share
-        from raykd.pipeline.data import as_tensor
+        from raykd.pipeline.data.batches import (
+            MemoryEpochs,
+            StreamEpochs,
+            check_view,
+            read_view,
+            worker_share,
+        )
+        from raykd.pipeline.data.datasets import as_tensor
 
         lc = job.lc
         self.job, self.ctx, self.lc = job, ctx, lc
@@ -203,7 +231,12 @@ def run_professor(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
-    from raykd.pipeline.raysetup import check_fits, init_ray, local_thread_share, resolve_device
+    from raykd.pipeline.harness.raysetup import (
+        check_fits,
+        init_ray,
+        local_thread_share,
+        resolve_device,
+    )
 
     m = cache.manifest
     p = cfg.professor
@@ -275,9 +308,13 @@ def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
 
 
 def _train(cfg, cache, lc, fp, out, device) -> dict:
-    from raykd.pipeline.batches import in_memory_choice, row_bytes
-    from raykd.pipeline.harness import fit
-    from raykd.pipeline.raysetup import in_process, local_thread_share, train_storage
+    from raykd.pipeline.data.batches import in_memory_choice, row_bytes
+    from raykd.pipeline.harness.loop import fit
+    from raykd.pipeline.harness.raysetup import (
+        in_process,
+        local_thread_share,
+        train_storage,
+    )
 
     p, m = cfg.professor, cache.manifest
     w = p.workers

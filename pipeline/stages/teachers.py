@@ -1,4 +1,4 @@
-"""`raykd teachers`: train each teacher on the shared harness (raykd.pipeline.harness), or evaluate a given checkpoint.
+"""`raykd teachers`: train each teacher on the shared harness (raykd.pipeline.harness.loop), or evaluate a given checkpoint.
 
 Output per teacher under <out_dir>/teachers/<name>/: best.safetensors (by val accuracy),
 last.safetensors, metrics.jsonl and teacher.json (arch, sha256 of both files, val/test accuracy,
@@ -17,21 +17,44 @@ import time
 from typing import Any
 
 import torch
-
-from raykd.pipeline.checkpoints import (load_foreign, load_into, load_state_dict, resolve_checkpoint, save_state_dict,
-                                  sha256_file)
-from raykd.pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
-from raykd.pipeline.data import Splits, load_splits
-from raykd.pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
-from raykd.pipeline.models import Preprocess, build_model, record_preprocess
-from raykd.pipeline.plugins import job_imports
-from raykd.pipeline.sources import is_source_ref
-from raykd.pipeline.records import TeacherRecord, inside, load_record, out_root, output_lock, write_record
-from raykd.pipeline.tracking import tracking_spec
-from raykd.pipeline.progress import Console, ProgressPrinter
-from raykd.pipeline.harness import Job, Task
-from raykd.pipeline.training import Evaluator, Precision, evaluate, make_optimizer, optimizer_step
-from raykd.pipeline.log import log
+from raykd.pipeline.core.config import Config, OptimSection, TeacherSpec, write_resolved
+from raykd.pipeline.core.errors import (
+    CheckpointError,
+    ConfigError,
+    RaykdError,
+    StageFailed,
+)
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.progress import Console, ProgressPrinter
+from raykd.pipeline.core.records import (
+    TeacherRecord,
+    inside,
+    load_record,
+    out_root,
+    output_lock,
+    write_record,
+)
+from raykd.pipeline.data.datasets import Splits, load_splits
+from raykd.pipeline.harness.loop import Job, Task
+from raykd.pipeline.harness.tracking import tracking_spec
+from raykd.pipeline.harness.training import (
+    Evaluator,
+    Precision,
+    evaluate,
+    make_optimizer,
+    optimizer_step,
+)
+from raykd.pipeline.models.checkpoints import (
+    load_foreign,
+    load_into,
+    load_state_dict,
+    resolve_checkpoint,
+    save_state_dict,
+    sha256_file,
+)
+from raykd.pipeline.models.plugins import job_imports
+from raykd.pipeline.models.sources import is_source_ref
+from raykd.pipeline.models.zoo import Preprocess, build_model, record_preprocess
 
 RECORD = "teacher.json"
 
@@ -77,7 +100,7 @@ class TeacherJob(Job):
     mean: tuple
     std: tuple
     preprocess: dict | None  # the teacher's own input size and normalisation (TeacherSpec.preprocess)
-    train: Any  # object refs of the splits (raykd.pipeline.data.Split)
+    train: Any  # object refs of the splits (raykd.pipeline.data.datasets.Split)
     val: Any
     test: Any
 
@@ -91,8 +114,8 @@ class TeacherTask(Task):
     optim_key = "teachers.optim"
 
     def __init__(self, job: TeacherJob, ctx):
-        from raykd.pipeline.batches import resolve, view_epochs, worker_share
-        from raykd.pipeline.views import ViewPolicy
+        from raykd.pipeline.data.batches import resolve, view_epochs, worker_share
+        from raykd.pipeline.data.views import ViewPolicy
 
         self.job, self.device = job, ctx.device
         self.model = build_model(job.arch, job.num_classes, job.in_chans, Preprocess.of(job.preprocess, job.mean, job.std))
@@ -195,9 +218,15 @@ def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
 
 
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
-    from raykd.pipeline.harness import JobFailed, JobRunner, failure_message
-    from raykd.pipeline.raysetup import (concurrent_jobs, in_process, init_ray, local_thread_share, resolve_device,
-                                   train_storage)
+    from raykd.pipeline.harness.loop import JobFailed, JobRunner, failure_message
+    from raykd.pipeline.harness.raysetup import (
+        concurrent_jobs,
+        in_process,
+        init_ray,
+        local_thread_share,
+        resolve_device,
+        train_storage,
+    )
 
     w = cfg.teachers.workers
     parallel = min(cfg.teachers.parallel or len(to_train), len(to_train))

@@ -17,11 +17,10 @@ import re
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import torch
-
 import raykd.pipeline.cache.columns as C
-from raykd.pipeline.data import as_tensor, normalize
-from raykd.pipeline.views import ViewPolicy, make_views
+import torch
+from raykd.pipeline.data.datasets import as_tensor, normalize
+from raykd.pipeline.data.views import ViewPolicy, make_views
 
 _ITEM_BYTES = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "halffloat": 2, "int32": 4, "float": 4, "int64": 8,
                "double": 8}
@@ -31,7 +30,6 @@ def read_view(fs, files: list[str], columns: list[str], checks=None) -> dict[str
     """The rows of a view's Parquet files (the given columns) as numpy arrays, ordered by sample id; each
     file checked against its sha256 in the manifest as it is read (`checks`, a cache.PartChecks)."""
     import pyarrow as pa
-
     from raykd.pipeline.cache.reader import column_array
     from raykd.pipeline.cache.storage import read_parquet_part
 
@@ -151,7 +149,7 @@ def view_epochs(split, share: np.ndarray, data_seed: int, policy: ViewPolicy, me
                 shuffle: bool, seed: int, keep: bool = True, workers: int | None = None) -> "MemoryEpochs":
     """Epochs of views rendered from a source split: in memory as pixels, or — for a streamed image
     folder — as records rendered batch by batch ahead of the step (`MemoryEpochs.finish`, `workers`)."""
-    from raykd.pipeline.data import FileImages
+    from raykd.pipeline.data.datasets import FileImages
 
     streamed = isinstance(split.images, FileImages)
     finish = RowFormat(mean, std, policy.as_dict(), split).render if streamed else None
