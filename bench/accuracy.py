@@ -26,12 +26,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from stats import ci, paired  # noqa: E402  (bench/stats.py, beside this script)
+
 from raykd.pipeline.cache import Cache, build_cache, cache_uri  # noqa: E402
 from raykd.pipeline.core.config import load_config, variant  # noqa: E402
 from raykd.pipeline.core.errors import StageFailed  # noqa: E402
-from raykd.pipeline.stages.distill import run_students, student_dir, student_name  # noqa: E402
+from raykd.pipeline.stages.distill import student_dir, student_name
+from raykd.pipeline.stages.students import run_students  # noqa: E402
 from raykd.pipeline.stages.teachers import run_teachers  # noqa: E402
-from stats import ci, paired  # noqa: E402  (bench/stats.py, beside this script)
 
 # method -> (config changes, the cache it reads); "<best>" is the teacher with the best validation accuracy,
 # "<smallest>" the one with the fewest parameters (the A/A pair: its online forward is the cheapest)

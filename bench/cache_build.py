@@ -35,8 +35,10 @@ sys.path.insert(0, ROOT)
 def bare(config: str, overrides: list[str]) -> None:
     """The floor, in this process: prints {"loop_s", "rows"} as JSON on its last line."""
     import torch
+
     from raykd.pipeline.core.config import load_config
-    from raykd.pipeline.data.datasets import load_splits, normalize
+    from raykd.pipeline.data.datasets import normalize
+    from raykd.pipeline.data.splits import load_splits
     from raykd.pipeline.data.views import make_views
     from raykd.pipeline.stages.teachers import load_teacher
 
@@ -88,6 +90,7 @@ def main() -> None:
     cmd = "python bench/cache_build.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     import torch
+
     from raykd.pipeline.core.config import load_config
     from raykd.pipeline.stages.teachers import run_teachers
 

@@ -37,8 +37,9 @@ WORK = os.path.join(ROOT, "runs", "bench-decode")
 def make_folder(n: int) -> str:
     import numpy as np
     from PIL import Image
-    from raykd.pipeline.core.config import DataSection
-    from raykd.pipeline.data.datasets import load_splits
+
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
 
     root = os.path.join(WORK, f"folder-{n}")
     if os.path.isdir(os.path.join(root, "train")):
@@ -80,9 +81,10 @@ def step_fn(model, opt):
 def raykd_epoch(root: str, workers: int) -> float:
     import numpy as np
     import torch
-    from raykd.pipeline.core.config import DataSection
+
+    from raykd.pipeline.core.sections import DataSection
     from raykd.pipeline.data.batches import view_epochs
-    from raykd.pipeline.data.datasets import load_splits
+    from raykd.pipeline.data.splits import load_splits
     splits = load_splits(DataSection(name="imagefolder", root=root, image_size=160, view_policy="random_resized_crop"))
     model = tiny_student(splits.num_classes)
     step = step_fn(model, torch.optim.SGD(model.parameters(), lr=0.01))
@@ -123,8 +125,8 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     root = make_folder(args.n)
-    from raykd.pipeline.core.config import DataSection
-    from raykd.pipeline.data.datasets import load_splits
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
 
     s = load_splits(DataSection(name="imagefolder", root=root, image_size=160, view_policy="random_resized_crop"))
     mean, std = list(s.mean), list(s.std)

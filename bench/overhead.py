@@ -45,7 +45,8 @@ def floor(cfg_path: str, overrides: list[str], epochs: int, out: str) -> None:
     from raykd.methods import MethodContext, Targets, build_method
     from raykd.pipeline.cache import Cache, cache_uri, column_array
     from raykd.pipeline.core.config import load_config
-    from raykd.pipeline.data.datasets import load_splits, normalize
+    from raykd.pipeline.data.datasets import normalize
+    from raykd.pipeline.data.splits import load_splits
     from raykd.pipeline.harness.training import lr_lambda
     from raykd.pipeline.models.zoo import build_model
 
@@ -147,6 +148,7 @@ def read_path(cfg, epochs: int) -> dict:
     """Rows/s of one cache view into torch batches of the student's size: Ray Data's iter_torch_batches,
     and raykd's own reader when it has one (`raykd.pipeline.data.batches.read_view`)."""
     import ray
+
     from raykd.pipeline.cache import Cache, cache_uri
     from raykd.pipeline.harness.raysetup import init_ray
 

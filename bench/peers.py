@@ -58,9 +58,10 @@ def fashion_split(config: str, overrides: list[str], split: str, train: bool):
     the training split: RandomCrop(pad) + RandomHorizontalFlip, then Normalize with the split's mean/std."""
     import numpy as np
     import torch
-    from raykd.pipeline.core.config import load_config
-    from raykd.pipeline.data.datasets import load_splits
     from torchvision import transforms
+
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.splits import load_splits
 
     splits = load_splits(load_config(config, overrides).data)
     part = getattr(splits, split)
@@ -271,8 +272,9 @@ def main() -> None:
     import math
 
     import torch
+
     from raykd.pipeline.core.config import load_config
-    from raykd.pipeline.data.datasets import load_splits
+    from raykd.pipeline.data.splits import load_splits
     from raykd.pipeline.stages.teachers import load_teacher, run_teachers
 
     ensure_torchdistill()

@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from raykd.pipeline.core.config import load_config, variant  # noqa: E402
-from raykd.pipeline.stages.distill import run_students  # noqa: E402
+from raykd.pipeline.stages.students import run_students  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy import FEATURES, LOGITS, SLOW, VARIANTS, _curve, _row, row_changes  # noqa: E402  (bench/accuracy.py)

@@ -42,6 +42,7 @@ def class_bytes(out_dir: str, num_classes: int = 1000, teachers: int = 3, rows: 
     random images through `teachers` random-weight cnn4 teachers with `num_classes` classes. Registers a
     synthetic data set `random-<num_classes>` (in this process) for it."""
     import numpy as np
+
     from raykd.pipeline.cache import build_cache
     from raykd.pipeline.core.config import load_config
     from raykd.pipeline.data.datasets import DATASETS, Raw
@@ -93,7 +94,7 @@ def main() -> None:
     cmd = "python bench/topk.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     from raykd.pipeline.cache import build_cache, cache_uri
     from raykd.pipeline.core.config import load_config, variant
-    from raykd.pipeline.stages.distill import run_students
+    from raykd.pipeline.stages.students import run_students
     from raykd.pipeline.stages.teachers import run_teachers
 
     t0 = time.time()

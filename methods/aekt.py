@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
+
 from raykd.methods.base import METHODS, Method
 from raykd.methods.dkd import DKDOptions, dkd_terms, warmup_factor
 

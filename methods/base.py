@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from raykd.methods.ensemble import PER_SAMPLE, mix_logits, teacher_weights
 from raykd.pipeline.core.registry import Registry
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+
 from raykd.methods.base import METHODS, Method
 from raykd.pipeline.core.schema import Section
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
+
 from raykd.methods.base import METHODS, Method
 from raykd.pipeline.core.schema import NAME_RE, Section
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
+
 from raykd.methods.base import METHODS, Method
 from raykd.methods.feed import match_size
 from raykd.methods.kd import kd_loss

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from raykd.methods.ensemble import mix_logits, teacher_weights
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
+
 from raykd.methods.base import METHODS, Method
 from raykd.methods.kd import KDTerms, kd_loss
 from raykd.pipeline.core.schema import Section  # noqa: F401

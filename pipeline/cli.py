@@ -109,7 +109,8 @@ def cmd_professor(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from raykd.pipeline.stages.distill import format_results, run_distill
+    from raykd.pipeline.stages.distill import format_results
+    from raykd.pipeline.stages.students import run_distill
 
     rec = run_distill(_load(args))
     print()

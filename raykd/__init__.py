@@ -66,7 +66,7 @@ def professor(cfg: Config) -> dict:
 
 def distill(cfg: Config) -> dict:
     """Distil one student as configured (or reuse a finished one of the same fingerprint); its record."""
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     return run_distill(cfg)
 

@@ -72,8 +72,8 @@ def ray_session(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def digits():
-    from raykd.pipeline.core.config import DataSection
-    from raykd.pipeline.data.datasets import load_splits
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
 
     return load_splits(DataSection())
 

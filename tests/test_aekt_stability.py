@@ -8,9 +8,11 @@ import math
 import os
 
 import pytest
+
 from raykd.pipeline.core.config import load_config
 from raykd.pipeline.core.errors import StageFailed
-from raykd.pipeline.stages.distill import run_distill, student_dir
+from raykd.pipeline.stages.distill import student_dir
+from raykd.pipeline.stages.students import run_distill
 from raykd.pipeline.stages.teachers import run_teachers
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import digits_cfg
+
 from raykd.pipeline.data.batches import (
     MemoryEpochs,
     RowFormat,
@@ -16,7 +17,7 @@ from raykd.pipeline.data.batches import (
     row_bytes,
     worker_share,
 )
-from raykd.pipeline.harness.loop import EpochSums
+from raykd.pipeline.harness.job import EpochSums
 
 
 def test_worker_shares_partition_the_rows():
@@ -81,6 +82,7 @@ def _rows(batches):
 
 def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
     import ray
+
     from raykd.pipeline.cache import Cache
 
     cfg, m = built
@@ -103,7 +105,8 @@ def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
 
 def test_in_memory_and_streamed_students_agree(built):
     """Same views, one full-split batch per step (order cannot matter): the same losses either way."""
-    from raykd.pipeline.stages.distill import run_distill, student_dir
+    from raykd.pipeline.stages.distill import student_dir
+    from raykd.pipeline.stages.students import run_distill
 
     cfg0, _ = built
     common = ["method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=2", "distill.optim.batch_size=2048",
@@ -122,9 +125,10 @@ def test_in_memory_and_streamed_students_agree(built):
 def test_the_render_pool_gives_the_same_pixels_whatever_its_size(digit_folder, policy):
     """Views replayed from JPEGs (a streamed image folder) in a pool of 1 or 3 threads: every batch of
     every epoch identical, in the same order."""
-    from raykd.pipeline.core.config import DataSection
+    from raykd.pipeline.core.sections import DataSection
     from raykd.pipeline.data.batches import view_epochs
-    from raykd.pipeline.data.datasets import FileImages, load_splits
+    from raykd.pipeline.data.datasets import FileImages
+    from raykd.pipeline.data.splits import load_splits
     from raykd.pipeline.data.views import ViewPolicy
 
     splits = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=24))

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+
 from raykd.pipeline.core.config import load_config
 from raykd.pipeline.core.errors import CheckpointError, ConfigError
 from raykd.pipeline.models.checkpoints import load_foreign, map_keys, resolve_checkpoint
@@ -133,7 +134,7 @@ def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, 
     module:factory student registered via run.imports, in Ray workers (run.in_process=false): teachers ->
     cache with a module-path feature tap -> FEED distillation."""
     from raykd.pipeline.cache import build_cache
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
     from raykd.pipeline.stages.teachers import run_teachers
 
     out = tmp_path / "run"
@@ -173,10 +174,11 @@ def test_teacher_preprocess_resizes_and_renormalises(tmp_path, digits):
     """A teacher with its own input size and normalisation: the model sees the data set's images resized
     (torchvision's antialiased resize) and normalised with its statistics, in training, evaluation and
     every later load (the record keeps them)."""
+    from torchvision.transforms.v2.functional import resize
+
     from raykd.pipeline.harness.training import evaluate
     from raykd.pipeline.models.zoo import Preprocess
     from raykd.pipeline.stages.teachers import load_teacher, run_teachers
-    from torchvision.transforms.v2.functional import resize
 
     pre = Preprocess(digits.mean, digits.std, 16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     raw = torch.rand(2, 1, 8, 8)
@@ -224,6 +226,7 @@ def test_timm_checkpoints_come_from_the_hugging_face_cache_never_downloaded(tmp_
     cache, or an error saying how to put it there."""
     pytest.importorskip("timm")
     import huggingface_hub.constants as hf
+
     from raykd.pipeline.models.checkpoints import resolve_checkpoint
 
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
@@ -244,7 +247,7 @@ def test_timm_teacher_cache_and_student(ray_session, tmp_path):
     pytest.importorskip("timm")
     from raykd.pipeline.cache import Cache, build_cache, column_array
     from raykd.pipeline.data.datasets import normalize
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
     from raykd.pipeline.stages.teachers import load_teacher, run_teachers
 
     out = tmp_path / "run"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEACHERS, build_until_view_0, digits_cfg
+
 from raykd.pipeline.cache import (
     Cache,
     CacheError,
@@ -283,7 +284,7 @@ def test_killed_driver_then_rerun_completes_each_row_once(built, tmp_path, digit
 def test_student_on_a_cache_being_built_gets_the_rows_of_the_finished_cache(built, tmp_path, capsys):
     """`raykd distill` beside a running `raykd cache`: it starts once view 0 is committed, waits for each
     later view as its epoch comes, and trains exactly as it does on the finished cache."""
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     cfg, _ = built
     uri = str(tmp_path / "growing")
@@ -312,7 +313,7 @@ def test_a_build_that_fails_ends_the_student_on_it_with_its_error(built, tmp_pat
     import threading
 
     import raykd.pipeline.cache.build as build_mod
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     cfg, _ = built
     uri = str(tmp_path / "failing")
@@ -400,6 +401,7 @@ def test_build_lock_on_s3_is_a_conditional_put(s3_endpoint):
     create of the same key fails, and of two builds one goes on."""
     import boto3
     import s3fs
+
     from raykd.pipeline.cache.storage import create_json
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="raykd-lock")
@@ -417,6 +419,7 @@ def test_a_live_build_is_refused_a_dead_one_taken_over(tmp_path):
     import socket
 
     import fsspec
+
     from raykd.pipeline.cache import BuildLock, owner_alive
 
     here = socket.gethostname()
@@ -515,6 +518,7 @@ def test_credentials_never_written_or_printed(built, s3_endpoint, tmp_path, capf
     nothing printed. (Students write the same kinds of files: resolved config, records.)"""
     import boto3
     import s3fs
+
     from raykd.pipeline.cli import main as cli_main
 
     key, secret = "AKIDRAYKDZZ9TEST0001", "raykd-secret-zz9-never-logged"
@@ -557,7 +561,7 @@ def test_crop_views_store_records_and_replay(ray_session, tmp_path, digits):
     from the records, rendering each crop in its worker."""
     from raykd.pipeline.core.config import load_config
     from raykd.pipeline.data.views import ViewPolicy
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
     from raykd.pipeline.stages.teachers import run_teachers
 
     cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.device=cpu", "teachers.optim.epochs=3",
@@ -602,8 +606,8 @@ def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_p
     """A streamed image folder is decoded by Ray Data tasks (the driver holds paths): its cache has the same
     rows and pixels as the folder decoded into memory, and a student trains from it."""
     from raykd.pipeline.core.config import load_config
-    from raykd.pipeline.data.datasets import load_splits
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.stages.students import run_distill
     from raykd.pipeline.stages.teachers import run_teachers
 
     base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", "data.name=imagefolder", f"data.root={digit_folder}",
@@ -623,8 +627,9 @@ def test_shards_cache_as_the_folder_does(ray_session, digit_folder, tmp_path, so
     """Tar shards or Parquet files of the folder's JPEGs, streamed: the cache holds the same view records
     and pixels as the folder's images rendered in memory."""
     from conftest import make_parquet_shards, make_shards
+
     from raykd.pipeline.core.config import load_config
-    from raykd.pipeline.data.datasets import load_splits
+    from raykd.pipeline.data.splits import load_splits
 
     (make_shards if source == "webdataset" else make_parquet_shards)(digit_folder, tmp_path / "wds")
     base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", f"data.name={source}", f"data.root={tmp_path / 'wds'}",

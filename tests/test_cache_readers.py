@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+
 from raykd.pipeline.cache import Cache, column_array
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

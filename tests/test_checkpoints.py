@@ -3,13 +3,9 @@ import pickle
 
 import pytest
 import torch
+
 from raykd.pipeline.core.errors import CheckpointError
-from raykd.pipeline.models.checkpoints import (
-    load_into,
-    load_state_dict,
-    save_state_dict,
-    sha256_file,
-)
+from raykd.pipeline.models.checkpoints import load_into, load_state_dict, save_state_dict, sha256_file
 from raykd.pipeline.models.zoo import build_model
 
 
@@ -95,6 +91,7 @@ def test_only_safe_loaders_in_the_code():
                         offenders.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
     assert not offenders, offenders
     import yaml
+
     from raykd.pipeline.core import yamlio
 
     assert yamlio._StrictLoader.__mro__[1] is yaml.SafeLoader  # the config reader: SafeLoader's tags only

@@ -257,6 +257,7 @@ def test_kuberay_credentials_come_from_secrets(path):
 
 def _config_has(key: str) -> bool:
     from pydantic import BaseModel
+
     from raykd.pipeline.core.config import Config
 
     model = Config

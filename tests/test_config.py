@@ -3,12 +3,8 @@ import textwrap
 
 import pytest
 import yaml
-from raykd.pipeline.core.config import (
-    Config,
-    load_config,
-    parse_override,
-    write_resolved,
-)
+
+from raykd.pipeline.core.config import Config, load_config, parse_override, write_resolved
 from raykd.pipeline.core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,6 +175,7 @@ def test_imagenet_pair_config():
     """The ImageNet-class pair: torchvision ResNet-34 with its published weights (resolved by name, never
     downloaded) -> ResNet-18, RandomResizedCrop record views with top-k targets, mdistiller's recipe."""
     import torchvision.models as tvm
+
     from raykd.pipeline.models.zoo import build_model
 
     cfg = load_config(os.path.join(ROOT, "configs", "imagenet_resnet34_resnet18.yaml"))

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from conftest import make_parquet_shards, make_shards
 from PIL import Image
-from raykd.pipeline.core.config import DataSection
+
 from raykd.pipeline.core.errors import DataError
-from raykd.pipeline.data.datasets import load_splits
+from raykd.pipeline.core.sections import DataSection
+from raykd.pipeline.data.splits import load_splits
 
 
 def test_digits_splits_are_seeded_and_disjoint(digits):
@@ -150,8 +151,9 @@ def test_streamed_epochs_hold_records_not_pixels(digit_folder):
 def test_pairs_stack_two_real_items_and_label_them_10a_plus_b():
     """The 100-class construction on real images (digits): each pair's channels are two source images and
     its label names both; every class shares an item with 18 others."""
-    from raykd.pipeline.data.datasets import make_pairs
     from sklearn.datasets import load_digits
+
+    from raykd.pipeline.data.datasets import make_pairs
 
     d = load_digits()
     x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]

@@ -6,12 +6,14 @@ import os
 import pytest
 import torch
 from conftest import TEACHERS, digits_cfg
+
 from raykd.pipeline.cache import CacheError
 from raykd.pipeline.core.errors import StageFailed
 from raykd.pipeline.harness.training import evaluate
 from raykd.pipeline.models.checkpoints import load_state_dict
 from raykd.pipeline.models.zoo import build_model
-from raykd.pipeline.stages.distill import read_student, run_distill, student_dir
+from raykd.pipeline.stages.distill import read_student, student_dir
+from raykd.pipeline.stages.students import run_distill
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -169,7 +171,7 @@ def test_missing_cache_and_unknown_teachers_are_named(built, tmp_path):
 
 def test_students_in_parallel_one_failing(built, tmp_path):
     """`raykd run`'s students run as concurrent Ray tasks; a failing one does not stop the other."""
-    from raykd.pipeline.stages.distill import run_students
+    from raykd.pipeline.stages.students import run_students
 
     cfg0, _ = built
     good = digits_cfg(cfg0.run.out_dir, "method.name=ce", "distill.student.arch=cnn4", "distill.optim.epochs=1",
@@ -184,8 +186,8 @@ def test_bf16_student_trains_under_autocast(tmp_path, monkeypatch):
     """optim.precision=bf16 on CPU: the student's forward runs in bfloat16 (torch.autocast), the loss in
     fp32, and it learns; fp32 keeps every fingerprint (the option is not serialised at its default);
     fp16 without CUDA is refused by name."""
-    from raykd.pipeline.core.config import OptimSection
     from raykd.pipeline.core.errors import ConfigError
+    from raykd.pipeline.core.sections import OptimSection
     from raykd.pipeline.harness.training import Precision
 
     assert "precision" not in OptimSection().model_dump() and OptimSection(precision="bf16").model_dump()["precision"] == "bf16"

@@ -10,9 +10,10 @@ from conftest import digits_cfg
 
 def test_exported_student_matches_pytorch(tmp_path, cli, digits):
     import onnxruntime as ort
+
     from raykd.pipeline.models.checkpoints import load_state_dict
     from raykd.pipeline.models.zoo import build_model
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     overrides = ["method.name=ce", "distill.teachers=online", "distill.optim.epochs=2", "distill.student.arch=cnn8"]
     rec = run_distill(digits_cfg(str(tmp_path), *overrides))
@@ -40,7 +41,8 @@ def test_imf_inference_model_is_exported_too(tmp_path, cli, digits):
     """IMF: `raykd export` also writes its deployed model (inference.onnx), rebuilt from the student and the
     method's modules and checked against inference.safetensors; onnxruntime gives the recorded accuracy."""
     import onnxruntime as ort
-    from raykd.pipeline.stages.distill import run_distill
+
+    from raykd.pipeline.stages.students import run_distill
     from raykd.pipeline.stages.teachers import run_teachers
 
     overrides = ["teachers.models=[{name: t, arch: cnn8, seed: 1}]", "cache.layers={}", "teachers.optim.epochs=3",

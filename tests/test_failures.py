@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from conftest import TEACHERS
+
 from raykd.pipeline.harness.raysetup import connection_message
 
 pytestmark = pytest.mark.timeout(400)
@@ -57,8 +58,10 @@ def test_an_error_in_code_reaches_the_console_and_is_not_retried(built, tmp_path
     """An exception from the training code (as a bug in a user's method would raise) comes back as its own
     type, message and last frames, in this process or from a Ray task, and is not retried."""
     from conftest import digits_cfg
+
     from raykd.pipeline.core.errors import StageFailed
-    from raykd.pipeline.stages.distill import read_student, run_distill, student_dir
+    from raykd.pipeline.stages.distill import read_student, student_dir
+    from raykd.pipeline.stages.students import run_distill
 
     cfg0, _ = built
     monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 1, "step": 2, "marker": str(tmp_path / "f"), "kind": "bug"}))
@@ -74,9 +77,10 @@ def test_an_error_in_code_reaches_the_console_and_is_not_retried(built, tmp_path
 
 def test_a_transient_failure_names_this_sessions_log_folder(built, ray_session, tmp_path, monkeypatch):
     from conftest import digits_cfg
+
     from raykd.pipeline.core.errors import StageFailed
     from raykd.pipeline.harness.raysetup import logs_dir
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     logs = logs_dir()
     assert os.path.isdir(logs) and os.path.dirname(logs) == ray_session._private.worker._global_node.get_session_dir_path()

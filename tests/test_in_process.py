@@ -5,7 +5,8 @@ import json
 import os
 
 from raykd.pipeline.core.config import load_config
-from raykd.pipeline.stages.distill import run_distill, student_dir
+from raykd.pipeline.stages.distill import student_dir
+from raykd.pipeline.stages.students import run_distill
 from raykd.pipeline.stages.teachers import run_teachers
 
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import logit_methods
+
 from raykd.methods import METHODS, MethodContext, Targets, build_method
 from raykd.methods.dkd import dkd_loss, dkd_terms, warmup_factor
 from raykd.methods.kd import kd_loss
 from raykd.pipeline.core.config import MethodSection
 from raykd.pipeline.models.zoo import build_model
-from raykd.pipeline.stages.distill import Distiller
+from raykd.pipeline.stages.student_job import Distiller
 
 # fixed inputs, written out so they do not depend on any RNG
 ZS = torch.tensor([[-2.2517, -2.3047, -0.5012, -0.8678, 1.1977],
@@ -297,9 +298,10 @@ def test_a_method_declares_its_own_options_and_only_they_enter_its_fingerprint()
     """A new method is one class: its Options become method.<name>.*, validated; the fingerprinted part of
     the method section is the shared fields and the chosen method's options only."""
     from pydantic import Field
+
     from raykd.methods.base import METHODS as REG
-    from raykd.pipeline.core.config import _method_section
     from raykd.pipeline.core.schema import Section
+    from raykd.pipeline.core.train_sections import _method_section
 
     class ToyOptions(Section):
         gamma: float = Field(2.0, gt=0)

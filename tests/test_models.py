@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from raykd.pipeline.models.zoo import MODELS, build_model
 
 

@@ -7,9 +7,11 @@ import shutil
 
 import pytest
 from conftest import digits_cfg
+
 from raykd.pipeline.cache import Cache, CacheError, inspect_cache
-from raykd.pipeline.stages.distill import run_distill, student_dir
+from raykd.pipeline.stages.distill import student_dir
 from raykd.pipeline.stages.professor import run_professor
+from raykd.pipeline.stages.students import run_distill
 
 pytestmark = pytest.mark.timeout(400)
 

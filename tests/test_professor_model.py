@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from raykd.methods.professor import Professor, professor_losses
 from raykd.pipeline.core.errors import ConfigError
 from raykd.pipeline.stages.professor import held_out, refinement_stats

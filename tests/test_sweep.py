@@ -7,10 +7,11 @@ import os
 
 import pytest
 from conftest import digits_cfg
+
 from raykd.pipeline.cli import main
 from raykd.pipeline.core.config import load_config
 from raykd.pipeline.core.errors import ConfigError
-from raykd.pipeline.stages.distill import run_distill
+from raykd.pipeline.stages.students import run_distill
 from raykd.pipeline.stages.sweep import run_sweep
 
 pytestmark = pytest.mark.timeout(600)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+
 from raykd.pipeline.core.config import load_config
 from raykd.pipeline.core.errors import RaykdError
 from raykd.pipeline.harness.training import evaluate

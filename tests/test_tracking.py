@@ -10,9 +10,10 @@ def test_teacher_and_student_are_tracked_in_tensorboard_and_mlflow(tmp_path):
     """Every epoch's metrics of a teacher and a student land in TensorBoard event files and in one MLflow
     run each (params = the resolved config); rerunning a finished job opens no second run."""
     from mlflow.tracking import MlflowClient
-    from raykd.pipeline.stages.distill import run_distill
-    from raykd.pipeline.stages.teachers import run_teachers
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import run_teachers
 
     extra = ["run.tracking=[tensorboard, mlflow]", "teachers.models=[{name: t, arch: cnn4, seed: 1}]", "cache.layers={}",
              "teachers.optim.epochs=3", "method.name=kd", "distill.teachers=online", "distill.optim.epochs=2"]

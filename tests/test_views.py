@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from raykd.pipeline.data.views import ViewPolicy, apply_views, make_views, view_params
 from torchvision.transforms.v2 import functional as TF
+
+from raykd.pipeline.data.views import ViewPolicy, apply_views, make_views, view_params
 
 
 @pytest.fixture

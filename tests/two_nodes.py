@@ -37,9 +37,10 @@ def main() -> None:
 
 def run(address: str, out: str, prefix: str) -> None:
     import ray
+
     from raykd.pipeline.cache import build_cache
     from raykd.pipeline.core.config import load_config
-    from raykd.pipeline.stages.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
     from raykd.pipeline.stages.teachers import run_teachers
 
     cfg = load_config(None, [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from raykd.pipeline.cache.codecs import topk_decode
 from raykd.pipeline.cache.reader import Cache, column_array
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
 from raykd.pipeline.cache import columns as C
 from raykd.pipeline.cache.storage import (
     BUILD,
@@ -27,13 +28,7 @@ from raykd.pipeline.cache.storage import (
     view_dir,
 )
 from raykd.pipeline.core.log import log
-from raykd.pipeline.core.records import (
-    BuildStarted,
-    LockRecord,
-    Manifest,
-    ViewCommit,
-    check,
-)
+from raykd.pipeline.core.records import BuildStarted, LockRecord, Manifest, ViewCommit, check
 
 
 def column_array(table, name: str) -> np.ndarray:

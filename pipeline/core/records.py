@@ -18,6 +18,7 @@ import threading
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
 from raykd.pipeline.core.errors import ConfigError, RaykdError
 
 # --------------------------------------------------------------------------------------------------
@@ -258,9 +259,8 @@ def output_lock(folder: str, what: str):
     lock (raykd.pipeline.cache.storage.Lock) on local disk. A second process that wants to write the same output is
     refused, naming the running one; a dead owner's lock is taken over."""
     import fsspec
-    from raykd.pipeline.cache.storage import (
-        Lock,  # storage reads its records with this module's schemas
-    )
+
+    from raykd.pipeline.cache.storage import Lock  # storage reads its records with this module's schemas
 
     os.makedirs(folder, exist_ok=True)
     return Lock(fsspec.filesystem("file"), folder, folder, name=OUTPUT_LOCK, what=what,

@@ -17,8 +17,9 @@ import re
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import raykd.pipeline.cache.columns as C
 import torch
+
+import raykd.pipeline.cache.columns as C
 from raykd.pipeline.data.datasets import as_tensor, normalize
 from raykd.pipeline.data.views import ViewPolicy, make_views
 
@@ -30,6 +31,7 @@ def read_view(fs, files: list[str], columns: list[str], checks=None) -> dict[str
     """The rows of a view's Parquet files (the given columns) as numpy arrays, ordered by sample id; each
     file checked against its sha256 in the manifest as it is read (`checks`, a cache.PartChecks)."""
     import pyarrow as pa
+
     from raykd.pipeline.cache.reader import column_array
     from raykd.pipeline.cache.storage import read_parquet_part
 

@@ -28,6 +28,7 @@ import functools
 import posixpath
 
 import numpy as np
+
 from raykd.pipeline.core.errors import DataError
 from raykd.pipeline.data.datasets import DATASETS, FileImages, Raw, _policy
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from raykd.pipeline.core.errors import ConfigError
 from raykd.pipeline.data.datasets import normalize
 

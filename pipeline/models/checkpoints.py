@@ -11,6 +11,7 @@ import os
 import pickle
 
 import torch
+
 from raykd.pipeline.core.errors import CheckpointError
 
 
@@ -24,8 +25,9 @@ def sha256_file(path: str) -> str:
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str) -> str:
     """Atomically write `state` as safetensors; returns the file's sha256."""
-    from raykd.pipeline.core.records import atomic_path
     from safetensors.torch import save_file
+
+    from raykd.pipeline.core.records import atomic_path
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:

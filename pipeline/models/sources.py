@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
+
 from raykd.pipeline.core.errors import CheckpointError, ConfigError
 from raykd.pipeline.core.registry import Registry
 

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from raykd.pipeline.core.registry import Registry
 
 MODELS: Registry = Registry("model")

@@ -56,7 +56,7 @@ class BackgroundBuild:
 def run_all(cfg: Config, parallel: int | None = None, overwrite: bool = False, on_teachers=None) -> list[dict]:
     """Every stage of `raykd run`; the students' records. `on_teachers(records)` sees the teachers' records
     before the cache starts (the command prints their table)."""
-    from raykd.pipeline.stages.distill import run_students
+    from raykd.pipeline.stages.students import run_students
     from raykd.pipeline.stages.teachers import run_teachers
 
     records = run_teachers(cfg)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 import torch.nn as nn
+
 from raykd.pipeline.core.errors import CheckpointError, RaykdError
 
 
@@ -32,7 +33,7 @@ class Normalized(nn.Module):
 def load_student(cfg, name: str):
     """(the finished student `name` as an nn.Module in eval mode, its record, its directory, the data splits),
     its weights checked against their sha256."""
-    from raykd.pipeline.data.datasets import load_splits
+    from raykd.pipeline.data.splits import load_splits
     from raykd.pipeline.models.checkpoints import load_into, load_state_dict
     from raykd.pipeline.models.zoo import build_model
     from raykd.pipeline.stages.distill import read_student

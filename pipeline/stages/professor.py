@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from raykd.methods.professor import Professor, professor_losses, teacher_probs
 from raykd.pipeline.cache import (
     MANIFEST,
@@ -41,22 +42,10 @@ from raykd.pipeline.cache import columns as C
 from raykd.pipeline.core.config import Config, write_resolved
 from raykd.pipeline.core.log import log
 from raykd.pipeline.core.progress import Console, ProgressPrinter
-from raykd.pipeline.core.records import (
-    ProfessorRecord,
-    load_record,
-    out_root,
-    output_lock,
-    write_record,
-)
-from raykd.pipeline.harness.loop import Job, Task
+from raykd.pipeline.core.records import ProfessorRecord, load_record, out_root, output_lock, write_record
+from raykd.pipeline.harness.job import Job, Task
 from raykd.pipeline.harness.tracking import tracking_spec
-from raykd.pipeline.models.checkpoints import (
-    load_into,
-    read_verified,
-    save_state_dict,
-    sha256_file,
-    state_from_bytes,
-)
+from raykd.pipeline.models.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
 from raykd.pipeline.models.plugins import job_imports
 
 RECORD = "professor.json"
@@ -115,13 +104,7 @@ class ProfessorTask(Task):
     optim_key = "professor.optim"
 
     def __init__(self, job: ProfessorJob, ctx):
-        from raykd.pipeline.data.batches import (
-            MemoryEpochs,
-            StreamEpochs,
-            check_view,
-            read_view,
-            worker_share,
-        )
+        from raykd.pipeline.data.batches import MemoryEpochs, StreamEpochs, check_view, read_view, worker_share
         from raykd.pipeline.data.datasets import as_tensor
 
         lc = job.lc
@@ -231,12 +214,7 @@ def run_professor(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
-    from raykd.pipeline.harness.raysetup import (
-        check_fits,
-        init_ray,
-        local_thread_share,
-        resolve_device,
-    )
+    from raykd.pipeline.harness.raysetup import check_fits, init_ray, local_thread_share, resolve_device
 
     m = cache.manifest
     p = cfg.professor
@@ -309,12 +287,8 @@ def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
 
 def _train(cfg, cache, lc, fp, out, device) -> dict:
     from raykd.pipeline.data.batches import in_memory_choice, row_bytes
-    from raykd.pipeline.harness.loop import fit
-    from raykd.pipeline.harness.raysetup import (
-        in_process,
-        local_thread_share,
-        train_storage,
-    )
+    from raykd.pipeline.harness.raysetup import in_process, local_thread_share, train_storage
+    from raykd.pipeline.harness.runner import fit
 
     p, m = cfg.professor, cache.manifest
     w = p.workers

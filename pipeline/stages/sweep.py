@@ -22,10 +22,11 @@ import math
 import os
 import time
 
-from raykd.pipeline.core.config import DISTRIBUTIONS, Config, dump_config, variant
+from raykd.pipeline.core.config import Config, dump_config, variant
 from raykd.pipeline.core.errors import ConfigError, StageFailed
 from raykd.pipeline.core.log import log
 from raykd.pipeline.core.records import inside, out_root, output_lock
+from raykd.pipeline.core.train_sections import DISTRIBUTIONS
 
 
 def check_space(cfg: Config) -> None:
@@ -84,7 +85,8 @@ def _tune_space(cfg: Config) -> dict:
 def _trial(params: dict, base: dict, name: str, progress, concurrent: int, cwd: str) -> None:
     """One Tune trial: the base config with this trial's values, distilled exactly as `raykd distill` does."""
     from ray import tune
-    from raykd.pipeline.stages.distill import run_distill
+
+    from raykd.pipeline.stages.students import run_distill
 
     os.chdir(cwd)  # Tune starts trials in their own working folder: relative paths are the user's
     changes = {k.replace("__", "."): v for k, v in params.items()}
@@ -111,13 +113,9 @@ def run_sweep(cfg: Config) -> dict:
 def _run_sweep(cfg: Config, name: str, root: str, out: str) -> dict:
     import ray
     from ray import tune
+
     from raykd.pipeline.core.progress import ProgressPrinter
-    from raykd.pipeline.harness.raysetup import (
-        check_fits,
-        concurrent_jobs,
-        init_ray,
-        resolve_device,
-    )
+    from raykd.pipeline.harness.raysetup import check_fits, concurrent_jobs, init_ray, resolve_device
 
     sw = cfg.sweep
     init_ray(cfg)

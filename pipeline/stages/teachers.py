@@ -17,33 +17,17 @@ import time
 from typing import Any
 
 import torch
-from raykd.pipeline.core.config import Config, OptimSection, TeacherSpec, write_resolved
-from raykd.pipeline.core.errors import (
-    CheckpointError,
-    ConfigError,
-    RaykdError,
-    StageFailed,
-)
+
+from raykd.pipeline.core.config import Config, write_resolved
+from raykd.pipeline.core.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from raykd.pipeline.core.log import log
 from raykd.pipeline.core.progress import Console, ProgressPrinter
-from raykd.pipeline.core.records import (
-    TeacherRecord,
-    inside,
-    load_record,
-    out_root,
-    output_lock,
-    write_record,
-)
-from raykd.pipeline.data.datasets import Splits, load_splits
-from raykd.pipeline.harness.loop import Job, Task
+from raykd.pipeline.core.records import TeacherRecord, inside, load_record, out_root, output_lock, write_record
+from raykd.pipeline.core.sections import OptimSection, TeacherSpec
+from raykd.pipeline.data.splits import Splits, load_splits
+from raykd.pipeline.harness.job import Job, Task
 from raykd.pipeline.harness.tracking import tracking_spec
-from raykd.pipeline.harness.training import (
-    Evaluator,
-    Precision,
-    evaluate,
-    make_optimizer,
-    optimizer_step,
-)
+from raykd.pipeline.harness.training import Evaluator, Precision, evaluate, make_optimizer, optimizer_step
 from raykd.pipeline.models.checkpoints import (
     load_foreign,
     load_into,
@@ -218,7 +202,7 @@ def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
 
 
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
-    from raykd.pipeline.harness.loop import JobFailed, JobRunner, failure_message
+    from raykd.pipeline.harness.failures import JobFailed, failure_message
     from raykd.pipeline.harness.raysetup import (
         concurrent_jobs,
         in_process,
@@ -227,6 +211,7 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
         resolve_device,
         train_storage,
     )
+    from raykd.pipeline.harness.runner import JobRunner
 
     w = cfg.teachers.workers
     parallel = min(cfg.teachers.parallel or len(to_train), len(to_train))
