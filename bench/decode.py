@@ -82,8 +82,8 @@ def raykd_epoch(root: str, workers: int) -> float:
     import numpy as np
     import torch
 
+    from raykd.pipeline.cache.epochs import view_epochs
     from raykd.pipeline.core.sections import DataSection
-    from raykd.pipeline.data.batches import view_epochs
     from raykd.pipeline.data.splits import load_splits
     splits = load_splits(DataSection(name="imagefolder", root=root, image_size=160, view_policy="random_resized_crop"))
     model = tiny_student(splits.num_classes)

@@ -146,7 +146,7 @@ def run_raykd(cfg_path: str, overrides: list[str], epochs: int, name: str) -> di
 
 def read_path(cfg, epochs: int) -> dict:
     """Rows/s of one cache view into torch batches of the student's size: Ray Data's iter_torch_batches,
-    and raykd's own reader when it has one (`raykd.pipeline.data.batches.read_view`)."""
+    and raykd's own reader when it has one (`raykd.pipeline.cache.epochs.read_view`)."""
     import ray
 
     from raykd.pipeline.cache import Cache, cache_uri
@@ -164,7 +164,7 @@ def read_path(cfg, epochs: int) -> dict:
         pass
     out["ray_data_iter_torch_batches_rows_per_s"] = round(rows / (time.time() - t0), 1)
     try:
-        from raykd.pipeline.data.batches import read_view
+        from raykd.pipeline.cache.epochs import read_view
     except ImportError:
         read_view = None
     if read_view is not None:

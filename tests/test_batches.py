@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import digits_cfg
 
-from raykd.pipeline.data.batches import (
+from raykd.pipeline.cache.epochs import (
     MemoryEpochs,
     RowFormat,
     StreamEpochs,
@@ -125,8 +125,8 @@ def test_in_memory_and_streamed_students_agree(built):
 def test_the_render_pool_gives_the_same_pixels_whatever_its_size(digit_folder, policy):
     """Views replayed from JPEGs (a streamed image folder) in a pool of 1 or 3 threads: every batch of
     every epoch identical, in the same order."""
+    from raykd.pipeline.cache.epochs import view_epochs
     from raykd.pipeline.core.sections import DataSection
-    from raykd.pipeline.data.batches import view_epochs
     from raykd.pipeline.data.datasets import FileImages
     from raykd.pipeline.data.splits import load_splits
     from raykd.pipeline.data.views import ViewPolicy
@@ -147,7 +147,7 @@ def test_the_render_pool_gives_the_same_pixels_whatever_its_size(digit_folder, p
 
 
 def test_device_views_decision_and_the_same_batches_either_way():
-    from raykd.pipeline.data.batches import device_views_choice
+    from raykd.pipeline.cache.epochs import device_views_choice
 
     gib = 2**30
     assert device_views_choice("auto", 3 * gib, "cuda", free=8 * gib)  # fits half the free memory

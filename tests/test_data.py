@@ -138,7 +138,7 @@ def test_a_teacher_trains_on_a_streamed_folder_batch_by_batch(digit_folder, tmp_
 
 
 def test_streamed_epochs_hold_records_not_pixels(digit_folder):
-    from raykd.pipeline.data.batches import view_epochs
+    from raykd.pipeline.cache.epochs import view_epochs
 
     s = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=16, val_fraction=0.2))
     epochs = view_epochs(s.train, np.arange(len(s.train)), 0, s.policy, s.mean, s.std, lambda e: e, 8, True, 0)

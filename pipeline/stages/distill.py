@@ -216,7 +216,7 @@ def plan_student(cfg: Config, splits) -> Plan | dict:
 
 def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurrent: int = 1) -> StudentJob:
     """The plan as a job: the splits as object refs, the cache's files and columns, in memory or streamed."""
-    from raykd.pipeline.data.batches import in_memory_choice, memory_budget, row_bytes
+    from raykd.pipeline.cache.epochs import in_memory_choice, memory_budget, row_bytes
     from raykd.pipeline.harness.raysetup import train_storage
 
     cfg, d = p.cfg, p.cfg.distill

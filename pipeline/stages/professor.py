@@ -11,7 +11,6 @@ professor.json, metrics.jsonl, config.resolved.yaml.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,7 +40,6 @@ from raykd.pipeline.cache import (
 from raykd.pipeline.cache import columns as C
 from raykd.pipeline.core.config import Config, write_resolved
 from raykd.pipeline.core.log import log
-from raykd.pipeline.core.progress import Console, ProgressPrinter
 from raykd.pipeline.core.records import ProfessorRecord, load_record, out_root, output_lock, write_record
 from raykd.pipeline.harness.job import Job, Task
 from raykd.pipeline.harness.tracking import tracking_spec
@@ -104,7 +102,7 @@ class ProfessorTask(Task):
     optim_key = "professor.optim"
 
     def __init__(self, job: ProfessorJob, ctx):
-        from raykd.pipeline.data.batches import MemoryEpochs, StreamEpochs, check_view, read_view, worker_share
+        from raykd.pipeline.cache.epochs import MemoryEpochs, StreamEpochs, check_view, read_view, worker_share
         from raykd.pipeline.data.datasets import as_tensor
 
         lc = job.lc
@@ -286,8 +284,8 @@ def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
 
 
 def _train(cfg, cache, lc, fp, out, device) -> dict:
-    from raykd.pipeline.data.batches import in_memory_choice, row_bytes
-    from raykd.pipeline.harness.raysetup import in_process, local_thread_share, train_storage
+    from raykd.pipeline.cache.epochs import in_memory_choice, row_bytes
+    from raykd.pipeline.harness.placement import Placement, queue_of
     from raykd.pipeline.harness.runner import fit
 
     p, m = cfg.professor, cache.manifest
@@ -298,17 +296,17 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
     log.info(f"[professor] training on the cached targets of {cache.sources}: {p.optim.epochs} epochs, "
           f"{w.num_workers} worker(s)")
     t0 = time.time()
-    inline = in_process(cfg, 1, w)
-    with (contextlib.nullcontext(Console()) if inline else ProgressPrinter()) as progress:
+    place = Placement.decide(cfg, w, jobs=1)
+    place.device = device
+    with place.progress() as progress:
         job = ProfessorJob(kind="professor", name="CAAE", run_name=f"professor-{fp[:12]}", seed=p.seed, imports=job_imports(cfg),
                            tracking=tracking_spec(cfg, "professor", "CAAE", f"professor-{fp[:12]}"),
-                           epochs=p.optim.epochs, workers=w, storage=train_storage(cfg), device=device,
-                           torch_threads=w.torch_threads or local_thread_share(cfg.ray, w.num_workers),
-                           progress=getattr(progress, "queue", progress), lc=lc, targets=targets, cache_fs=cache.fs,
+                           epochs=p.optim.epochs, workers=w, storage=place.storage, device=device,
+                           torch_threads=place.threads(), progress=queue_of(progress), lc=lc, targets=targets, cache_fs=cache.fs,
                            files={k: cache.view_files(k) for k in views},
                            checks=cache.checks([p for k in views for p in cache.view_files(k)]),
                            in_memory=in_memory_choice(cfg.distill.in_memory, nbytes // w.num_workers))
-        res = fit(job, inline=inline)
+        res = fit(job, inline=place.inline)
     state, history = res.state, res.history
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for h in history:

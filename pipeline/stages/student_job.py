@@ -102,7 +102,7 @@ def _load_professor(p: dict, num_classes: int, device):
 
 class StudentTask(Task):
     def __init__(self, job: StudentJob, ctx):
-        from raykd.pipeline.data.batches import (
+        from raykd.pipeline.cache.epochs import (
             MemoryEpochs,
             Refined,
             RowFormat,
@@ -170,7 +170,7 @@ class StudentTask(Task):
         return self.data(epoch)
 
     def step(self, batch, epoch):
-        from raykd.pipeline.data.batches import to_device
+        from raykd.pipeline.cache.epochs import to_device
 
         b = to_device(batch, self.device)
         x, y = b["x"], b["y"]

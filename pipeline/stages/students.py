@@ -17,8 +17,7 @@ from raykd.pipeline.core.log import log
 from raykd.pipeline.core.progress import ProgressPrinter
 from raykd.pipeline.core.records import out_root, output_lock
 from raykd.pipeline.harness.failures import JobFailed, failure_message
-from raykd.pipeline.harness.raysetup import check_fits
-from raykd.pipeline.harness.runner import JobRunner
+from raykd.pipeline.harness.placement import Placement
 from raykd.pipeline.stages.distill import _reusable, finish_student, make_job, plan_student, student_dir, student_name
 
 
@@ -34,22 +33,20 @@ def _say(queue, line: str) -> None:
 
 class _Students:
     """Plans, runs and finishes a list of students: each config's chain (Method.chain) in turn, the chains
-    side by side, `parallel` jobs at a time; a student that fails does not stop the others."""
+    side by side, `place.parallel` jobs at a time; a student that fails does not stop the others."""
 
-    def __init__(self, cfgs: list[Config], parallel: int, say, inline: bool, tune: bool, threads_share: int,
-                 stack: contextlib.ExitStack, concurrent: int = 1):
+    def __init__(self, cfgs: list[Config], place: Placement, say, tune: bool, stack: contextlib.ExitStack,
+                 concurrent: int = 1):
         # say: the progress queue of the driver when this is a Tune trial, where every line goes; else None:
         # the driver's lines are printed here, the jobs' sent to a ProgressPrinter made with the first job
-        self.cfgs, self.progress, self.inline, self.tune, self.stack = cfgs, say, inline, tune, stack
+        self.cfgs, self.progress, self.place, self.tune, self.stack = cfgs, say, place, tune, stack
+        self.inline = place.inline
         self._queue = say
-        self.runner = JobRunner(parallel, inline=inline, tune=tune)
-        self.threads_share = threads_share
+        self.runner = place.runner(tune=tune)
         self.concurrent = concurrent  # jobs on this machine at once: its memory is shared between them
         self.splits: dict[str, Any] = {}
-        self.refs: dict[str, dict] = {}
         self.records: list[dict | None] = [None] * len(cfgs)
         self.errors: dict[int, BaseException] = {}
-        self.device: str | None = None
 
     @property
     def queue(self):
@@ -67,20 +64,9 @@ class _Students:
             self.splits[key] = load_splits(cfg.data)
         return self.splits[key]
 
-    def _refs(self, cfg: Config, splits) -> dict:
-        """The splits as the jobs get them: themselves in this process, else Ray object refs (put once)."""
-        if self.inline:
-            return {k: getattr(splits, k) for k in ("train", "val", "test")}
-        import ray
-
-        key = cfg.data.model_dump_json()
-        if key not in self.refs:
-            self.refs[key] = {k: ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
-        return self.refs[key]
-
     def start(self, i: int, chain: list[Config], done: list[dict]) -> None:
         """Plan the next student of config i's chain and submit its job (or take its finished record)."""
-        from raykd.pipeline.harness.raysetup import init_ray, resolve_device
+        from raykd.pipeline.harness.raysetup import init_ray
 
         while True:
             cfg = chain[len(done)]
@@ -102,24 +88,20 @@ class _Students:
             break
         plan.times = {"data_s": t_plan - t, "plan_s": time.perf_counter() - t_plan}
         t = time.perf_counter()
-        if not self.inline:
-            init_ray(cfg)
-        if self.device is None:
-            self.device = resolve_device(cfg.run.device)
+        device = self.place.start()
         d = cfg.distill
-        threads = d.workers.torch_threads or self.threads_share
+        refs = self.place.put(cfg.data.model_dump_json(), {k: getattr(plan.splits, k) for k in ("train", "val", "test")})
         try:
-            job = make_job(plan, self._refs(cfg, plan.splits), self.queue, threads, self.device,
-                           self.runner.parallel * self.concurrent)
+            job = make_job(plan, refs, self.queue, self.place.threads(d.workers), device,
+                           self.place.parallel * self.concurrent)
         except Exception as e:  # noqa: BLE001  (a cache without what this student reads)
             self.errors[i] = e
             return
         if not job.in_memory:  # streamed views: Ray Data reads them, in this process too
             init_ray(cfg)
         plan.times["ray_init_s"] = time.perf_counter() - t
-        if not self.inline:  # refused before anything is written, rather than queued for ever
-            check_fits({"CPU": d.workers.cpus_per_worker, "GPU": d.workers.gpus_per_worker if self.device == "cuda" else 0},
-                       "distill.workers.cpus_per_worker/gpus_per_worker")
+        # refused before anything is written, rather than queued for ever
+        self.place.check_fits("distill.workers.cpus_per_worker/gpus_per_worker", d.workers)
         try:  # one process trains a student at a time; it may have finished it meanwhile
             self.stack.enter_context(output_lock(plan.sdir, f"training of student {plan.name!r}"))
             rec = _reusable(plan.sdir, plan.fp)
@@ -179,22 +161,14 @@ def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=No
     returns their records. A failed student does not stop the others; the failures are reported together
     at the end (exit 1). `tune`: this is a Ray Tune trial (`raykd sweep`): its jobs run in this process,
     reporting every epoch to Tune; `concurrent` trials share the node's cores."""
-    from raykd.pipeline.harness.raysetup import concurrent_jobs, in_process, init_ray, local_thread_share
-
     for out in {c.run.out_dir: c for c in cfgs}.values():
         out_root(out)  # usable, before anything starts
-    w = cfgs[0].distill.workers
-    if tune or len(cfgs) == 1:
-        parallel = 1
-    elif parallel is None:
-        init_ray(cfgs[0])
-        parallel = concurrent_jobs(cfgs[0].ray, w.cpus_per_worker * w.num_workers, w.num_workers)
-    parallel = max(1, min(parallel, len(cfgs)))
-    share = local_thread_share(cfgs[0].ray, parallel * concurrent * w.num_workers)
+    place = Placement.decide(cfgs[0], cfgs[0].distill.workers, jobs=1 if tune else len(cfgs), parallel=parallel,
+                             concurrent=concurrent, inline=True if tune else None)
     if len(cfgs) > 1:
-        log.info(f"[distill] {len(cfgs)} students, {parallel} at a time")
+        log.info(f"[distill] {len(cfgs)} students, {place.parallel} at a time")
     with contextlib.ExitStack() as stack:
-        s = _Students(cfgs, parallel, progress, tune or in_process(cfgs[0], parallel, w), tune, share, stack, concurrent)
+        s = _Students(cfgs, place, progress, tune, stack, concurrent)
         s.run()
     if len(cfgs) == 1 and s.errors:
         raise s.errors[0]

@@ -100,7 +100,6 @@ def run_sweep(cfg: Config) -> dict:
     from raykd.pipeline.cache import Cache, cache_uri
 
     check_space(cfg)
-    sw = cfg.sweep
     if cfg.distill.teachers == "cache":  # the one cache every trial reads; never built here
         Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
     name = sweep_name(cfg)
@@ -115,17 +114,18 @@ def _run_sweep(cfg: Config, name: str, root: str, out: str) -> dict:
     from ray import tune
 
     from raykd.pipeline.core.progress import ProgressPrinter
-    from raykd.pipeline.harness.raysetup import check_fits, concurrent_jobs, init_ray, resolve_device
+    from raykd.pipeline.harness.placement import Placement
 
     sw = cfg.sweep
-    init_ray(cfg)
     w = cfg.distill.workers
-    concurrent = sw.max_concurrent or concurrent_jobs(cfg.ray, w.num_workers * w.cpus_per_worker, w.num_workers)
+    # trials at once: sweep.max_concurrent, else as many as the cluster's CPUs fit (Tune counts the trials)
+    place = Placement.decide(cfg, w, jobs=None, parallel=sw.max_concurrent, inline=False)
+    device, concurrent = place.start(), place.parallel
     if w.num_workers == 1:  # the trial trains its student itself: it holds the worker's CPUs (and GPU)
-        res = {"cpu": w.cpus_per_worker, **({"gpu": w.gpus_per_worker} if resolve_device(cfg.run.device) == "cuda" else {})}
+        res = {"cpu": w.cpus_per_worker, **({"gpu": w.gpus_per_worker} if device == "cuda" else {})}
+        place.check_fits("distill.workers.cpus_per_worker/gpus_per_worker")
     else:  # its Ray Train workers hold them (a trial's CPU share would starve Ray Data's reads beside them)
         res = {"cpu": 0}
-    check_fits({"CPU": res["cpu"], "GPU": res.get("gpu", 0)}, "distill.workers.cpus_per_worker/gpus_per_worker")
     # raykd turns Tune's per-trial result files off for its other stages; a sweep wants them: they hold
     # every reported epoch of every trial, also of trials ASHA stopped (read when the callbacks are made)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"

@@ -7,7 +7,6 @@ the accuracy gate, fingerprint). A teacher whose record matches its fingerprint 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,7 +20,6 @@ import torch
 from raykd.pipeline.core.config import Config, write_resolved
 from raykd.pipeline.core.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from raykd.pipeline.core.log import log
-from raykd.pipeline.core.progress import Console, ProgressPrinter
 from raykd.pipeline.core.records import TeacherRecord, inside, load_record, out_root, output_lock, write_record
 from raykd.pipeline.core.sections import OptimSection, TeacherSpec
 from raykd.pipeline.data.splits import Splits, load_splits
@@ -98,7 +96,7 @@ class TeacherTask(Task):
     optim_key = "teachers.optim"
 
     def __init__(self, job: TeacherJob, ctx):
-        from raykd.pipeline.data.batches import resolve, view_epochs, worker_share
+        from raykd.pipeline.cache.epochs import resolve, view_epochs, worker_share
         from raykd.pipeline.data.views import ViewPolicy
 
         self.job, self.device = job, ctx.device
@@ -203,41 +201,20 @@ def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
 
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
     from raykd.pipeline.harness.failures import JobFailed, failure_message
-    from raykd.pipeline.harness.raysetup import (
-        concurrent_jobs,
-        in_process,
-        init_ray,
-        local_thread_share,
-        resolve_device,
-        train_storage,
-    )
-    from raykd.pipeline.harness.runner import JobRunner
+    from raykd.pipeline.harness.placement import Placement, queue_of
 
     w = cfg.teachers.workers
-    parallel = min(cfg.teachers.parallel or len(to_train), len(to_train))
-    if cfg.teachers.parallel is None and parallel > 1:
-        init_ray(cfg)
-        parallel = min(concurrent_jobs(cfg.ray, w.cpus_per_worker * w.num_workers, w.num_workers), parallel)
-    inline = in_process(cfg, parallel, w)
-    if not inline:
-        init_ray(cfg)
-    device = resolve_device(cfg.run.device)
-    threads = w.torch_threads or local_thread_share(cfg.ray, parallel * w.num_workers)  # disjoint shares of the cores
-    if inline:  # a lone job in this process: no Ray at all
-        refs = {k: getattr(splits, k) for k in ("train", "val", "test")}
-    else:
-        import ray
-
-        refs = {k: ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
-    storage = train_storage(cfg)
+    place = Placement.decide(cfg, w, jobs=len(to_train), parallel=cfg.teachers.parallel)
+    device = place.start()
+    refs = place.put("splits", {k: getattr(splits, k) for k in ("train", "val", "test")})
     records, failed = {}, []
-    runner = JobRunner(parallel, inline=inline)
-    with (contextlib.nullcontext(Console()) if inline else ProgressPrinter()) as progress:
+    runner = place.runner()
+    with place.progress() as progress:
         for spec, fp in to_train:
             job = TeacherJob(
                 kind="teacher", name=spec.name, run_name=f"teacher-{spec.name}-{fp[:12]}", seed=spec.seed,
-                epochs=spec.epochs or cfg.teachers.optim.epochs, workers=w, storage=storage, device=device,
-                torch_threads=threads, progress=getattr(progress, "queue", progress), arch=spec.arch, num_classes=splits.num_classes,
+                epochs=spec.epochs or cfg.teachers.optim.epochs, workers=w, storage=place.storage, device=device,
+                torch_threads=place.threads(), progress=queue_of(progress), arch=spec.arch, num_classes=splits.num_classes,
                 in_chans=splits.in_chans, optim=cfg.teachers.optim, lr=spec.lr or cfg.teachers.optim.lr,
                 policy=splits.policy.as_dict(), data_seed=cfg.data.seed, mean=splits.mean, std=splits.std,
                 preprocess=spec.preprocess(), imports=job_imports(cfg),
