@@ -282,9 +282,9 @@ def test_records_of_another_shape_are_named(tmp_path, kind, write):
     from raykd.pipeline.stages import distill, professor, teachers
 
     write(tmp_path)
-    read = {"teacher record": lambda: teachers.read_record(str(tmp_path), "t"),
-            "student record": lambda: distill.read_student(str(tmp_path / "s")),
-            "professor record": lambda: professor.read_record(str(tmp_path / "professor"))}[kind]
+    read = {"teacher record": lambda: teachers.teacher_record(teachers.teacher_dir(str(tmp_path), "t")).read(),
+            "student record": lambda: distill.student_record(str(tmp_path / "s")).read(),
+            "professor record": lambda: professor.professor_record(str(tmp_path / "professor")).read()}[kind]
     with pytest.raises(RaykdError, match=f": not a raykd {kind} \\("):
         read()
 

@@ -1,3 +1,5 @@
+import types
+
 """Epoch data in memory or streamed: the same rows of the same views; each view read once; on-device sums."""
 
 import json
@@ -9,10 +11,10 @@ import torch
 from conftest import digits_cfg
 
 from raykd.pipeline.cache.epochs import (
+    CacheViews,
     MemoryEpochs,
     RowFormat,
     StreamEpochs,
-    cache_view_loader,
     in_memory_choice,
     row_bytes,
     worker_share,
@@ -90,7 +92,10 @@ def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
     cols = ["sample_id", "label", "pixels", "logits.a", "logits.b", "feat.b.stage3"]
     files = {k: cache.view_files(k) for k in range(2)}
     fmt = RowFormat(digits.mean, digits.std, digits.policy.as_dict())
-    memory = MemoryEpochs(cache_view_loader(cache.fs, files, cols, fmt, 0, 1, 0), lambda e: e % 2, 100, True, 0)
+    ctx = types.SimpleNamespace(rank=0, world=1)
+    memory = CacheViews(cache.fs, files, tuple(cols)).epochs(ctx, lambda e: e % 2, 100, True, 0, fmt.prepare,
+                                                            memory_prepare=lambda raw: fmt.prepare(raw, defer=True))
+    assert isinstance(memory, MemoryEpochs)
     stream = StreamEpochs(lambda k: ray.data.read_parquet(files[k], filesystem=cache.fs).select_columns(cols),
                           lambda e: e % 2, 100, 64, 0, fmt.prepare)
     for epoch in range(2):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from raykd.pipeline.core.errors import CheckpointError
-from raykd.pipeline.models.checkpoints import load_into, load_state_dict, save_state_dict, sha256_file
+from raykd.pipeline.core.records import sha256_file
+from raykd.pipeline.models.checkpoints import load_into, load_state_dict, save_state_dict
 from raykd.pipeline.models.zoo import build_model
 
 

@@ -60,7 +60,7 @@ def test_an_error_in_code_reaches_the_console_and_is_not_retried(built, tmp_path
     from conftest import digits_cfg
 
     from raykd.pipeline.core.errors import StageFailed
-    from raykd.pipeline.stages.distill import read_student, student_dir
+    from raykd.pipeline.stages.distill import student_dir, student_record
     from raykd.pipeline.stages.students import run_distill
 
     cfg0, _ = built
@@ -70,9 +70,9 @@ def test_an_error_in_code_reaches_the_console_and_is_not_retried(built, tmp_path
     with pytest.raises(StageFailed) as e:
         run_distill(cfg)
     msg = str(e.value)
-    assert "TypeError: injected bug at epoch 1 step 2 (at " in msg and "harness.py:" in msg and "in _maybe_fail" in msg
+    assert "TypeError: injected bug at epoch 1 step 2 (at " in msg and "harness/loop.py:" in msg and "in _maybe_fail" in msg
     assert "Not retried" in msg and "rerun the same command to resume" not in msg
-    assert read_student(student_dir(cfg)) is None
+    assert student_record(student_dir(cfg)).read() is None
 
 
 def test_a_transient_failure_names_this_sessions_log_folder(built, ray_session, tmp_path, monkeypatch):

@@ -13,14 +13,7 @@ import pickle
 import torch
 
 from raykd.pipeline.core.errors import CheckpointError
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from raykd.pipeline.core.records import sha256_file
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str) -> str:

@@ -31,10 +31,10 @@ from raykd.methods import METHODS, MethodContext, build_method
 from raykd.pipeline.cache import columns as C
 from raykd.pipeline.core.config import Config
 from raykd.pipeline.core.errors import CheckpointError, ConfigError, RaykdError
-from raykd.pipeline.core.records import StudentRecord, atomic_path, inside, load_record, write_record
+from raykd.pipeline.core.records import StageRecord, StudentRecord, atomic_path, inside, sha256_file
 from raykd.pipeline.core.schema import check_output_name
 from raykd.pipeline.harness.tracking import tracking_spec
-from raykd.pipeline.models.checkpoints import read_verified, save_state_dict, sha256_file
+from raykd.pipeline.models.checkpoints import read_verified, save_state_dict
 from raykd.pipeline.models.plugins import job_imports
 from raykd.pipeline.models.zoo import build_model, record_preprocess
 from raykd.pipeline.stages.student_job import StudentJob
@@ -62,6 +62,12 @@ def student_name(cfg: Config) -> str:
                           "would be longer than 100 characters; give it a shorter one with distill.name") from None
 
 
+def student_record(sdir: str) -> StageRecord:
+    """A student's record (student.json) and the files it lists (its weights)."""
+    return StageRecord(os.path.join(sdir, RECORD), StudentRecord, "student record", files=lambda r: r["files"],
+                       again="move its folder away to train it again")
+
+
 def student_dir(cfg: Config) -> str:
     return inside(os.path.abspath(cfg.run.out_dir), "students", student_name(cfg))
 
@@ -69,7 +75,7 @@ def student_dir(cfg: Config) -> str:
 def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
     """(teacher names, their val accuracy, K, upstream fingerprint, cache or None, in-worker teacher entries)."""
     from raykd.pipeline.cache import Cache, cache_uri
-    from raykd.pipeline.stages.teachers import read_record, teacher_dir
+    from raykd.pipeline.stages.teachers import teacher_dir, teacher_record
 
     out = os.path.abspath(cfg.run.out_dir)
     from_student = method_cls.student_teacher(cfg)
@@ -90,7 +96,7 @@ def _teacher_sources(cfg: Config, splits, method_cls, online: bool):
         names = cfg.method.teachers or cfg.cache.teachers or [t.name for t in cfg.teachers.models]
     entries, acc = [], {}
     for n in names:
-        rec = read_record(out, n)
+        rec = teacher_record(teacher_dir(out, n)).read()
         if rec is None:
             raise RaykdError(f"teacher {n!r} has no record under {teacher_dir(out, n)}: run `raykd teachers` first")
         if rec["data_fingerprint"] != splits.fingerprint:
@@ -113,7 +119,7 @@ def _student_as_teacher(cfg: Config, name: str, splits, online: bool, out: str):
     from raykd.pipeline.cache import Cache, cache_uri
 
     sdir = os.path.join(out, "students", name)
-    rec = read_student(sdir)
+    rec = student_record(sdir).read()
     if rec is None:
         raise RaykdError(f"method.feed.from_student={name!r}: no finished student under {sdir}")
     path = os.path.join(sdir, "student.safetensors")
@@ -131,10 +137,10 @@ def _student_as_teacher(cfg: Config, name: str, splits, online: bool, out: str):
 
 def _professor_entry(cfg: Config) -> dict:
     """The trained professor (for online mode with refined targets), verified against its sha256."""
-    from raykd.pipeline.stages.professor import read_record
+    from raykd.pipeline.stages.professor import professor_record
 
     out = os.path.join(os.path.abspath(cfg.run.out_dir), "professor")
-    rec = read_record(out)
+    rec = professor_record(out).read()
     if rec is None:
         raise RaykdError(f"method.targets={cfg.method.targets} needs the professor: none under {out}; run `raykd professor`")
     path = os.path.join(out, rec["file"])
@@ -207,7 +213,7 @@ def plan_student(cfg: Config, splits) -> Plan | dict:
         upstream = hashlib.sha256(f"{upstream}:{prof_fp}".encode()).hexdigest()
     fp = distill_fingerprint(cfg, splits.fingerprint, upstream)
     sdir = student_dir(cfg)
-    prev = _reusable(sdir, fp)
+    prev = student_record(sdir).reusable(fp)
     if prev is not None:
         return prev
     return Plan(cfg, student_name(cfg), sdir, fp, upstream, splits, names, online or bool(online_teachers), student,
@@ -216,7 +222,7 @@ def plan_student(cfg: Config, splits) -> Plan | dict:
 
 def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurrent: int = 1) -> StudentJob:
     """The plan as a job: the splits as object refs, the cache's files and columns, in memory or streamed."""
-    from raykd.pipeline.cache.epochs import in_memory_choice, memory_budget, row_bytes
+    from raykd.pipeline.cache.epochs import CacheViews, in_memory_choice, memory_budget, row_bytes
     from raykd.pipeline.harness.raysetup import train_storage
 
     cfg, d = p.cfg, p.cfg.distill
@@ -237,13 +243,10 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
         files = cache.view_files_of(used)  # a ViewFiles: on a cache being built, views are waited for as read
         refined_files = {k: cache.refined_files(k) for k in used} if C.REFINED in cols else None
         files.checks.sha256.update(cache.checks([p for ps in (refined_files or {}).values() for p in ps]).sha256)
-        cache_kw = {
-            "cache_fs": cache.fs, "files": files, "checks": files.checks,
-            "columns": tuple(c for c in cols if c != C.REFINED), "targets": reader,
-            "refined_files": refined_files,
-            "in_memory": in_memory_choice(d.in_memory, nbytes, memory_budget() // max(1, concurrent)),
-            "train": None if cache.manifest["store_views"] else refs["train"],
-        }
+        views = CacheViews(cache.fs, files, tuple(c for c in cols if c != C.REFINED), files.checks, refined_files,
+                           in_memory_choice(d.in_memory, nbytes, memory_budget() // max(1, concurrent)))
+        cache_kw = {"cache_views": views, "targets": reader,
+                    "train": None if cache.manifest["store_views"] else refs["train"]}
     else:
         cache_kw = {"train": refs["train"]}
     fault = json.loads(os.environ["RAYKD_FAULT"]) if os.environ.get("RAYKD_FAULT") else None
@@ -306,29 +309,14 @@ def finish_student(p: Plan, res) -> dict:
         rec["profile"] = {**{k: round(v, 3) for k, v in p.times.items()}, "job_start_s": round(pr["started"] - p.t0, 3),
                           **{k: round(pr[k], 3) for k in ("build_s", "load_s", "train_s", "eval_s", "report_s")},
                           "job_end_s": round(t_done - pr["ended"], 3), "outputs_s": round(time.time() - t_done, 3)}
-    write_record(os.path.join(p.sdir, RECORD), rec)
+    student_record(p.sdir).write(rec)
     return rec
 
 
-def read_student(sdir: str) -> dict | None:
-    """A student's record (None if it has none; an error naming it if it is not one)."""
-    try:
-        return load_record(os.path.join(sdir, RECORD), StudentRecord, "student record")
-    except RaykdError as e:
-        raise RaykdError(f"{e}; move its folder away to train it again") from None
 
 
-def _reusable(sdir: str, fp: str) -> dict | None:
-    """The student's record if it is of this fingerprint and its files are intact."""
-    prev = read_student(sdir)
-    return prev if prev is not None and prev["fingerprint"] == fp and _outputs_intact(sdir, prev) else None
 
 
-def _outputs_intact(sdir: str, rec: dict) -> bool:
-    try:
-        return all(sha256_file(os.path.join(sdir, f)) == sha for f, sha in rec["files"].items())
-    except (OSError, KeyError):
-        return False
 
 
 def format_results(records: list[dict]) -> str:

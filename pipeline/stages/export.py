@@ -36,10 +36,10 @@ def load_student(cfg, name: str):
     from raykd.pipeline.data.splits import load_splits
     from raykd.pipeline.models.checkpoints import load_into, load_state_dict
     from raykd.pipeline.models.zoo import build_model
-    from raykd.pipeline.stages.distill import read_student
+    from raykd.pipeline.stages.distill import student_record
 
     sdir = os.path.join(os.path.abspath(cfg.run.out_dir), "students", name)
-    rec = read_student(sdir)
+    rec = student_record(sdir).read()
     if rec is None:
         raise RaykdError(f"no finished student {name!r} under {sdir} (raykd distill writes student.json there)")
     splits = load_splits(cfg.data)  # its classes, channels, size and normalisation

@@ -55,13 +55,8 @@ class StudentJob(Job):
     val: Any  # object refs of the splits (raykd.pipeline.data.datasets.Split)
     test: Any
     train: Any = None  # only to render views: online, or a cache without pixels
-    cache_fs: Any = None  # cached mode: the cache's filesystem, files per view, columns read
-    files: dict | None = None
-    columns: tuple = ()
+    cache_views: Any = None  # cached mode: the CacheViews it reads (None: online)
     targets: Any = None  # a TargetReader: the cached teachers' targets (full logits or top-k) as logits
-    checks: Any = None  # a cache.PartChecks: each part file's sha256, checked as the job reads it
-    refined_files: dict | None = None
-    in_memory: bool = True
     device_views: Any = "auto"  # DistillSection.device_views
     shuffle_buffer: int = 0
     test_every: int = 1  # DistillSection.test_every
@@ -71,13 +66,12 @@ class StudentJob(Job):
     def build(self, ctx):
         return StudentTask(self, ctx)
 
-    def datasets(self) -> dict:
-        if self.files is None or self.in_memory:
-            return {}
-        import ray
+    @property
+    def in_memory(self) -> bool:  # online views are rendered in memory too
+        return self.cache_views is None or self.cache_views.in_memory
 
-        return {f"view{k}": ray.data.read_parquet(self.files[k], filesystem=self.cache_fs).select_columns(list(self.columns))
-                for k in self.files.used}  # (a view of a cache being built: waited for here)
+    def datasets(self) -> dict:
+        return {} if self.cache_views is None else self.cache_views.datasets()  # (a view of a cache being built: waited for here)
 
 
 def _load_online(entries, num_classes, in_chans, device) -> dict[str, nn.Module]:
@@ -102,17 +96,7 @@ def _load_professor(p: dict, num_classes: int, device):
 
 class StudentTask(Task):
     def __init__(self, job: StudentJob, ctx):
-        from raykd.pipeline.cache.epochs import (
-            MemoryEpochs,
-            Refined,
-            RowFormat,
-            StreamEpochs,
-            cache_view_loader,
-            check_view,
-            resolve,
-            view_epochs,
-            worker_share,
-        )
+        from raykd.pipeline.cache.epochs import RowFormat, resolve, view_epochs, worker_share
 
         self.job, self.device = job, ctx.device
         self.student = build_model(job.arch, job.num_classes, job.in_chans)
@@ -124,7 +108,7 @@ class StudentTask(Task):
         view_of = lambda e: e % job.views  # noqa: E731
         shuffle = job.shuffle_buffer > 0
         rows = job.n_train // ctx.world
-        if job.files is None:  # online: views rendered here from the source images
+        if job.cache_views is None:  # online: views rendered here from the source images
             train = resolve(job.train)
             share = worker_share(len(train), ctx.rank, ctx.world, job.seed)
             policy = _policy(job.policy)
@@ -132,23 +116,11 @@ class StudentTask(Task):
                                     job.optim.batch_size, shuffle, job.seed)
         else:
             fmt = RowFormat(job.mean, job.std, job.policy, job.train)
-            refined = Refined(job.cache_fs, job.refined_files, job.checks) if job.refined_files else None
-            if job.in_memory:
-                load = cache_view_loader(job.cache_fs, job.files, list(job.columns), fmt, ctx.rank, ctx.world, job.seed,
-                                         refined, job.checks)
-                self.data = MemoryEpochs(load, view_of, job.optim.batch_size, shuffle, job.seed,
-                                         finish=None if C.PIXELS in job.columns else fmt.render, device=ctx.device,
-                                         device_views=job.device_views, views_used=min(job.views, job.epochs))
-            else:
-                if ctx.world > 1:
-                    source = lambda k: ctx.shard(f"view{k}")  # noqa: E731
-                else:
-                    import ray
-
-                    source = lambda k: ray.data.read_parquet(job.files[k], filesystem=job.cache_fs).select_columns(  # noqa: E731
-                        list(job.columns))
-                self.data = StreamEpochs(source, view_of, job.optim.batch_size, job.shuffle_buffer, job.seed, fmt.prepare,
-                                         refined, check_view(job.cache_fs, job.files, job.checks))
+            self.data = job.cache_views.epochs(
+                ctx, view_of, job.optim.batch_size, shuffle, job.seed, fmt.prepare,
+                memory_prepare=lambda raw: fmt.prepare(raw, defer=True), shuffle_buffer=job.shuffle_buffer,
+                finish=None if C.PIXELS in job.cache_views.columns else fmt.render, device=ctx.device,
+                device_views=job.device_views, views_used=min(job.views, job.epochs))
         steps = max(1, math.ceil(rows / job.optim.batch_size))
         groups = [{"params": list(self.student.parameters())}] + [
             {"params": g["params"], "lr": job.optim.lr * g.get("lr_factor", 1.0)}

@@ -18,7 +18,14 @@ from raykd.pipeline.core.progress import ProgressPrinter
 from raykd.pipeline.core.records import out_root, output_lock
 from raykd.pipeline.harness.failures import JobFailed, failure_message
 from raykd.pipeline.harness.placement import Placement
-from raykd.pipeline.stages.distill import _reusable, finish_student, make_job, plan_student, student_dir, student_name
+from raykd.pipeline.stages.distill import (
+    finish_student,
+    make_job,
+    plan_student,
+    student_dir,
+    student_name,
+    student_record,
+)
 
 
 def _say(queue, line: str) -> None:
@@ -104,7 +111,7 @@ class _Students:
         self.place.check_fits("distill.workers.cpus_per_worker/gpus_per_worker", d.workers)
         try:  # one process trains a student at a time; it may have finished it meanwhile
             self.stack.enter_context(output_lock(plan.sdir, f"training of student {plan.name!r}"))
-            rec = _reusable(plan.sdir, plan.fp)
+            rec = student_record(plan.sdir).reusable(plan.fp)
         except RaykdError as e:
             self.errors[i] = e
             return

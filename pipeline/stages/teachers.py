@@ -20,7 +20,7 @@ import torch
 from raykd.pipeline.core.config import Config, write_resolved
 from raykd.pipeline.core.errors import CheckpointError, ConfigError, RaykdError, StageFailed
 from raykd.pipeline.core.log import log
-from raykd.pipeline.core.records import TeacherRecord, inside, load_record, out_root, output_lock, write_record
+from raykd.pipeline.core.records import StageRecord, TeacherRecord, inside, out_root, output_lock, write_record
 from raykd.pipeline.core.sections import OptimSection, TeacherSpec
 from raykd.pipeline.data.splits import Splits, load_splits
 from raykd.pipeline.harness.job import Job, Task
@@ -43,6 +43,15 @@ RECORD = "teacher.json"
 
 def teacher_dir(out_dir: str, name: str) -> str:
     return inside(out_dir, "teachers", name)
+
+
+def teacher_record(tdir: str) -> StageRecord:
+    """A teacher's record (teacher.json) and its best and last checkpoints; one that is unreadable or of
+    another shape is an error naming it, never a reason to train over the files it describes."""
+    return StageRecord(os.path.join(tdir, RECORD), TeacherRecord, "teacher record",
+                       files=lambda r: {r[k]["file"]: r[k]["sha256"] for k in ("best", "last") if k in r},
+                       again=f"move its folder away to train teacher {os.path.basename(tdir)!r} again",
+                       error=CheckpointError)
 
 
 def teacher_fingerprint(spec: TeacherSpec, cfg: Config, data_fp: str) -> str:
@@ -173,14 +182,14 @@ def run_teachers(cfg: Config) -> list[dict]:
 
 
 def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
-    found = {spec.name: read_record(out, spec.name) for spec in cfg.teachers.models}  # all checked before any write
+    found = {spec.name: teacher_record(teacher_dir(out, spec.name)).read() for spec in cfg.teachers.models}  # all checked before any write
     records: dict[str, dict] = {}
     to_train: list[tuple[TeacherSpec, str]] = []
     for spec in cfg.teachers.models:
         tdir = teacher_dir(out, spec.name)
         fp = teacher_fingerprint(spec, cfg, splits.fingerprint)
         rec = found[spec.name]
-        if rec is not None and rec.get("fingerprint") == fp and _files_intact(tdir, rec):
+        if rec is not None and rec.get("fingerprint") == fp and teacher_record(tdir).intact(rec):
             log.info(f"[teachers] {spec.name}: up to date ({tdir}), not retrained")
         elif spec.checkpoint:
             log.info(f"[teachers] {spec.name} ({spec.arch}): evaluating {spec.checkpoint}")
@@ -250,7 +259,7 @@ def _finalise(rec: dict, spec: TeacherSpec, fp: str, splits: Splits, cfg: Config
     if spec.preprocess():  # with the data set's statistics it undoes: a record alone rebuilds the teacher's input
         rec["preprocess"] = {**spec.preprocess(), "data_mean": list(splits.mean), "data_std": list(splits.std)}
     rec = _apply_gate(rec, cfg.teachers.min_val_acc)
-    _write_record(tdir, rec)
+    teacher_record(tdir).write(rec)
     return rec
 
 
@@ -304,30 +313,15 @@ def _apply_gate(rec: dict, min_val_acc: float) -> dict:
     return rec
 
 
-def _write_record(tdir: str, rec: dict) -> None:
-    os.makedirs(tdir, exist_ok=True)
-    write_record(os.path.join(tdir, RECORD), rec)
 
 
-def _files_intact(tdir: str, rec: dict) -> bool:
-    try:
-        return all(sha256_file(os.path.join(tdir, rec[k]["file"])) == rec[k]["sha256"] for k in ("best", "last") if k in rec)
-    except OSError:
-        return False
 
 
-def read_record(out_dir: str, name: str) -> dict | None:
-    """A teacher's record (None if it has none); one that is unreadable or of another shape is an error
-    naming it, never a reason to train over the files it describes."""
-    try:
-        return load_record(os.path.join(teacher_dir(out_dir, name), RECORD), TeacherRecord, "teacher record")
-    except RaykdError as e:
-        raise CheckpointError(f"{e}; move its folder away to train teacher {name!r} again") from None
 
 
 def load_teacher(out_dir: str, name: str, for_cache: bool = True) -> tuple[torch.nn.Module, dict]:
     """The best checkpoint of a teacher, verified against its sha256; refused if it failed the accuracy gate."""
-    rec = read_record(out_dir, name)
+    rec = teacher_record(teacher_dir(out_dir, name)).read()
     if rec is None:
         raise RaykdError(f"teacher {name!r} has no record under {teacher_dir(out_dir, name)}: run `raykd teachers` first")
     if for_cache and not rec["gate"]["passed"]:
