@@ -26,12 +26,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raykd.pipeline.cache import Cache, build_cache, cache_uri  # noqa: E402
-from raykd.pipeline.config import load_config, variant  # noqa: E402
-from raykd.pipeline.distill import run_students, student_dir, student_name  # noqa: E402
-from raykd.pipeline.errors import StageFailed  # noqa: E402
 from stats import ci, paired  # noqa: E402  (bench/stats.py, beside this script)
-from raykd.pipeline.teachers import run_teachers  # noqa: E402
+
+from raykd.pipeline.cache import Cache, build_cache, cache_uri  # noqa: E402
+from raykd.pipeline.core.config import load_config, variant  # noqa: E402
+from raykd.pipeline.core.errors import StageFailed  # noqa: E402
+from raykd.pipeline.stages.distill import student_dir, student_name
+from raykd.pipeline.stages.students import run_students  # noqa: E402
+from raykd.pipeline.stages.teachers import run_teachers  # noqa: E402
 
 # method -> (config changes, the cache it reads); "<best>" is the teacher with the best validation accuracy,
 # "<smallest>" the one with the fewest parameters (the A/A pair: its online forward is the cheapest)
@@ -130,7 +132,7 @@ def main() -> None:
     if args.teachers_on_all_data:  # every training image for the teachers, then their checkpoints for the rest
         tcfg = variant(cfg, {"data.train_subset": None, "run.out_dir": cfg.run.out_dir + "-teachers"}, "bench teachers")
         run_teachers(tcfg)
-        from raykd.pipeline.teachers import teacher_dir
+        from raykd.pipeline.stages.teachers import teacher_dir
 
         cfg = variant(cfg, {f"teachers.models.{i}.checkpoint": os.path.join(teacher_dir(
             os.path.abspath(tcfg.run.out_dir), t.name), "best.safetensors") for i, t in enumerate(cfg.teachers.models)},
@@ -165,7 +167,7 @@ def main() -> None:
     profs = {}
     for m, rs in runs.items():
         if rs[0].method.targets in ("refined", "both") and kind_of[m] not in profs:
-            from raykd.pipeline.professor import run_professor
+            from raykd.pipeline.stages.professor import run_professor
 
             profs[kind_of[m]] = prof = run_professor(rs[0])
     order = sorted(runs, key=lambda m: m not in SLOW)

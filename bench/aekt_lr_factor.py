@@ -14,10 +14,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raykd.pipeline.config import load_config  # noqa: E402
-from raykd.pipeline.distill import run_distill, student_dir  # noqa: E402
-from raykd.pipeline.errors import StageFailed  # noqa: E402
-from raykd.pipeline.teachers import run_teachers  # noqa: E402
+from raykd.pipeline.core.config import load_config  # noqa: E402
+from raykd.pipeline.core.errors import StageFailed  # noqa: E402
+from raykd.pipeline.stages.distill import student_dir
+from raykd.pipeline.stages.students import run_distill  # noqa: E402
+from raykd.pipeline.stages.teachers import run_teachers  # noqa: E402
 
 ROWS = [("ce", ["method.name=ce"]), ("kd_wce1", ["method.name=kd", "method.kd.w_ce=1.0"])] + [
     (f"aekt_f{f}_n{n}", ["method.name=aekt", "method.aekt.warmup=2", f"method.aekt.lr_factor={f}",

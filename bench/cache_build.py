@@ -5,7 +5,7 @@
 
 Both sides are whole processes of the same Python, timed by this script in turn (bare, raykd, bare,
 raykd, ...; this machine is noisy, so each pair gives its own ratio). Both load the data set and the
-teachers' checkpoints, render the same K views of every training sample (`raykd.pipeline.views`), normalise
+teachers' checkpoints, render the same K views of every training sample (`raykd.pipeline.data.views`), normalise
 them and run every teacher once per view, in batches of `--batch`, on the threads torch takes by default
 (all the cores). The bare loop keeps nothing. The raykd side is `raykd cache --overwrite` into a
 temporary folder: Parquet files, sha256 of every part, commit records, manifest, and whichever engine
@@ -36,10 +36,11 @@ def bare(config: str, overrides: list[str]) -> None:
     """The floor, in this process: prints {"loop_s", "rows"} as JSON on its last line."""
     import torch
 
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.data import load_splits, normalize
-    from raykd.pipeline.teachers import load_teacher
-    from raykd.pipeline.views import make_views
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.datasets import normalize
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.data.views import make_views
+    from raykd.pipeline.stages.teachers import load_teacher
 
     cfg = load_config(config, overrides)
     splits = load_splits(cfg.data)
@@ -90,8 +91,8 @@ def main() -> None:
 
     import torch
 
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.stages.teachers import run_teachers
 
     cfg = load_config(args.config, over)
     run_teachers(cfg)  # reused when already trained

@@ -38,8 +38,8 @@ def make_folder(n: int) -> str:
     import numpy as np
     from PIL import Image
 
-    from raykd.pipeline.config import DataSection
-    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
 
     root = os.path.join(WORK, f"folder-{n}")
     if os.path.isdir(os.path.join(root, "train")):
@@ -82,9 +82,9 @@ def raykd_epoch(root: str, workers: int) -> float:
     import numpy as np
     import torch
 
-    from raykd.pipeline.batches import view_epochs
-    from raykd.pipeline.config import DataSection
-    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.cache.epochs import view_epochs
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
     splits = load_splits(DataSection(name="imagefolder", root=root, image_size=160, view_policy="random_resized_crop"))
     model = tiny_student(splits.num_classes)
     step = step_fn(model, torch.optim.SGD(model.parameters(), lr=0.01))
@@ -125,8 +125,8 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     root = make_folder(args.n)
-    from raykd.pipeline.config import DataSection
-    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
 
     s = load_splits(DataSection(name="imagefolder", root=root, image_size=160, view_policy="random_resized_crop"))
     mean, std = list(s.mean), list(s.std)

@@ -24,9 +24,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from raykd.pipeline.cache import build_cache  # noqa: E402
-from raykd.pipeline.config import load_config, variant  # noqa: E402
-from raykd.pipeline.distill import run_distill, student_dir  # noqa: E402
-from raykd.pipeline.teachers import run_teachers  # noqa: E402
+from raykd.pipeline.core.config import load_config, variant  # noqa: E402
+from raykd.pipeline.stages.distill import student_dir
+from raykd.pipeline.stages.students import run_distill  # noqa: E402
+from raykd.pipeline.stages.teachers import run_teachers  # noqa: E402
 
 MODES = {
     "ce": {"method.name": "ce"},

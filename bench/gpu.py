@@ -41,8 +41,9 @@ def bare_epochs(cfg, epochs: int, device) -> list[float]:
 
     from raykd.methods import MethodContext, Targets, build_method
     from raykd.pipeline.cache import Cache, cache_uri, column_array
-    from raykd.pipeline.data import load_splits, normalize
-    from raykd.pipeline.models import build_model
+    from raykd.pipeline.data.datasets import normalize
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.models.zoo import build_model
 
     splits = load_splits(cfg.data)
     cache = Cache(cache_uri(cfg))
@@ -94,10 +95,11 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.distill import run_distill, student_dir
     from raykd.pipeline.cache import build_cache
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.stages.distill import student_dir
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import run_teachers
 
     if args.device == "cuda":
         assert torch.cuda.is_available(), "no CUDA device"
@@ -137,8 +139,8 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     root = decode.make_folder(200 if args.small else 2000)
-    from raykd.pipeline.config import DataSection
-    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
 
     s = load_splits(DataSection(name="imagefolder", root=root, image_size=160, view_policy="random_resized_crop"))
     pool = decode.raykd_epoch(root, cores)

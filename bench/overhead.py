@@ -44,10 +44,11 @@ def floor(cfg_path: str, overrides: list[str], epochs: int, out: str) -> None:
     t_import = time.time()
     from raykd.methods import MethodContext, Targets, build_method
     from raykd.pipeline.cache import Cache, cache_uri, column_array
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.data import load_splits, normalize
-    from raykd.pipeline.models import build_model
-    from raykd.pipeline.training import lr_lambda
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.datasets import normalize
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.harness.training import lr_lambda
+    from raykd.pipeline.models.zoo import build_model
 
     cfg = load_config(cfg_path, overrides)
     d, o = cfg.distill, cfg.distill.optim
@@ -110,8 +111,8 @@ def floor(cfg_path: str, overrides: list[str], epochs: int, out: str) -> None:
 
 
 def run_raykd(cfg_path: str, overrides: list[str], epochs: int, name: str) -> dict:
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.distill import student_dir
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.stages.distill import student_dir
 
     args = [os.path.join(os.path.dirname(sys.executable), "raykd"), "distill", "-c", cfg_path, *overrides,
             f"distill.optim.epochs={epochs}", f"distill.name={name}"]
@@ -145,11 +146,11 @@ def run_raykd(cfg_path: str, overrides: list[str], epochs: int, name: str) -> di
 
 def read_path(cfg, epochs: int) -> dict:
     """Rows/s of one cache view into torch batches of the student's size: Ray Data's iter_torch_batches,
-    and raykd's own reader when it has one (`raykd.pipeline.batches.read_view`)."""
+    and raykd's own reader when it has one (`raykd.pipeline.cache.epochs.read_view`)."""
     import ray
 
     from raykd.pipeline.cache import Cache, cache_uri
-    from raykd.pipeline.raysetup import init_ray
+    from raykd.pipeline.harness.raysetup import init_ray
 
     init_ray(cfg)
     cache = Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
@@ -163,7 +164,7 @@ def read_path(cfg, epochs: int) -> dict:
         pass
     out["ray_data_iter_torch_batches_rows_per_s"] = round(rows / (time.time() - t0), 1)
     try:
-        from raykd.pipeline.batches import read_view
+        from raykd.pipeline.cache.epochs import read_view
     except ImportError:
         read_view = None
     if read_view is not None:
@@ -193,8 +194,8 @@ def main() -> None:
     cmd = "python bench/overhead.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     from raykd.pipeline.cache import build_cache
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.stages.teachers import run_teachers
 
     cfg = load_config(args.config, overrides)
     run_teachers(cfg)

@@ -60,8 +60,8 @@ def fashion_split(config: str, overrides: list[str], split: str, train: bool):
     import torch
     from torchvision import transforms
 
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.splits import load_splits
 
     splits = load_splits(load_config(config, overrides).data)
     part = getattr(splits, split)
@@ -85,7 +85,7 @@ def fashion_split(config: str, overrides: list[str], split: str, train: bool):
 
 def raykd_zoo(arch: str, num_classes: int, in_chans: int, **_):
     """raykd's zoo models, registered into torchdistill's model registry under the key `raykd_zoo`."""
-    from raykd.pipeline.models import build_model
+    from raykd.pipeline.models.zoo import build_model
 
     return build_model(arch, num_classes, in_chans)
 
@@ -273,9 +273,9 @@ def main() -> None:
 
     import torch
 
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.data import load_splits
-    from raykd.pipeline.teachers import load_teacher, run_teachers
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.stages.teachers import load_teacher, run_teachers
 
     ensure_torchdistill()
     threads = torch.get_num_threads()

@@ -23,8 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raykd.pipeline.config import load_config, variant  # noqa: E402
-from raykd.pipeline.distill import run_students  # noqa: E402
+from raykd.pipeline.core.config import load_config, variant  # noqa: E402
+from raykd.pipeline.stages.students import run_students  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy import FEATURES, LOGITS, SLOW, VARIANTS, _curve, _row, row_changes  # noqa: E402  (bench/accuracy.py)
@@ -34,7 +34,7 @@ from stats import paired  # noqa: E402  (bench/stats.py)
 def on_regime_teachers(cfg) -> dict:
     """Overrides that load the regime's teachers as `make bench` left them (bench/accuracy.py
     --teachers-on-all-data): a student with only these reads the regime's feature cache."""
-    from raykd.pipeline.teachers import teacher_dir
+    from raykd.pipeline.stages.teachers import teacher_dir
 
     tdir = os.path.abspath(cfg.run.out_dir) + "-teachers"
     return {f"teachers.models.{i}.checkpoint": os.path.join(teacher_dir(tdir, t.name), "best.safetensors")
@@ -72,7 +72,7 @@ def main() -> None:
     cfgs = [variant(cfg, {**caches[VARIANTS[m][1]], **row_changes(m, regime["best_teacher"], smallest),
                           "distill.optim.epochs": e, "distill.student.seed": s, "distill.name": f"plateau{e}-{m}-s{s}"},
                     "plateau probe") for e, m, s in runs]
-    from raykd.pipeline.professor import run_professor
+    from raykd.pipeline.stages.professor import run_professor
 
     for c in {VARIANTS[m][1]: c for (_, m, _), c in zip(runs, cfgs) if c.method.targets in ("refined", "both")}.values():
         run_professor(c)  # the regime's professor, reused (its fingerprint does not hold the student's epochs)

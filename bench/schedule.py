@@ -25,9 +25,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raykd.pipeline.config import load_config, variant  # noqa: E402
-from raykd.pipeline.distill import run_students  # noqa: E402
 from plateau import on_regime_logits  # noqa: E402  (bench/plateau.py, beside this script)
+
+from raykd.pipeline.core.config import load_config, variant  # noqa: E402
+from raykd.pipeline.stages.students import run_students  # noqa: E402
 
 
 def main() -> None:

@@ -41,8 +41,8 @@ def make_folder(n: int, size: int, test_n: int = 1000) -> str:
     """<WORK>/folder-<n>/{train,val}/<class>/<id>.jpg from Fashion-MNIST (made once)."""
     from PIL import Image
 
-    from raykd.pipeline.config import DataSection
-    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
 
     root = os.path.join(WORK, f"folder-{n}-{size}px")
     if os.path.isfile(os.path.join(root, ".done")):
@@ -109,12 +109,12 @@ def child(args) -> dict:
     import torch
 
     from raykd.pipeline.cache import build_cache
-    from raykd.pipeline.checkpoints import save_state_dict
-    from raykd.pipeline.config import load_config, variant
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.models import build_model
-    from raykd.pipeline.raysetup import init_ray
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.core.config import load_config, variant
+    from raykd.pipeline.harness.raysetup import init_ray
+    from raykd.pipeline.models.checkpoints import save_state_dict
+    from raykd.pipeline.models.zoo import build_model
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import run_teachers
 
     root = make_folder(args.n, args.image_size)
     ckpt = os.path.join(WORK, "resnet18-random.safetensors")
@@ -164,9 +164,9 @@ def floor(cfg, root: str, ckpt: str, size: int, res: dict) -> dict:
     import torchvision
     from torchvision.transforms import v2
 
-    from raykd.pipeline.checkpoints import load_foreign, load_state_dict
-    from raykd.pipeline.data import load_splits
-    from raykd.pipeline.models import build_model
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.models.checkpoints import load_foreign, load_state_dict
+    from raykd.pipeline.models.zoo import build_model
 
     splits = load_splits(cfg.data)
     norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(splits.mean, splits.std)]

@@ -24,10 +24,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from raykd.pipeline.cache import build_cache  # noqa: E402
-from raykd.pipeline.config import load_config, variant  # noqa: E402
-from raykd.pipeline.raysetup import init_ray  # noqa: E402
-from raykd.pipeline.sweep import run_sweep  # noqa: E402
-from raykd.pipeline.teachers import run_teachers  # noqa: E402
+from raykd.pipeline.core.config import load_config, variant  # noqa: E402
+from raykd.pipeline.harness.raysetup import init_ray  # noqa: E402
+from raykd.pipeline.stages.sweep import run_sweep  # noqa: E402
+from raykd.pipeline.stages.teachers import run_teachers  # noqa: E402
 
 SPACE = {"distill.optim.lr": {"grid": [0.02, 0.05, 0.1, 0.2]}, "method.name": {"grid": ["kd", "dkd"]}}
 

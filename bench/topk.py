@@ -44,12 +44,12 @@ def class_bytes(out_dir: str, num_classes: int = 1000, teachers: int = 3, rows: 
     import numpy as np
 
     from raykd.pipeline.cache import build_cache
-    from raykd.pipeline.checkpoints import save_state_dict
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.data import DATASETS, Raw
-    from raykd.pipeline.models import build_model
-    from raykd.pipeline.teachers import run_teachers
-    from raykd.pipeline.views import ViewPolicy
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.datasets import DATASETS, Raw
+    from raykd.pipeline.data.views import ViewPolicy
+    from raykd.pipeline.models.checkpoints import save_state_dict
+    from raykd.pipeline.models.zoo import build_model
+    from raykd.pipeline.stages.teachers import run_teachers
 
     name = f"random-{num_classes}"
     if name not in DATASETS:
@@ -93,9 +93,9 @@ def main() -> None:
     args = ap.parse_args()
     cmd = "python bench/topk.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     from raykd.pipeline.cache import build_cache, cache_uri
-    from raykd.pipeline.config import load_config, variant
-    from raykd.pipeline.distill import run_students
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.core.config import load_config, variant
+    from raykd.pipeline.stages.students import run_students
+    from raykd.pipeline.stages.teachers import run_teachers
 
     t0 = time.time()
     cfg = load_config(args.config, [*args.overrides, "cache.layers={}"])

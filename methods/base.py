@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raykd.methods.ensemble import PER_SAMPLE, mix_logits, teacher_weights
-from raykd.pipeline.registry import Registry
+from raykd.pipeline.core.registry import Registry
 
 METHODS: Registry = Registry("method")
 
@@ -54,7 +54,7 @@ class Method(nn.Module, metaclass=ABCMeta):
     """Base class. `uses_teachers = False` for methods that need no teacher output (the CE baseline)."""
 
     uses_teachers = True
-    # this method's own options, `method.<name>.*`: a raykd.pipeline.schema.Section subclass declared in the
+    # this method's own options, `method.<name>.*`: a raykd.pipeline.core.schema.Section subclass declared in the
     # method's file (config builds method.<name> from it); None = no options of its own
     Options = None
     # bump when a change to the method's maths makes its earlier students stale: it enters the students'

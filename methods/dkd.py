@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from raykd.methods.base import METHODS, Method
-from raykd.pipeline.schema import Section
+from raykd.pipeline.core.schema import Section
 
 
 def _binary_log_probs(logits: torch.Tensor, gt: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from raykd.methods.base import METHODS, Method
-from raykd.pipeline.schema import NAME_RE, Section
+from raykd.pipeline.core.schema import NAME_RE, Section
 
 
 def ntl(c_in: int, c_out: int, negative_slope: float = 0.1, bottleneck: int | None = None) -> nn.Sequential:
@@ -93,13 +93,13 @@ class FEED(Method):
         super().__init__(cfg, ctx)
         o = cfg.feed
         if cfg.targets != "teachers":
-            from raykd.pipeline.errors import ConfigError
+            from raykd.pipeline.core.errors import ConfigError
 
             raise ConfigError(f"method.targets={cfg.targets}: FEED distils feature maps, not (refined) logits")
         stages = ctx.student_stages
         self.student_layer = o.student_layer or (list(stages)[-1] if stages else None)
         if self.student_layer not in stages:
-            from raykd.pipeline.errors import ConfigError
+            from raykd.pipeline.core.errors import ConfigError
 
             raise ConfigError(f"method.feed.student_layer={self.student_layer!r} is not a student stage "
                               f"(stages: {', '.join(stages)})")
@@ -110,7 +110,7 @@ class FEED(Method):
             t_stages = ctx.teacher_stages[t]
             layer = o.teacher_layers.get(t) or list(t_stages)[-1]
             if layer not in t_stages:
-                from raykd.pipeline.errors import ConfigError
+                from raykd.pipeline.core.errors import ConfigError
 
                 raise ConfigError(f"method.feed.teacher_layers.{t}={layer!r} is not a stage of teacher {t} "
                                   f"(stages: {', '.join(t_stages)})")

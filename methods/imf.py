@@ -38,7 +38,7 @@ from pydantic import Field
 from raykd.methods.base import METHODS, Method
 from raykd.methods.feed import match_size
 from raykd.methods.kd import kd_loss
-from raykd.pipeline.schema import Section
+from raykd.pipeline.core.schema import Section
 
 
 def ifd_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -77,7 +77,7 @@ def channel_normalised_distance(student_map: torch.Tensor, teacher_map: torch.Te
 
 
 def _error(msg: str):
-    from raykd.pipeline.errors import ConfigError
+    from raykd.pipeline.core.errors import ConfigError
 
     return ConfigError(msg)
 
@@ -160,8 +160,8 @@ class IMF(Method):
         inference.safetensors, with its parameters, FLOPs and test accuracy next to the full student's."""
         import os
 
-        from raykd.pipeline.checkpoints import save_state_dict
-        from raykd.pipeline.training import evaluate
+        from raykd.pipeline.harness.training import evaluate
+        from raykd.pipeline.models.checkpoints import save_state_dict
 
         inf = IMFInference(student, self).eval()
         files["inference.safetensors"] = save_state_dict(inf.state_dict(), os.path.join(out_dir, "inference.safetensors"))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from raykd.methods.base import METHODS, Method
-from raykd.pipeline.schema import Section
+from raykd.pipeline.core.schema import Section
 
 
 def kd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, temperature: float,

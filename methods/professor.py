@@ -29,7 +29,7 @@ Our reading now (each a `professor` option):
 - inference is deterministic, z = E(q); the cache's `refined` column holds tau * r, so that a
   student's softmax(refined / tau) is exactly softmax(r). What it did is measured on held-out samples
   (`holdout`, excluded from training): accuracy, distance to the label mix, entropy and the
-  correlation of the non-target probabilities with the teachers' (pipeline/professor.py).
+  correlation of the non-target probabilities with the teachers' (pipeline/stages/professor.py).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def latent_size(num_classes: int, latent_dim: int | None) -> int:
     """The latent width: `latent_dim`, default C // 2 (at least 1); never as wide as the classes."""
     d = latent_dim if latent_dim is not None else max(1, num_classes // 2)
     if d >= num_classes:
-        from raykd.pipeline.errors import ConfigError
+        from raykd.pipeline.core.errors import ConfigError
 
         raise ConfigError(f"professor.latent_dim={d} must be narrower than the {num_classes} classes: a latent as "
                           f"wide as q can copy it, label included")

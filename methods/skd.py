@@ -37,7 +37,7 @@ from pydantic import Field
 
 from raykd.methods.base import METHODS, Method
 from raykd.methods.kd import KDTerms, kd_loss
-from raykd.pipeline.schema import Section  # noqa: F401
+from raykd.pipeline.core.schema import Section  # noqa: F401
 
 
 class SKDOptions(KDTerms):

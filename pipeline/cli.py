@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raykd.pipeline.errors import RaykdError
+from raykd.pipeline.core.errors import RaykdError
 
 
 def _stage_parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
@@ -64,14 +64,14 @@ TRAINING = ("teachers", "cache", "professor", "distill", "run", "sweep")
 
 
 def _load(args):
-    from raykd.pipeline.config import load_config
+    from raykd.pipeline.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "address", None):
         cfg.ray.address = args.address
     if args.config is None and args.command in TRAINING:  # said before anything starts
         teachers = "/".join(t.name for t in cfg.teachers.models)
-        from raykd.pipeline.log import log
+        from raykd.pipeline.core.log import log
 
         log.warning(f"raykd: no config given (-c): the built-in defaults — {cfg.data.name}, teachers {teachers}, "
                     f"student {cfg.distill.student.arch}, outputs in {cfg.run.out_dir} (configs/ holds ready-to-run ones)")
@@ -79,7 +79,7 @@ def _load(args):
 
 
 def cmd_teachers(args) -> int:
-    from raykd.pipeline.teachers import format_table, run_teachers
+    from raykd.pipeline.stages.teachers import format_table, run_teachers
 
     records = run_teachers(_load(args))
     print()
@@ -99,7 +99,7 @@ def cmd_cache(args) -> int:
 
 def cmd_professor(args) -> int:
     from raykd.pipeline.cache import cache_uri, inspect_cache
-    from raykd.pipeline.professor import run_professor
+    from raykd.pipeline.stages.professor import run_professor
 
     cfg = _load(args)
     run_professor(cfg)
@@ -109,7 +109,8 @@ def cmd_professor(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from raykd.pipeline.distill import format_results, run_distill
+    from raykd.pipeline.stages.distill import format_results
+    from raykd.pipeline.stages.students import run_distill
 
     rec = run_distill(_load(args))
     print()
@@ -118,9 +119,9 @@ def cmd_distill(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from raykd.pipeline.chain import run_all
-    from raykd.pipeline.distill import format_results
-    from raykd.pipeline.teachers import format_table
+    from raykd.pipeline.stages.chain import run_all
+    from raykd.pipeline.stages.distill import format_results
+    from raykd.pipeline.stages.teachers import format_table
 
     records = run_all(_load(args), overwrite=args.overwrite, on_teachers=lambda t: print(format_table(t), flush=True))
     print()
@@ -129,7 +130,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from raykd.pipeline.sweep import format_sweep, run_sweep
+    from raykd.pipeline.stages.sweep import format_sweep, run_sweep
 
     summary = run_sweep(_load(args))
     print()
@@ -139,7 +140,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_inspect(args) -> int:
     from raykd.pipeline.cache import inspect_cache
-    from raykd.pipeline.config import check_endpoint
+    from raykd.pipeline.core.config import check_endpoint
 
     try:
         check_endpoint(args.s3_endpoint)
@@ -151,8 +152,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from raykd.pipeline.config import dump_config, variant
-    from raykd.pipeline.data import default_views
+    from raykd.pipeline.core.config import dump_config, variant
+    from raykd.pipeline.data.datasets import default_views
 
     cfg = _load(args)
     d, views = cfg.data, default_views(cfg.data.name, cfg.data.image_size)
@@ -164,7 +165,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from raykd.pipeline.export import export_student
+    from raykd.pipeline.stages.export import export_student
 
     res = export_student(_load(args), args.student, args.out)
     check = "not checked (onnxruntime not installed)" if res["max_abs_diff"] is None else \
@@ -176,7 +177,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_zoo(args) -> int:
-    from raykd.pipeline.models import MODELS, build_model
+    from raykd.pipeline.models.zoo import MODELS, build_model
 
     for name in MODELS.names():
         m = build_model(name, args.num_classes, args.in_chans)
@@ -196,8 +197,8 @@ def resume_advice(args, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from raykd.pipeline.log import set_verbosity
-    from raykd.pipeline.raysetup import Terminated, sigterm_as_interrupt
+    from raykd.pipeline.core.log import set_verbosity
+    from raykd.pipeline.harness.raysetup import Terminated, sigterm_as_interrupt
 
     set_verbosity(args.quiet, args.verbose)
     handler = {"teachers": cmd_teachers, "cache": cmd_cache, "inspect": cmd_inspect, "config": cmd_config,

@@ -11,7 +11,7 @@
     table = raykd.open_cache(cfg).read_table(views=[0])   # a view as a pyarrow Table (.to_pandas())
     model = raykd.load_student(cfg, student["name"])      # the trained student, an nn.Module in eval mode
 
-Progress goes to the `raykd` logger (`raykd.pipeline.log`): `logging.getLogger("raykd").setLevel(logging.WARNING)`
+Progress goes to the `raykd` logger (`raykd.pipeline.core.log`): `logging.getLogger("raykd").setLevel(logging.WARNING)`
 silences it. Errors in input raise `raykd.RaykdError` (ConfigError, CacheError, CheckpointError, ...).
 `raykd.with_changes(cfg, {"method.name": "dkd"})` is a validated copy with dotted changes.
 """
@@ -27,9 +27,9 @@ if _os.path.isfile(_os.path.join(_here, "pipeline", "__init__.py")) and _here no
     __path__.append(_here)
 
 from raykd.pipeline.cli import _version  # noqa: E402
-from raykd.pipeline.config import Config, load_config  # noqa: E402
-from raykd.pipeline.config import variant as _variant  # noqa: E402
-from raykd.pipeline.errors import RaykdError  # noqa: E402
+from raykd.pipeline.core.config import Config, load_config  # noqa: E402
+from raykd.pipeline.core.config import variant as _variant  # noqa: E402
+from raykd.pipeline.core.errors import RaykdError  # noqa: E402
 
 __all__ = ["Config", "RaykdError", "load_config", "with_changes", "teachers", "cache", "professor", "distill",
            "compare", "sweep", "open_cache", "load_student", "__version__"]
@@ -45,7 +45,7 @@ def with_changes(cfg: Config, changes: dict) -> Config:
 
 def teachers(cfg: Config) -> list[dict]:
     """Train (or reuse, or evaluate given checkpoints of) every configured teacher; their records."""
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.stages.teachers import run_teachers
 
     return run_teachers(cfg)
 
@@ -59,14 +59,14 @@ def cache(cfg: Config, overwrite: bool = False, repair: bool = False) -> dict:
 
 def professor(cfg: Config) -> dict:
     """Train (or reuse) the professor and add the cache's refined column; its manifest entry."""
-    from raykd.pipeline.professor import run_professor
+    from raykd.pipeline.stages.professor import run_professor
 
     return run_professor(cfg)
 
 
 def distill(cfg: Config) -> dict:
     """Distil one student as configured (or reuse a finished one of the same fingerprint); its record."""
-    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     return run_distill(cfg)
 
@@ -75,14 +75,14 @@ def compare(cfg: Config, parallel: int | None = None) -> list[dict]:
     """`raykd run` without the printing: teachers, cache, the professor when a run needs it, then one
     student per `run.compare` entry (or the configured one), `parallel` at a time, training while the
     cache is built; their records."""
-    from raykd.pipeline.chain import run_all
+    from raykd.pipeline.stages.chain import run_all
 
     return run_all(cfg, parallel)
 
 
 def sweep(cfg: Config) -> dict:
     """Run (or resume) `sweep.space` over the cache; the summary (rows sorted by the metric)."""
-    from raykd.pipeline.sweep import run_sweep
+    from raykd.pipeline.stages.sweep import run_sweep
 
     return run_sweep(cfg)
 
@@ -101,6 +101,6 @@ def load_student(cfg: Config, name: str):
     """The finished student `name` of this config's out_dir as an `nn.Module` in eval mode (its weights
     checked against their sha256). Its input is the data set's normalised images (see `raykd export`
     for a model that takes pixels)."""
-    from raykd.pipeline.export import load_student as _load
+    from raykd.pipeline.stages.export import load_student as _load
 
     return _load(cfg, name)[0]

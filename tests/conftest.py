@@ -72,8 +72,8 @@ def ray_session(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def digits():
-    from raykd.pipeline.config import DataSection
-    from raykd.pipeline.data import load_splits
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
 
     return load_splits(DataSection())
 
@@ -93,7 +93,7 @@ TEACHERS = "teachers.models=[{name: a, arch: cnn4, seed: 1}, {name: b, arch: res
 
 
 def digits_cfg(out, *extra):
-    from raykd.pipeline.config import load_config
+    from raykd.pipeline.core.config import load_config
 
     return load_config(None, [f"run.out_dir={out}", "run.device=cpu", TEACHERS, "teachers.optim.epochs=2",
                               "cache.views=2", "cache.layers={b: [stage2, stage3]}", *extra])
@@ -103,7 +103,7 @@ def digits_cfg(out, *extra):
 def built(ray_session, tmp_path_factory):
     """(config, cache manifest) of the shared run: teachers trained, cache built under <out>/cache."""
     from raykd.pipeline.cache import build_cache
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.stages.teachers import run_teachers
 
     cfg = digits_cfg(str(tmp_path_factory.mktemp("cache_run")))
     run_teachers(cfg)

@@ -145,8 +145,8 @@ def _manifest(views: int = 8) -> dict:
 def tmp(tmp_path_factory):
     import pickle
 
-    from raykd.pipeline.checkpoints import save_state_dict
-    from raykd.pipeline.models import build_model
+    from raykd.pipeline.models.checkpoints import save_state_dict
+    from raykd.pipeline.models.zoo import build_model
 
     d = tmp_path_factory.mktemp("bad")
     (d / "unknown_key.yaml").write_text("distill: {optim: {epoch: 3}}\n")
@@ -249,7 +249,7 @@ def test_teachers_of_one_out_dir_are_trained_by_one_process(tmp_path, cli, monke
 
 def test_yaml_reader_keeps_merge_keys_and_refuses_what_expands(tmp_path):
     """`<<: *base` still overrides merged keys (not a duplicate); the bound counts expanded values."""
-    from raykd.pipeline import yamlio
+    from raykd.pipeline.core import yamlio
 
     assert yamlio.load("base: &b {x: 1, y: 2}\nd: {<<: *b, y: 3}\n")["d"] == {"x": 1, "y": 3}
     small = "a: &a [1, 2, 3]\nb: [*a, *a, *a]\n"
@@ -260,8 +260,8 @@ def test_yaml_reader_keeps_merge_keys_and_refuses_what_expands(tmp_path):
 
 
 def test_paths_stay_inside_their_root(tmp_path):
-    from raykd.pipeline.errors import ConfigError
-    from raykd.pipeline.records import inside
+    from raykd.pipeline.core.errors import ConfigError
+    from raykd.pipeline.core.records import inside
 
     root = str(tmp_path)
     assert inside(root, "students", "kd-cnn4-s0") == os.path.join(root, "students", "kd-cnn4-s0")
@@ -278,13 +278,13 @@ def test_paths_stay_inside_their_root(tmp_path):
      (d / "professor" / "professor.json").write_text('{"file": "../x.safetensors", "sha256": "", "fingerprint": ""}')),
 ])
 def test_records_of_another_shape_are_named(tmp_path, kind, write):
-    from raykd.pipeline import distill, professor, teachers
-    from raykd.pipeline.errors import RaykdError
+    from raykd.pipeline.core.errors import RaykdError
+    from raykd.pipeline.stages import distill, professor, teachers
 
     write(tmp_path)
-    read = {"teacher record": lambda: teachers.read_record(str(tmp_path), "t"),
-            "student record": lambda: distill.read_student(str(tmp_path / "s")),
-            "professor record": lambda: professor.read_record(str(tmp_path / "professor"))}[kind]
+    read = {"teacher record": lambda: teachers.teacher_record(teachers.teacher_dir(str(tmp_path), "t")).read(),
+            "student record": lambda: distill.student_record(str(tmp_path / "s")).read(),
+            "professor record": lambda: professor.professor_record(str(tmp_path / "professor")).read()}[kind]
     with pytest.raises(RaykdError, match=f": not a raykd {kind} \\("):
         read()
 
@@ -297,7 +297,7 @@ def test_records_of_another_shape_are_named(tmp_path, kind, write):
 def built_cfg(built, tmp_path):
     """The shared run's config as a YAML file (its cache named explicitly, so a run elsewhere reads it)."""
     from raykd.pipeline.cache import cache_uri
-    from raykd.pipeline.config import dump_config, variant
+    from raykd.pipeline.core.config import dump_config, variant
 
     cfg, _ = built
     path = tmp_path / "built.yaml"

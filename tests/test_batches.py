@@ -1,3 +1,5 @@
+import types
+
 """Epoch data in memory or streamed: the same rows of the same views; each view read once; on-device sums."""
 
 import json
@@ -6,12 +8,18 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from raykd.pipeline.batches import (MemoryEpochs, RowFormat, StreamEpochs, cache_view_loader, in_memory_choice, row_bytes,
-                              worker_share)
-from raykd.pipeline.harness import EpochSums
-
 from conftest import digits_cfg
+
+from raykd.pipeline.cache.epochs import (
+    CacheViews,
+    MemoryEpochs,
+    RowFormat,
+    StreamEpochs,
+    in_memory_choice,
+    row_bytes,
+    worker_share,
+)
+from raykd.pipeline.harness.job import EpochSums
 
 
 def test_worker_shares_partition_the_rows():
@@ -84,7 +92,10 @@ def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
     cols = ["sample_id", "label", "pixels", "logits.a", "logits.b", "feat.b.stage3"]
     files = {k: cache.view_files(k) for k in range(2)}
     fmt = RowFormat(digits.mean, digits.std, digits.policy.as_dict())
-    memory = MemoryEpochs(cache_view_loader(cache.fs, files, cols, fmt, 0, 1, 0), lambda e: e % 2, 100, True, 0)
+    ctx = types.SimpleNamespace(rank=0, world=1)
+    memory = CacheViews(cache.fs, files, tuple(cols)).epochs(ctx, lambda e: e % 2, 100, True, 0, fmt.prepare,
+                                                            memory_prepare=lambda raw: fmt.prepare(raw, defer=True))
+    assert isinstance(memory, MemoryEpochs)
     stream = StreamEpochs(lambda k: ray.data.read_parquet(files[k], filesystem=cache.fs).select_columns(cols),
                           lambda e: e % 2, 100, 64, 0, fmt.prepare)
     for epoch in range(2):
@@ -99,7 +110,8 @@ def test_memory_and_stream_give_the_same_rows_of_each_view(built, digits):
 
 def test_in_memory_and_streamed_students_agree(built):
     """Same views, one full-split batch per step (order cannot matter): the same losses either way."""
-    from raykd.pipeline.distill import run_distill, student_dir
+    from raykd.pipeline.stages.distill import student_dir
+    from raykd.pipeline.stages.students import run_distill
 
     cfg0, _ = built
     common = ["method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=2", "distill.optim.batch_size=2048",
@@ -118,10 +130,11 @@ def test_in_memory_and_streamed_students_agree(built):
 def test_the_render_pool_gives_the_same_pixels_whatever_its_size(digit_folder, policy):
     """Views replayed from JPEGs (a streamed image folder) in a pool of 1 or 3 threads: every batch of
     every epoch identical, in the same order."""
-    from raykd.pipeline.config import DataSection
-    from raykd.pipeline.data import FileImages, load_splits
-    from raykd.pipeline.views import ViewPolicy
-    from raykd.pipeline.batches import view_epochs
+    from raykd.pipeline.cache.epochs import view_epochs
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.datasets import FileImages
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.data.views import ViewPolicy
 
     splits = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=24))
     assert isinstance(splits.train.images, FileImages)
@@ -139,7 +152,7 @@ def test_the_render_pool_gives_the_same_pixels_whatever_its_size(digit_folder, p
 
 
 def test_device_views_decision_and_the_same_batches_either_way():
-    from raykd.pipeline.batches import device_views_choice
+    from raykd.pipeline.cache.epochs import device_views_choice
 
     gib = 2**30
     assert device_views_choice("auto", 3 * gib, "cuda", free=8 * gib)  # fits half the free memory

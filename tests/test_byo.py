@@ -7,15 +7,15 @@ import os
 import pytest
 import torch
 
-from raykd.pipeline.checkpoints import load_foreign, map_keys, resolve_checkpoint
-from raykd.pipeline.config import load_config
-from raykd.pipeline.errors import CheckpointError, ConfigError
-from raykd.pipeline.models import build_model
-from raykd.pipeline.sources import TappedModel
+from raykd.pipeline.core.config import load_config
+from raykd.pipeline.core.errors import CheckpointError, ConfigError
+from raykd.pipeline.models.checkpoints import load_foreign, map_keys, resolve_checkpoint
+from raykd.pipeline.models.sources import TappedModel
+from raykd.pipeline.models.zoo import build_model
 
 USER_MODULE = '''
 import torch.nn as nn
-from raykd.pipeline.models import MODELS
+from raykd.pipeline.models.zoo import MODELS
 
 
 class Tiny(nn.Module):
@@ -42,7 +42,7 @@ def _registered(num_classes, in_chans):
     return TappedModel(Tiny(num_classes, in_chans), num_classes, in_chans)
 
 
-from raykd.pipeline.sources import TappedModel  # noqa: E402
+from raykd.pipeline.models.sources import TappedModel  # noqa: E402
 '''
 
 
@@ -134,8 +134,8 @@ def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, 
     module:factory student registered via run.imports, in Ray workers (run.in_process=false): teachers ->
     cache with a module-path feature tap -> FEED distillation."""
     from raykd.pipeline.cache import build_cache
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import run_teachers
 
     out = tmp_path / "run"
     base = [f"run.out_dir={out}", "run.device=cpu", "run.in_process=false", f"run.imports=[{user_module}]",
@@ -145,7 +145,7 @@ def test_torchvision_teacher_and_user_student_through_the_pipeline(ray_session, 
     assert rec["arch"] == "torchvision:resnet18" and rec["test_acc"] > 0.7  # 10 classes: chance is 0.1
 
     # the same weights as a foreign checkpoint (torchvision's own keys under a DDP prefix), mapped back
-    from raykd.pipeline.checkpoints import load_state_dict
+    from raykd.pipeline.models.checkpoints import load_state_dict
 
     own = load_state_dict(os.path.join(out, "teachers", "tv", "best.safetensors"))
     foreign = str(tmp_path / "tv_ddp.pth")
@@ -176,9 +176,9 @@ def test_teacher_preprocess_resizes_and_renormalises(tmp_path, digits):
     every later load (the record keeps them)."""
     from torchvision.transforms.v2.functional import resize
 
-    from raykd.pipeline.models import Preprocess
-    from raykd.pipeline.teachers import load_teacher, run_teachers
-    from raykd.pipeline.training import evaluate
+    from raykd.pipeline.harness.training import evaluate
+    from raykd.pipeline.models.zoo import Preprocess
+    from raykd.pipeline.stages.teachers import load_teacher, run_teachers
 
     pre = Preprocess(digits.mean, digits.std, 16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     raw = torch.rand(2, 1, 8, 8)
@@ -202,11 +202,11 @@ def test_teacher_preprocess_resizes_and_renormalises(tmp_path, digits):
 
 
 # --------------------------------------------------------------------------------------------------
-# timm: one registered model source (pipeline/sources.py); tests build timm's tiny test models untrained
+# timm: one registered model source (pipeline/models/sources.py); tests build timm's tiny test models untrained
 
 
 def test_timm_models_are_raykd_models_with_timms_own_feature_taps():
-    from raykd.pipeline.models import check_arch
+    from raykd.pipeline.models.zoo import check_arch
 
     pytest.importorskip("timm")
     m = build_model("timm:test_efficientnet", 10, 1).eval()
@@ -227,7 +227,7 @@ def test_timm_checkpoints_come_from_the_hugging_face_cache_never_downloaded(tmp_
     pytest.importorskip("timm")
     import huggingface_hub.constants as hf
 
-    from raykd.pipeline.checkpoints import resolve_checkpoint
+    from raykd.pipeline.models.checkpoints import resolve_checkpoint
 
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError, match=r"timm:resnet18.a1_in1k: timm/resnet18.a1_in1k is not in the Hugging "
@@ -246,9 +246,9 @@ def test_timm_teacher_cache_and_student(ray_session, tmp_path):
     """A timm teacher -> a cache of its logits and a map tapped by timm's feature API -> a timm student."""
     pytest.importorskip("timm")
     from raykd.pipeline.cache import Cache, build_cache, column_array
-    from raykd.pipeline.data import normalize
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.teachers import load_teacher, run_teachers
+    from raykd.pipeline.data.datasets import normalize
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import load_teacher, run_teachers
 
     out = tmp_path / "run"
     cfg = load_config(None, [f"run.out_dir={out}", "run.device=cpu", "teachers.optim.epochs=4",

@@ -10,14 +10,21 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from raykd.pipeline.errors import RaykdError
-from raykd.pipeline.cache import Cache, CacheError, build_cache, column_array, dequantize_int8, inspect_cache, quantize_int8
-from raykd.pipeline.data import normalize
-from raykd.pipeline.teachers import load_teacher
-from raykd.pipeline.views import apply_views
-
 from conftest import TEACHERS, build_until_view_0, digits_cfg
+
+from raykd.pipeline.cache import (
+    Cache,
+    CacheError,
+    build_cache,
+    column_array,
+    dequantize_int8,
+    inspect_cache,
+    quantize_int8,
+)
+from raykd.pipeline.core.errors import RaykdError
+from raykd.pipeline.data.datasets import normalize
+from raykd.pipeline.data.views import apply_views
+from raykd.pipeline.stages.teachers import load_teacher
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,7 +284,7 @@ def test_killed_driver_then_rerun_completes_each_row_once(built, tmp_path, digit
 def test_student_on_a_cache_being_built_gets_the_rows_of_the_finished_cache(built, tmp_path, capsys):
     """`raykd distill` beside a running `raykd cache`: it starts once view 0 is committed, waits for each
     later view as its epoch comes, and trains exactly as it does on the finished cache."""
-    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     cfg, _ = built
     uri = str(tmp_path / "growing")
@@ -306,7 +313,7 @@ def test_a_build_that_fails_ends_the_student_on_it_with_its_error(built, tmp_pat
     import threading
 
     import raykd.pipeline.cache.build as build_mod
-    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     cfg, _ = built
     uri = str(tmp_path / "failing")
@@ -465,7 +472,6 @@ def test_teacher_actor_killed_mid_build(built, ray_session, tmp_path, digits, ca
     batches; the build completes with every (sample, view) row exactly once, and its progress never passes
     100 %."""
     import re
-
     import signal
     import threading
 
@@ -553,10 +559,10 @@ def test_crop_views_store_records_and_replay(ray_session, tmp_path, digits):
     """random_resized_crop views: by default the cache keeps the records (box + flip), not the pixels
     (FKD's layout); the teacher's cached logits are those of the replayed crop, and a student trains
     from the records, rendering each crop in its worker."""
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.teachers import run_teachers
-    from raykd.pipeline.views import ViewPolicy
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.views import ViewPolicy
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import run_teachers
 
     cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.device=cpu", "teachers.optim.epochs=3",
                              "teachers.models=[{name: a, arch: cnn8, seed: 1}]", "cache.views=2",
@@ -583,7 +589,7 @@ def test_crop_views_store_records_and_replay(ray_session, tmp_path, digits):
 def _assert_cache_renders(cfg, m, eager):
     """The K=2 cache of `cfg` holds every training sample of `eager` (its images in memory) once per view,
     with the view records and pixels those images render to."""
-    from raykd.pipeline.views import make_views
+    from raykd.pipeline.data.views import make_views
 
     t = Cache(os.path.join(cfg.run.out_dir, "cache")).read_table()
     ids, vids = column_array(t, "sample_id"), column_array(t, "view_id")
@@ -599,10 +605,10 @@ def _assert_cache_renders(cfg, m, eager):
 def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_path):
     """A streamed image folder is decoded by Ray Data tasks (the driver holds paths): its cache has the same
     rows and pixels as the folder decoded into memory, and a student trains from it."""
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.data import load_splits
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import run_teachers
 
     base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", "data.name=imagefolder", f"data.root={digit_folder}",
             "data.image_size=16", "data.val_fraction=0.2", "teachers.optim.epochs=1",
@@ -620,17 +626,17 @@ def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_p
 def test_shards_cache_as_the_folder_does(ray_session, digit_folder, tmp_path, source):
     """Tar shards or Parquet files of the folder's JPEGs, streamed: the cache holds the same view records
     and pixels as the folder's images rendered in memory."""
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.data import load_splits
-
     from conftest import make_parquet_shards, make_shards
+
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.splits import load_splits
 
     (make_shards if source == "webdataset" else make_parquet_shards)(digit_folder, tmp_path / "wds")
     base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", f"data.name={source}", f"data.root={tmp_path / 'wds'}",
             "data.image_size=16", "data.val_fraction=0.2", "teachers.optim.epochs=1",
             "teachers.models=[{name: a, arch: cnn4, seed: 1}]", "cache.views=2"]
     cfg = load_config(None, base)
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.stages.teachers import run_teachers
 
     run_teachers(cfg)
     m = build_cache(cfg)

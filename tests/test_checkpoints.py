@@ -4,9 +4,10 @@ import pickle
 import pytest
 import torch
 
-from raykd.pipeline.checkpoints import load_into, load_state_dict, save_state_dict, sha256_file
-from raykd.pipeline.errors import CheckpointError
-from raykd.pipeline.models import build_model
+from raykd.pipeline.core.errors import CheckpointError
+from raykd.pipeline.core.records import sha256_file
+from raykd.pipeline.models.checkpoints import load_into, load_state_dict, save_state_dict
+from raykd.pipeline.models.zoo import build_model
 
 
 def test_safetensors_round_trip(tmp_path):
@@ -92,6 +93,6 @@ def test_only_safe_loaders_in_the_code():
     assert not offenders, offenders
     import yaml
 
-    from raykd.pipeline import yamlio
+    from raykd.pipeline.core import yamlio
 
     assert yamlio._StrictLoader.__mro__[1] is yaml.SafeLoader  # the config reader: SafeLoader's tags only

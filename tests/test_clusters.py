@@ -258,7 +258,7 @@ def test_kuberay_credentials_come_from_secrets(path):
 def _config_has(key: str) -> bool:
     from pydantic import BaseModel
 
-    from raykd.pipeline.config import Config
+    from raykd.pipeline.core.config import Config
 
     model = Config
     for part in key.split("."):
@@ -301,7 +301,7 @@ def _raykd_commands(path: Path) -> list[list[str]]:
 
 @pytest.mark.parametrize("path", [CLUSTERS / "README.md", CLUSTERS / "kuberay" / "rayjob.yaml"], ids=_id)
 def test_documented_commands_load_as_raykd_configs(path):
-    from raykd.pipeline.config import load_config
+    from raykd.pipeline.core.config import load_config
 
     commands = _raykd_commands(path)
     assert commands

@@ -4,8 +4,8 @@ import textwrap
 import pytest
 import yaml
 
-from raykd.pipeline.config import Config, load_config, parse_override, write_resolved
-from raykd.pipeline.errors import ConfigError
+from raykd.pipeline.core.config import Config, load_config, parse_override, write_resolved
+from raykd.pipeline.core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,8 +111,8 @@ def test_shipped_configs_load():
 
 def test_cifar100_recipe_configs():
     """The RepDistiller/mdistiller recipe: 240 epochs, lr 0.05 x0.1 at 150/180/210, the published pairs."""
-    from raykd.pipeline.models import build_model
-    from raykd.pipeline.training import make_optimizer
+    from raykd.pipeline.harness.training import make_optimizer
+    from raykd.pipeline.models.zoo import build_model
 
     pairs = {"cifar100_resnet32x4_resnet8x4.yaml": ("resnet32x4", "resnet8x4", 8.0),
              "cifar100_wrn40_2_wrn16_2.yaml": ("wrn_40_2", "wrn_16_2", 6.0)}
@@ -176,7 +176,7 @@ def test_imagenet_pair_config():
     downloaded) -> ResNet-18, RandomResizedCrop record views with top-k targets, mdistiller's recipe."""
     import torchvision.models as tvm
 
-    from raykd.pipeline.models import build_model
+    from raykd.pipeline.models.zoo import build_model
 
     cfg = load_config(os.path.join(ROOT, "configs", "imagenet_resnet34_resnet18.yaml"))
     (t,) = cfg.teachers.models

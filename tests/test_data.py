@@ -4,13 +4,12 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import make_parquet_shards, make_shards
 from PIL import Image
 
-from raykd.pipeline.config import DataSection
-from raykd.pipeline.data import load_splits
-from raykd.pipeline.errors import DataError
-
-from conftest import make_parquet_shards, make_shards
+from raykd.pipeline.core.errors import DataError
+from raykd.pipeline.core.sections import DataSection
+from raykd.pipeline.data.splits import load_splits
 
 
 def test_digits_splits_are_seeded_and_disjoint(digits):
@@ -101,7 +100,7 @@ def test_streamed_imagefolder_equals_in_memory(digit_folder):
     same ids, labels, pixels, statistics and fingerprint's split as the folder decoded into memory."""
     import pickle
 
-    from raykd.pipeline.data import FileImages
+    from raykd.pipeline.data.datasets import FileImages
 
     cfg = DataSection(name="imagefolder", root=str(digit_folder), image_size=16, val_fraction=0.2)
     lazy, eager = load_splits(cfg), load_splits(cfg.model_copy(update={"in_memory": True}))
@@ -126,8 +125,8 @@ def test_streamed_imagefolder_equals_in_memory(digit_folder):
 def test_a_teacher_trains_on_a_streamed_folder_batch_by_batch(digit_folder, tmp_path):
     """A teacher trained on a streamed folder holds its epoch as view records and decodes each batch
     (one ahead, in a thread): it trains exactly as on the folder decoded into memory."""
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.stages.teachers import run_teachers
 
     base = ["run.device=cpu", "data.name=imagefolder", f"data.root={digit_folder}", "data.image_size=16",
             "data.val_fraction=0.2", "teachers.optim.epochs=2", "teachers.optim.batch_size=16",
@@ -139,7 +138,7 @@ def test_a_teacher_trains_on_a_streamed_folder_batch_by_batch(digit_folder, tmp_
 
 
 def test_streamed_epochs_hold_records_not_pixels(digit_folder):
-    from raykd.pipeline.batches import view_epochs
+    from raykd.pipeline.cache.epochs import view_epochs
 
     s = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=16, val_fraction=0.2))
     epochs = view_epochs(s.train, np.arange(len(s.train)), 0, s.policy, s.mean, s.std, lambda e: e, 8, True, 0)
@@ -154,7 +153,7 @@ def test_pairs_stack_two_real_items_and_label_them_10a_plus_b():
     its label names both; every class shares an item with 18 others."""
     from sklearn.datasets import load_digits
 
-    from raykd.pipeline.data import make_pairs
+    from raykd.pipeline.data.datasets import make_pairs
 
     d = load_digits()
     x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -174,7 +173,7 @@ def test_pairs_stack_two_real_items_and_label_them_10a_plus_b():
 
 
 def test_webdataset_shards_are_the_image_folder_streamed(digit_folder, tmp_path):
-    from raykd.pipeline.data import FileImages
+    from raykd.pipeline.data.datasets import FileImages
 
     make_shards(digit_folder, tmp_path / "wds")
     folder = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=24))
@@ -208,8 +207,8 @@ def test_webdataset_shards_on_s3(digit_folder, tmp_path, s3_endpoint):
 
 @pytest.mark.parametrize("hf", [False, True], ids=["folders", "hugging-face-layout"])
 def test_parquet_shards_are_the_image_folder_streamed(digit_folder, tmp_path, hf):
-    from raykd.pipeline.data import FileImages
-    from raykd.pipeline.shards import _row_group
+    from raykd.pipeline.data.datasets import FileImages
+    from raykd.pipeline.data.shards import _row_group
 
     make_parquet_shards(digit_folder, tmp_path / "pq", hf=hf)
     folder = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=24))

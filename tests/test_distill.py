@@ -5,15 +5,15 @@ import os
 
 import pytest
 import torch
+from conftest import TEACHERS, digits_cfg
 
 from raykd.pipeline.cache import CacheError
-from raykd.pipeline.checkpoints import load_state_dict
-from raykd.pipeline.distill import read_student, run_distill, student_dir
-from raykd.pipeline.errors import StageFailed
-from raykd.pipeline.models import build_model
-from raykd.pipeline.training import evaluate
-
-from conftest import TEACHERS, digits_cfg
+from raykd.pipeline.core.errors import StageFailed
+from raykd.pipeline.harness.training import evaluate
+from raykd.pipeline.models.checkpoints import load_state_dict
+from raykd.pipeline.models.zoo import build_model
+from raykd.pipeline.stages.distill import student_dir, student_record
+from raykd.pipeline.stages.students import run_distill
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -49,7 +49,7 @@ def test_kd_from_the_cache_end_to_end(built, digits, capsys):
     assert all(torch.equal(pt[k], v) for k, v in student.state_dict().items())
     # the same config again: reused, not retrained
     capsys.readouterr()
-    assert run_distill(cfg) == read_student(sdir)
+    assert run_distill(cfg) == student_record(sdir).read()
     assert "up to date" in capsys.readouterr().out
     # the test split only after the last epoch: the same training, the same final accuracy
     last = digits_cfg(cfg0.run.out_dir, "method.name=kd", "distill.student.arch=cnn4", "distill.optim.epochs=3",
@@ -106,7 +106,7 @@ def test_interrupted_run_resumes_when_rerun(built, tmp_path, monkeypatch):
                      "distill.test_every=2")
     with pytest.raises(StageFailed, match="rerun the same command to resume"):
         run_distill(cfg)
-    assert read_student(student_dir(cfg)) is None
+    assert student_record(student_dir(cfg)).read() is None
     monkeypatch.delenv("RAYKD_FAULT")
     run_distill(cfg)
     ms = _metrics(cfg)
@@ -139,7 +139,7 @@ def test_corrupt_checkpoint_is_named_and_kept(built, tmp_path, monkeypatch):
     with pytest.raises(StageFailed, match=rf"checkpoint .*checkpoint_000002 is unreadable .*it is kept.*remove {run_dir}"):
         run_distill(cfg)
     assert os.path.getsize(state) > 0 and all(os.path.exists(p) for p in before)  # nothing deleted
-    assert read_student(student_dir(cfg)) is None
+    assert student_record(student_dir(cfg)).read() is None
     import shutil
 
     shutil.rmtree(run_dir)
@@ -155,7 +155,7 @@ def test_a_diverging_run_stops_with_a_message(built):
                      "distill.name=diverges")
     with pytest.raises(StageFailed, match=r"the loss became (nan|inf) at epoch 1, step \d+ \(ce .*set distill.optim.grad_clip"):
         run_distill(cfg)
-    assert read_student(student_dir(cfg)) is None
+    assert student_record(student_dir(cfg)).read() is None
 
 
 def test_missing_cache_and_unknown_teachers_are_named(built, tmp_path):
@@ -171,7 +171,7 @@ def test_missing_cache_and_unknown_teachers_are_named(built, tmp_path):
 
 def test_students_in_parallel_one_failing(built, tmp_path):
     """`raykd run`'s students run as concurrent Ray tasks; a failing one does not stop the other."""
-    from raykd.pipeline.distill import run_students
+    from raykd.pipeline.stages.students import run_students
 
     cfg0, _ = built
     good = digits_cfg(cfg0.run.out_dir, "method.name=ce", "distill.student.arch=cnn4", "distill.optim.epochs=1",
@@ -179,22 +179,22 @@ def test_students_in_parallel_one_failing(built, tmp_path):
     bad = digits_cfg(cfg0.run.out_dir, "method.name=kd", f"cache.uri={tmp_path / 'none'}", "distill.name=par-bad")
     with pytest.raises(StageFailed, match=r"par-bad: .*not a cache"):
         run_students([good, bad], parallel=2)
-    assert read_student(student_dir(good))["epochs"] == 1
+    assert student_record(student_dir(good)).read()["epochs"] == 1
 
 
 def test_bf16_student_trains_under_autocast(tmp_path, monkeypatch):
     """optim.precision=bf16 on CPU: the student's forward runs in bfloat16 (torch.autocast), the loss in
     fp32, and it learns; fp32 keeps every fingerprint (the option is not serialised at its default);
     fp16 without CUDA is refused by name."""
-    from raykd.pipeline.config import OptimSection
-    from raykd.pipeline.errors import ConfigError
-    from raykd.pipeline.training import Precision
+    from raykd.pipeline.core.errors import ConfigError
+    from raykd.pipeline.core.sections import OptimSection
+    from raykd.pipeline.harness.training import Precision
 
     assert "precision" not in OptimSection().model_dump() and OptimSection(precision="bf16").model_dump()["precision"] == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         Precision("fp16", "cpu")
     seen = []
-    from raykd.pipeline import models
+    from raykd.pipeline.models import zoo as models
 
     real = models.SmallCNN.forward_stages
 

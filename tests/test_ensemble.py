@@ -10,7 +10,7 @@ from scipy.optimize import minimize
 from raykd.methods import MethodContext, Targets, build_method
 from raykd.methods.ensemble import ae_kd_weights, ca_mkd_weights, capped_min_norm_weights, entropy_weights, mix_logits
 from raykd.methods.kd import kd_loss
-from raykd.pipeline.config import MethodSection
+from raykd.pipeline.core.config import MethodSection
 
 # three teachers, four samples, five classes; fixed numbers, no RNG
 ZA = np.array([[1.3191, 0.3372, 1.9224, 1.3235, 0.6166], [-1.3510, -1.7192, -1.6661, 1.7830, 4.6258],

@@ -5,16 +5,15 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import digits_cfg
 
 
 def test_exported_student_matches_pytorch(tmp_path, cli, digits):
     import onnxruntime as ort
 
-    from raykd.pipeline.checkpoints import load_state_dict
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.models import build_model
+    from raykd.pipeline.models.checkpoints import load_state_dict
+    from raykd.pipeline.models.zoo import build_model
+    from raykd.pipeline.stages.students import run_distill
 
     overrides = ["method.name=ce", "distill.teachers=online", "distill.optim.epochs=2", "distill.student.arch=cnn8"]
     rec = run_distill(digits_cfg(str(tmp_path), *overrides))
@@ -43,8 +42,8 @@ def test_imf_inference_model_is_exported_too(tmp_path, cli, digits):
     method's modules and checked against inference.safetensors; onnxruntime gives the recorded accuracy."""
     import onnxruntime as ort
 
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import run_teachers
 
     overrides = ["teachers.models=[{name: t, arch: cnn8, seed: 1}]", "cache.layers={}", "teachers.optim.epochs=3",
                  "method.name=imf", "distill.teachers=online", "distill.optim.epochs=2", "distill.student.arch=cnn4"]

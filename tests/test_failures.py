@@ -6,10 +6,9 @@ import os
 import shutil
 
 import pytest
-
-from raykd.pipeline.raysetup import connection_message
-
 from conftest import TEACHERS
+
+from raykd.pipeline.harness.raysetup import connection_message
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -58,10 +57,11 @@ def test_a_part_damaged_after_the_build_is_named_and_repaired(built, tmp_path, c
 def test_an_error_in_code_reaches_the_console_and_is_not_retried(built, tmp_path, monkeypatch, in_process):
     """An exception from the training code (as a bug in a user's method would raise) comes back as its own
     type, message and last frames, in this process or from a Ray task, and is not retried."""
-    from raykd.pipeline.distill import read_student, run_distill, student_dir
-    from raykd.pipeline.errors import StageFailed
-
     from conftest import digits_cfg
+
+    from raykd.pipeline.core.errors import StageFailed
+    from raykd.pipeline.stages.distill import student_dir, student_record
+    from raykd.pipeline.stages.students import run_distill
 
     cfg0, _ = built
     monkeypatch.setenv("RAYKD_FAULT", json.dumps({"epoch": 1, "step": 2, "marker": str(tmp_path / "f"), "kind": "bug"}))
@@ -70,17 +70,17 @@ def test_an_error_in_code_reaches_the_console_and_is_not_retried(built, tmp_path
     with pytest.raises(StageFailed) as e:
         run_distill(cfg)
     msg = str(e.value)
-    assert "TypeError: injected bug at epoch 1 step 2 (at " in msg and "harness.py:" in msg and "in _maybe_fail" in msg
+    assert "TypeError: injected bug at epoch 1 step 2 (at " in msg and "harness/loop.py:" in msg and "in _maybe_fail" in msg
     assert "Not retried" in msg and "rerun the same command to resume" not in msg
-    assert read_student(student_dir(cfg)) is None
+    assert student_record(student_dir(cfg)).read() is None
 
 
 def test_a_transient_failure_names_this_sessions_log_folder(built, ray_session, tmp_path, monkeypatch):
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.errors import StageFailed
-    from raykd.pipeline.raysetup import logs_dir
-
     from conftest import digits_cfg
+
+    from raykd.pipeline.core.errors import StageFailed
+    from raykd.pipeline.harness.raysetup import logs_dir
+    from raykd.pipeline.stages.students import run_distill
 
     logs = logs_dir()
     assert os.path.isdir(logs) and os.path.dirname(logs) == ray_session._private.worker._global_node.get_session_dir_path()
@@ -113,7 +113,7 @@ def test_a_cluster_that_wants_a_token_is_named(tmp_path):
 
 
 def test_rays_connection_noise_is_held_and_dropped_on_failure(capfd):
-    from raykd.pipeline.raysetup import _held_stderr
+    from raykd.pipeline.harness.raysetup import _held_stderr
 
     with _held_stderr() as held:
         os.write(2, b"gcs_client.cc: Failed to get cluster ID\n")

@@ -6,16 +6,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import digits_cfg
 
 from raykd.methods import MethodContext, Targets, build_method
 from raykd.methods.feed import feed_loss
 from raykd.pipeline.cache import CacheError, dequantize_int8, quantize_int8
-from raykd.pipeline.config import MethodSection
-from raykd.pipeline.distill import Distiller, run_distill, student_dir
-from raykd.pipeline.errors import ConfigError
-from raykd.pipeline.models import build_model
-
-from conftest import digits_cfg
+from raykd.pipeline.core.config import MethodSection
+from raykd.pipeline.core.errors import ConfigError
+from raykd.pipeline.models.zoo import build_model
+from raykd.pipeline.stages.distill import student_dir
+from raykd.pipeline.stages.student_job import Distiller
+from raykd.pipeline.stages.students import run_distill
 
 # fixed inputs, written out (no RNG): a student map (2, 2, 4, 4) and a teacher map (2, 2, 2, 2)
 S = torch.arange(64, dtype=torch.float32).reshape(2, 2, 4, 4).sin()

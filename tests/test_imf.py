@@ -7,17 +7,18 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import digits_cfg
 
 from raykd.methods import MethodContext, Targets, build_method
 from raykd.methods.imf import IMFInference, attentive_logit, channel_normalised_distance, flops
-from raykd.pipeline.checkpoints import load_state_dict
-from raykd.pipeline.config import MethodSection
-from raykd.pipeline.distill import Distiller, run_distill, student_dir
-from raykd.pipeline.errors import ConfigError
-from raykd.pipeline.models import build_model
-from raykd.pipeline.training import evaluate
-
-from conftest import digits_cfg
+from raykd.pipeline.core.config import MethodSection
+from raykd.pipeline.core.errors import ConfigError
+from raykd.pipeline.harness.training import evaluate
+from raykd.pipeline.models.checkpoints import load_state_dict
+from raykd.pipeline.models.zoo import build_model
+from raykd.pipeline.stages.distill import student_dir
+from raykd.pipeline.stages.student_job import Distiller
+from raykd.pipeline.stages.students import run_distill
 
 Z1 = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
 Z2 = torch.tensor([[-0.5, 1.0, 2.0], [2.0, -1.0, 0.0]])

@@ -4,9 +4,10 @@ student end to end without starting Ray (the fast tier runs this)."""
 import json
 import os
 
-from raykd.pipeline.config import load_config
-from raykd.pipeline.distill import run_distill, student_dir
-from raykd.pipeline.teachers import run_teachers
+from raykd.pipeline.core.config import load_config
+from raykd.pipeline.stages.distill import student_dir
+from raykd.pipeline.stages.students import run_distill
+from raykd.pipeline.stages.teachers import run_teachers
 
 
 def test_a_lone_job_trains_in_this_process_without_ray(tmp_path, capsys):

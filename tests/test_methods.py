@@ -5,15 +5,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import logit_methods
 
 from raykd.methods import METHODS, MethodContext, Targets, build_method
 from raykd.methods.dkd import dkd_loss, dkd_terms, warmup_factor
 from raykd.methods.kd import kd_loss
-from raykd.pipeline.config import MethodSection
-from raykd.pipeline.distill import Distiller
-from raykd.pipeline.models import build_model
-
-from conftest import logit_methods
+from raykd.pipeline.core.config import MethodSection
+from raykd.pipeline.models.zoo import build_model
+from raykd.pipeline.stages.student_job import Distiller
 
 # fixed inputs, written out so they do not depend on any RNG
 ZS = torch.tensor([[-2.2517, -2.3047, -0.5012, -0.8678, 1.1977],
@@ -283,8 +282,8 @@ def test_a_methods_version_enters_its_students_fingerprints(monkeypatch):
     """A method whose maths changed (its version bumped) gets new student fingerprints: a rerun trains
     again instead of reusing students of the old maths."""
     from raykd.methods.skd import SKD
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.distill import distill_fingerprint
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.stages.distill import distill_fingerprint
 
     skd, kd = (load_config(None, [f"method.name={m}"]) for m in ("skd", "kd"))
     now = distill_fingerprint(skd, "data", "up")
@@ -301,8 +300,8 @@ def test_a_method_declares_its_own_options_and_only_they_enter_its_fingerprint()
     from pydantic import Field
 
     from raykd.methods.base import METHODS as REG
-    from raykd.pipeline.config import _method_section
-    from raykd.pipeline.schema import Section
+    from raykd.pipeline.core.schema import Section
+    from raykd.pipeline.core.train_sections import _method_section
 
     class ToyOptions(Section):
         gamma: float = Field(2.0, gt=0)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from raykd.pipeline.models import MODELS, build_model
+from raykd.pipeline.models.zoo import MODELS, build_model
 
 
 @pytest.mark.parametrize("arch", MODELS.names())

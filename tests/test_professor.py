@@ -6,12 +6,12 @@ import os
 import shutil
 
 import pytest
+from conftest import digits_cfg
 
 from raykd.pipeline.cache import Cache, CacheError, inspect_cache
-from raykd.pipeline.distill import run_distill, student_dir
-from raykd.pipeline.professor import run_professor
-
-from conftest import digits_cfg
+from raykd.pipeline.stages.distill import student_dir
+from raykd.pipeline.stages.professor import run_professor
+from raykd.pipeline.stages.students import run_distill
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from raykd.methods.professor import Professor, professor_losses
-from raykd.pipeline.errors import ConfigError
-from raykd.pipeline.professor import held_out, refinement_stats
+from raykd.pipeline.core.errors import ConfigError
+from raykd.pipeline.stages.professor import held_out, refinement_stats
 
 
 def _q():

@@ -59,7 +59,9 @@ def test_the_wheel_installs_raykd_alone(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("raykd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"raykd", wheel.name.split("-py")[0] + ".dist-info"}
-    assert {"raykd/__init__.py", "raykd/__main__.py", "raykd/pipeline/cli.py", "raykd/pipeline/cache/build.py",
-            "raykd/methods/kd.py", "raykd/pipeline/ray_data_logging.yaml"} <= set(names)
+    packaged = {f"raykd/{os.path.relpath(os.path.join(d, f), ROOT)}" for top in ("pipeline", "methods")
+                for d, _, fs in os.walk(os.path.join(ROOT, top)) for f in fs if f.endswith((".py", ".yaml"))}
+    assert {"raykd/__init__.py", "raykd/__main__.py", "raykd/pipeline/harness/ray_data_logging.yaml"} <= set(names)
+    assert packaged - set(names) == set()  # every module of every layer, and the data files
     entry = zipfile.ZipFile(wheel).read(wheel.name.split("-py")[0] + ".dist-info/entry_points.txt").decode()
     assert "raykd = raykd.pipeline.cli:main" in entry

@@ -6,14 +6,13 @@ import json
 import os
 
 import pytest
+from conftest import digits_cfg
 
 from raykd.pipeline.cli import main
-from raykd.pipeline.config import load_config
-from raykd.pipeline.distill import run_distill
-from raykd.pipeline.errors import ConfigError
-from raykd.pipeline.sweep import run_sweep
-
-from conftest import digits_cfg
+from raykd.pipeline.core.config import load_config
+from raykd.pipeline.core.errors import ConfigError
+from raykd.pipeline.stages.students import run_distill
+from raykd.pipeline.stages.sweep import run_sweep
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -104,7 +103,7 @@ def test_optuna_sweep_samples_the_space_from_the_cache(built):
     for r in rows:
         assert float(runs[r["student"]].data.params["distill.optim.lr"]) == pytest.approx(r["distill.optim.lr"])
         assert runs[r["student"]].data.metrics["val_acc"] == pytest.approx(r["val_acc"])
-    from raykd.pipeline.errors import ConfigError
+    from raykd.pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="optuna samples its dimensions; use choice instead of grid"):
         run_sweep(digits_cfg(cfg0.run.out_dir, SPACE, "sweep.search=optuna"))

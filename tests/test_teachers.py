@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from raykd.pipeline.checkpoints import save_state_dict
-from raykd.pipeline.config import load_config
-from raykd.pipeline.errors import RaykdError
-from raykd.pipeline.models import build_model
-from raykd.pipeline.teachers import load_teacher, run_teachers, teacher_dir
-from raykd.pipeline.training import evaluate
+from raykd.pipeline.core.config import load_config
+from raykd.pipeline.core.errors import RaykdError
+from raykd.pipeline.harness.training import evaluate
+from raykd.pipeline.models.checkpoints import save_state_dict
+from raykd.pipeline.models.zoo import build_model
+from raykd.pipeline.stages.teachers import load_teacher, run_teachers, teacher_dir
 
 pytestmark = pytest.mark.timeout(300)
 

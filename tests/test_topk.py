@@ -7,12 +7,11 @@ import os
 
 import pytest
 import torch
+from conftest import digits_cfg, logit_methods
 
 from raykd.pipeline.cache import Cache, CacheError, build_cache, inspect_cache, topk_decode, topk_encode
-from raykd.pipeline.config import load_config
-from raykd.pipeline.errors import ConfigError
-
-from conftest import digits_cfg, logit_methods
+from raykd.pipeline.core.config import load_config
+from raykd.pipeline.core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +73,8 @@ def test_a_topk_only_cache_holds_no_logits_and_says_what_it_holds(built, topk_ca
 
 @pytest.mark.parametrize("method", logit_methods(with_teachers=True))
 def test_logit_methods_train_from_top_k_only(topk_cache, method):
-    from raykd.pipeline.distill import run_distill, student_dir
+    from raykd.pipeline.stages.distill import student_dir
+    from raykd.pipeline.stages.students import run_distill
 
     cfg, _ = topk_cache
     run = digits_cfg(cfg.run.out_dir, f"cache.uri={cfg.cache.uri}", "cache.logits=false", "cache.topk={k: 3}",
@@ -91,7 +91,7 @@ def test_logit_methods_train_from_top_k_only(topk_cache, method):
 
 
 def test_the_ensembles_top_k_is_one_source(built, tmp_path):
-    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     cfg0, _ = built
     common = [f"cache.uri={tmp_path / 'cache'}", "cache.logits=false", "cache.topk={k: 3, of: ensemble}",
@@ -125,8 +125,8 @@ def test_the_professor_refines_top_k_targets(topk_cache, tmp_path):
     """The professor trains on the rebuilt top-k targets and writes its refined column; a student uses both."""
     import shutil
 
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.professor import run_professor
+    from raykd.pipeline.stages.professor import run_professor
+    from raykd.pipeline.stages.students import run_distill
 
     cfg, _ = topk_cache
     uri = str(tmp_path / "cache")

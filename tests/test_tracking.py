@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from conftest import digits_cfg
 
 
@@ -13,8 +12,8 @@ def test_teacher_and_student_are_tracked_in_tensorboard_and_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import run_teachers
 
     extra = ["run.tracking=[tensorboard, mlflow]", "teachers.models=[{name: t, arch: cnn4, seed: 1}]", "cache.layers={}",
              "teachers.optim.epochs=3", "method.name=kd", "distill.teachers=online", "distill.optim.epochs=2"]

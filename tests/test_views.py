@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from raykd.pipeline.views import ViewPolicy, apply_views, make_views, view_params
+from raykd.pipeline.data.views import ViewPolicy, apply_views, make_views, view_params
 
 
 @pytest.fixture

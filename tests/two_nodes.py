@@ -39,9 +39,9 @@ def run(address: str, out: str, prefix: str) -> None:
     import ray
 
     from raykd.pipeline.cache import build_cache
-    from raykd.pipeline.config import load_config
-    from raykd.pipeline.distill import run_distill
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.stages.students import run_distill
+    from raykd.pipeline.stages.teachers import run_teachers
 
     cfg = load_config(None, [
         f"ray.address={address}", f"run.out_dir={out}", "run.device=cpu",

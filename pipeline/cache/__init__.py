@@ -14,9 +14,22 @@ Modules: `columns` (the one naming scheme), `codecs` (fp16 logits, int8 maps, to
 """
 
 from raykd.pipeline.cache import columns  # noqa: F401
-from raykd.pipeline.cache.build import build_cache, cache_fingerprint, cache_uri, split_to_ray  # noqa: F401
+from raykd.pipeline.cache.build import build_cache, cache_fingerprint, cache_uri  # noqa: F401
 from raykd.pipeline.cache.codecs import dequantize_int8, quantize_int8, topk_decode, topk_encode  # noqa: F401
 from raykd.pipeline.cache.inspect import inspect_cache  # noqa: F401
+from raykd.pipeline.cache.passes import split_to_ray  # noqa: F401
 from raykd.pipeline.cache.reader import Cache, PartChecks, TargetReader, column_array, load_refined, tensor_shape  # noqa: F401
-from raykd.pipeline.cache.storage import (MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, BuildLock, CacheDamage, CacheError,  # noqa: F401
-                                        describe_files, open_fs, owner_alive, view_dir, write_json)
+from raykd.pipeline.cache.storage import (  # noqa: F401
+                                        MANIFEST,
+                                        REFINED,
+                                        SCHEMA_VERSION,
+                                        VIEWS,
+                                        BuildLock,
+                                        CacheDamage,
+                                        CacheError,
+                                        describe_files,
+                                        open_fs,
+                                        owner_alive,
+                                        view_dir,
+                                        write_json,
+)

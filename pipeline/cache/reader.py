@@ -10,11 +10,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from raykd.pipeline.cache import columns as C
-from raykd.pipeline.log import log
-from raykd.pipeline.records import BuildStarted, LockRecord, Manifest, ViewCommit, check
-from raykd.pipeline.cache.storage import (BUILD, LOCK, MANIFEST, REFINED, SCHEMA_VERSION, VIEWS, CacheError, marker,
-                                    open_fs, owner_alive, read_json, read_parquet_part, storage_errors,
-                                    storage_message, view_dir)
+from raykd.pipeline.cache.storage import (
+    BUILD,
+    LOCK,
+    MANIFEST,
+    REFINED,
+    SCHEMA_VERSION,
+    VIEWS,
+    CacheError,
+    marker,
+    open_fs,
+    owner_alive,
+    read_json,
+    read_parquet_part,
+    storage_errors,
+    storage_message,
+    view_dir,
+)
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.records import BuildStarted, LockRecord, Manifest, ViewCommit, check
 
 
 def column_array(table, name: str) -> np.ndarray:
@@ -47,7 +61,7 @@ class TargetReader:
 
     def __call__(self, raw: dict) -> dict:
         from raykd.pipeline.cache.codecs import topk_decode
-        from raykd.pipeline.data import as_tensor
+        from raykd.pipeline.data.datasets import as_tensor
 
         out = {}
         for source, cols in self.columns.items():

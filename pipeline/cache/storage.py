@@ -13,9 +13,9 @@ import threading
 import time
 import uuid
 
-from raykd.pipeline.errors import ConfigError, RaykdError
-from raykd.pipeline.records import LockRecord, check
-from raykd.pipeline.schema import check_endpoint
+from raykd.pipeline.core.errors import ConfigError, RaykdError
+from raykd.pipeline.core.records import LockRecord, check
+from raykd.pipeline.core.schema import check_endpoint
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -121,7 +121,7 @@ def storage_message(uri: str, e: BaseException) -> str:
 
 
 def read_json(fs, path: str, schema=None, kind: str = "") -> dict | None:
-    """A JSON file of the store (None if missing), checked against `schema` (raykd.pipeline.records) when given."""
+    """A JSON file of the store (None if missing), checked against `schema` (raykd.pipeline.core.records) when given."""
     try:
         with fs.open(path, "rb") as f:
             obj = json.loads(f.read())

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from raykd.pipeline.errors import CheckpointError, RaykdError
+from raykd.pipeline.core.errors import CheckpointError, RaykdError
 
 
 class Normalized(nn.Module):
@@ -33,13 +33,13 @@ class Normalized(nn.Module):
 def load_student(cfg, name: str):
     """(the finished student `name` as an nn.Module in eval mode, its record, its directory, the data splits),
     its weights checked against their sha256."""
-    from raykd.pipeline.checkpoints import load_into, load_state_dict
-    from raykd.pipeline.data import load_splits
-    from raykd.pipeline.distill import read_student
-    from raykd.pipeline.models import build_model
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.models.checkpoints import load_into, load_state_dict
+    from raykd.pipeline.models.zoo import build_model
+    from raykd.pipeline.stages.distill import student_record
 
     sdir = os.path.join(os.path.abspath(cfg.run.out_dir), "students", name)
-    rec = read_student(sdir)
+    rec = student_record(sdir).read()
     if rec is None:
         raise RaykdError(f"no finished student {name!r} under {sdir} (raykd distill writes student.json there)")
     splits = load_splits(cfg.data)  # its classes, channels, size and normalisation
@@ -76,7 +76,7 @@ def export_student(cfg, name: str, out: str | None = None, check: bool = True) -
 def _imf_inference(cfg, rec: dict, sdir: str, student: nn.Module) -> nn.Module:
     from raykd.methods.base import MethodContext, build_method
     from raykd.methods.imf import IMFInference
-    from raykd.pipeline.checkpoints import load_state_dict
+    from raykd.pipeline.models.checkpoints import load_state_dict
 
     if "method_ctx" not in rec:
         raise RaykdError(f"student {rec['name']!r} was trained before raykd kept its method context; retrain it to "
@@ -93,7 +93,7 @@ def _imf_inference(cfg, rec: dict, sdir: str, student: nn.Module) -> nn.Module:
 
 
 def _write(net: nn.Module, x: torch.Tensor, out: str, name: str, check: bool) -> dict:
-    from raykd.pipeline.records import atomic_path
+    from raykd.pipeline.core.records import atomic_path
 
     diff = None
     with atomic_path(out, suffix=".onnx") as tmp:  # nothing at `out` unless the export is whole and checked

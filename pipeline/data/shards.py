@@ -29,8 +29,8 @@ import posixpath
 
 import numpy as np
 
-from raykd.pipeline.data import DATASETS, FileImages, Raw, _policy
-from raykd.pipeline.errors import DataError
+from raykd.pipeline.core.errors import DataError
+from raykd.pipeline.data.datasets import DATASETS, FileImages, Raw, _policy
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp")

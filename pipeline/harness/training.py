@@ -6,9 +6,8 @@ import math
 
 import torch
 
-from raykd.pipeline.errors import ConfigError
-
-from raykd.pipeline.data import normalize
+from raykd.pipeline.core.errors import ConfigError
+from raykd.pipeline.data.datasets import normalize
 
 
 def lr_lambda(schedule: str, total_steps: int, steps_per_epoch: int = 1, milestones=(), gamma: float = 0.1):
@@ -104,7 +103,7 @@ def evaluate(model: torch.nn.Module, images_u8, labels, mean, std, device,
              batch_size: int = 1024) -> tuple[float, float]:
     """(accuracy, mean CE) of `model` on un-augmented uint8 images (N, H, W, C): an array or tensor, or a
     streamed folder's FileImages (decoded `batch_size` at a time)."""
-    from raykd.pipeline.data import FileImages, chunks
+    from raykd.pipeline.data.datasets import FileImages, chunks
 
     labels = torch.as_tensor(labels)
     if isinstance(images_u8, FileImages):
@@ -123,7 +122,7 @@ class Evaluator:
     """Accuracy and mean CE on fixed splits after every epoch: each split normalised once, on the device."""
 
     def __init__(self, splits: dict, mean, std, device):
-        from raykd.pipeline.data import FileImages
+        from raykd.pipeline.data.datasets import FileImages
 
         self.mean, self.std, self.device = mean, std, device
         self.sets = {name: (s.images, torch.tensor(s.labels, dtype=torch.int64)) if isinstance(s.images, FileImages)

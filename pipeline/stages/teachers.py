@@ -1,4 +1,4 @@
-"""`raykd teachers`: train each teacher on the shared harness (raykd.pipeline.harness), or evaluate a given checkpoint.
+"""`raykd teachers`: train each teacher on the shared harness (raykd.pipeline.harness.loop), or evaluate a given checkpoint.
 
 Output per teacher under <out_dir>/teachers/<name>/: best.safetensors (by val accuracy),
 last.safetensors, metrics.jsonl and teacher.json (arch, sha256 of both files, val/test accuracy,
@@ -7,7 +7,6 @@ the accuracy gate, fingerprint). A teacher whose record matches its fingerprint 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,26 +17,41 @@ from typing import Any
 
 import torch
 
-from raykd.pipeline.checkpoints import (load_foreign, load_into, load_state_dict, resolve_checkpoint, save_state_dict,
-                                  sha256_file)
-from raykd.pipeline.config import Config, OptimSection, TeacherSpec, write_resolved
-from raykd.pipeline.data import Splits, load_splits
-from raykd.pipeline.errors import CheckpointError, ConfigError, RaykdError, StageFailed
-from raykd.pipeline.models import Preprocess, build_model, record_preprocess
-from raykd.pipeline.plugins import job_imports
-from raykd.pipeline.sources import is_source_ref
-from raykd.pipeline.records import TeacherRecord, inside, load_record, out_root, output_lock, write_record
-from raykd.pipeline.tracking import tracking_spec
-from raykd.pipeline.progress import Console, ProgressPrinter
-from raykd.pipeline.harness import Job, Task
-from raykd.pipeline.training import Evaluator, Precision, evaluate, make_optimizer, optimizer_step
-from raykd.pipeline.log import log
+from raykd.pipeline.core.config import Config, write_resolved
+from raykd.pipeline.core.errors import CheckpointError, ConfigError, RaykdError, StageFailed
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.records import StageRecord, TeacherRecord, inside, out_root, output_lock, write_record
+from raykd.pipeline.core.sections import OptimSection, TeacherSpec
+from raykd.pipeline.data.splits import Splits, load_splits
+from raykd.pipeline.harness.job import Job, Task
+from raykd.pipeline.harness.tracking import tracking_spec
+from raykd.pipeline.harness.training import Evaluator, Precision, evaluate, make_optimizer, optimizer_step
+from raykd.pipeline.models.checkpoints import (
+    load_foreign,
+    load_into,
+    load_state_dict,
+    resolve_checkpoint,
+    save_state_dict,
+    sha256_file,
+)
+from raykd.pipeline.models.plugins import job_imports
+from raykd.pipeline.models.sources import is_source_ref
+from raykd.pipeline.models.zoo import Preprocess, build_model, record_preprocess
 
 RECORD = "teacher.json"
 
 
 def teacher_dir(out_dir: str, name: str) -> str:
     return inside(out_dir, "teachers", name)
+
+
+def teacher_record(tdir: str) -> StageRecord:
+    """A teacher's record (teacher.json) and its best and last checkpoints; one that is unreadable or of
+    another shape is an error naming it, never a reason to train over the files it describes."""
+    return StageRecord(os.path.join(tdir, RECORD), TeacherRecord, "teacher record",
+                       files=lambda r: {r[k]["file"]: r[k]["sha256"] for k in ("best", "last") if k in r},
+                       again=f"move its folder away to train teacher {os.path.basename(tdir)!r} again",
+                       error=CheckpointError)
 
 
 def teacher_fingerprint(spec: TeacherSpec, cfg: Config, data_fp: str) -> str:
@@ -77,7 +91,7 @@ class TeacherJob(Job):
     mean: tuple
     std: tuple
     preprocess: dict | None  # the teacher's own input size and normalisation (TeacherSpec.preprocess)
-    train: Any  # object refs of the splits (raykd.pipeline.data.Split)
+    train: Any  # object refs of the splits (raykd.pipeline.data.datasets.Split)
     val: Any
     test: Any
 
@@ -91,8 +105,8 @@ class TeacherTask(Task):
     optim_key = "teachers.optim"
 
     def __init__(self, job: TeacherJob, ctx):
-        from raykd.pipeline.batches import resolve, view_epochs, worker_share
-        from raykd.pipeline.views import ViewPolicy
+        from raykd.pipeline.cache.epochs import resolve, view_epochs, worker_share
+        from raykd.pipeline.data.views import ViewPolicy
 
         self.job, self.device = job, ctx.device
         self.model = build_model(job.arch, job.num_classes, job.in_chans, Preprocess.of(job.preprocess, job.mean, job.std))
@@ -168,14 +182,14 @@ def run_teachers(cfg: Config) -> list[dict]:
 
 
 def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
-    found = {spec.name: read_record(out, spec.name) for spec in cfg.teachers.models}  # all checked before any write
+    found = {spec.name: teacher_record(teacher_dir(out, spec.name)).read() for spec in cfg.teachers.models}  # all checked before any write
     records: dict[str, dict] = {}
     to_train: list[tuple[TeacherSpec, str]] = []
     for spec in cfg.teachers.models:
         tdir = teacher_dir(out, spec.name)
         fp = teacher_fingerprint(spec, cfg, splits.fingerprint)
         rec = found[spec.name]
-        if rec is not None and rec.get("fingerprint") == fp and _files_intact(tdir, rec):
+        if rec is not None and rec.get("fingerprint") == fp and teacher_record(tdir).intact(rec):
             log.info(f"[teachers] {spec.name}: up to date ({tdir}), not retrained")
         elif spec.checkpoint:
             log.info(f"[teachers] {spec.name} ({spec.arch}): evaluating {spec.checkpoint}")
@@ -195,35 +209,21 @@ def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
 
 
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
-    from raykd.pipeline.harness import JobFailed, JobRunner, failure_message
-    from raykd.pipeline.raysetup import (concurrent_jobs, in_process, init_ray, local_thread_share, resolve_device,
-                                   train_storage)
+    from raykd.pipeline.harness.failures import JobFailed, failure_message
+    from raykd.pipeline.harness.placement import Placement, queue_of
 
     w = cfg.teachers.workers
-    parallel = min(cfg.teachers.parallel or len(to_train), len(to_train))
-    if cfg.teachers.parallel is None and parallel > 1:
-        init_ray(cfg)
-        parallel = min(concurrent_jobs(cfg.ray, w.cpus_per_worker * w.num_workers, w.num_workers), parallel)
-    inline = in_process(cfg, parallel, w)
-    if not inline:
-        init_ray(cfg)
-    device = resolve_device(cfg.run.device)
-    threads = w.torch_threads or local_thread_share(cfg.ray, parallel * w.num_workers)  # disjoint shares of the cores
-    if inline:  # a lone job in this process: no Ray at all
-        refs = {k: getattr(splits, k) for k in ("train", "val", "test")}
-    else:
-        import ray
-
-        refs = {k: ray.put(getattr(splits, k)) for k in ("train", "val", "test")}
-    storage = train_storage(cfg)
+    place = Placement.decide(cfg, w, jobs=len(to_train), parallel=cfg.teachers.parallel)
+    device = place.start()
+    refs = place.put("splits", {k: getattr(splits, k) for k in ("train", "val", "test")})
     records, failed = {}, []
-    runner = JobRunner(parallel, inline=inline)
-    with (contextlib.nullcontext(Console()) if inline else ProgressPrinter()) as progress:
+    runner = place.runner()
+    with place.progress() as progress:
         for spec, fp in to_train:
             job = TeacherJob(
                 kind="teacher", name=spec.name, run_name=f"teacher-{spec.name}-{fp[:12]}", seed=spec.seed,
-                epochs=spec.epochs or cfg.teachers.optim.epochs, workers=w, storage=storage, device=device,
-                torch_threads=threads, progress=getattr(progress, "queue", progress), arch=spec.arch, num_classes=splits.num_classes,
+                epochs=spec.epochs or cfg.teachers.optim.epochs, workers=w, storage=place.storage, device=device,
+                torch_threads=place.threads(), progress=queue_of(progress), arch=spec.arch, num_classes=splits.num_classes,
                 in_chans=splits.in_chans, optim=cfg.teachers.optim, lr=spec.lr or cfg.teachers.optim.lr,
                 policy=splits.policy.as_dict(), data_seed=cfg.data.seed, mean=splits.mean, std=splits.std,
                 preprocess=spec.preprocess(), imports=job_imports(cfg),
@@ -259,7 +259,7 @@ def _finalise(rec: dict, spec: TeacherSpec, fp: str, splits: Splits, cfg: Config
     if spec.preprocess():  # with the data set's statistics it undoes: a record alone rebuilds the teacher's input
         rec["preprocess"] = {**spec.preprocess(), "data_mean": list(splits.mean), "data_std": list(splits.std)}
     rec = _apply_gate(rec, cfg.teachers.min_val_acc)
-    _write_record(tdir, rec)
+    teacher_record(tdir).write(rec)
     return rec
 
 
@@ -313,30 +313,15 @@ def _apply_gate(rec: dict, min_val_acc: float) -> dict:
     return rec
 
 
-def _write_record(tdir: str, rec: dict) -> None:
-    os.makedirs(tdir, exist_ok=True)
-    write_record(os.path.join(tdir, RECORD), rec)
 
 
-def _files_intact(tdir: str, rec: dict) -> bool:
-    try:
-        return all(sha256_file(os.path.join(tdir, rec[k]["file"])) == rec[k]["sha256"] for k in ("best", "last") if k in rec)
-    except OSError:
-        return False
 
 
-def read_record(out_dir: str, name: str) -> dict | None:
-    """A teacher's record (None if it has none); one that is unreadable or of another shape is an error
-    naming it, never a reason to train over the files it describes."""
-    try:
-        return load_record(os.path.join(teacher_dir(out_dir, name), RECORD), TeacherRecord, "teacher record")
-    except RaykdError as e:
-        raise CheckpointError(f"{e}; move its folder away to train teacher {name!r} again") from None
 
 
 def load_teacher(out_dir: str, name: str, for_cache: bool = True) -> tuple[torch.nn.Module, dict]:
     """The best checkpoint of a teacher, verified against its sha256; refused if it failed the accuracy gate."""
-    rec = read_record(out_dir, name)
+    rec = teacher_record(teacher_dir(out_dir, name)).read()
     if rec is None:
         raise RaykdError(f"teacher {name!r} has no record under {teacher_dir(out_dir, name)}: run `raykd teachers` first")
     if for_cache and not rec["gate"]["passed"]:

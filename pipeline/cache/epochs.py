@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import raykd.pipeline.cache.columns as C
-from raykd.pipeline.data import as_tensor, normalize
-from raykd.pipeline.views import ViewPolicy, make_views
+from raykd.pipeline.data.datasets import as_tensor, normalize
+from raykd.pipeline.data.views import ViewPolicy, make_views
 
 _ITEM_BYTES = {"uint8": 1, "int8": 1, "bool": 1, "int16": 2, "halffloat": 2, "int32": 4, "float": 4, "int64": 8,
                "double": 8}
@@ -151,7 +151,7 @@ def view_epochs(split, share: np.ndarray, data_seed: int, policy: ViewPolicy, me
                 shuffle: bool, seed: int, keep: bool = True, workers: int | None = None) -> "MemoryEpochs":
     """Epochs of views rendered from a source split: in memory as pixels, or — for a streamed image
     folder — as records rendered batch by batch ahead of the step (`MemoryEpochs.finish`, `workers`)."""
-    from raykd.pipeline.data import FileImages
+    from raykd.pipeline.data.datasets import FileImages
 
     streamed = isinstance(split.images, FileImages)
     finish = RowFormat(mean, std, policy.as_dict(), split).render if streamed else None
@@ -272,20 +272,56 @@ class StreamEpochs:
             yield rows
 
 
-def cache_view_loader(fs, files: dict[int, list[str]], columns: list[str], fmt: RowFormat, rank: int, world: int,
-                      seed: int, refined: Refined | None = None, checks=None) -> Callable[[int], dict[str, torch.Tensor]]:
-    """`load(view)` for MemoryEpochs over a cache: read the view's files (checked), keep this worker's share,
-    prepare."""
+@dataclasses.dataclass(frozen=True)
+class CacheViews:
+    """The cache's views a training job reads, as one value that student and professor jobs share: the
+    filesystem, each view's part files (`files[k]`: a `ViewFiles` on a cache being built waits for a view
+    when it is first read), the columns read, their sha256 (`checks`, compared as each file is read), the
+    professor's refined files when the job reads that column, and whether the job holds its views in
+    memory or streams them through Ray Data. `epochs` builds the job's epochs, `datasets` Ray Train's."""
 
-    def load(k: int) -> dict[str, torch.Tensor]:
-        raw = read_view(fs, files[k], columns, checks)
-        share = worker_share(len(raw["sample_id"]), rank, world, seed)
-        rows = fmt.prepare({c: v[share] for c, v in raw.items()}, defer=True)
-        if refined is not None:
-            rows[C.REFINED] = refined.lookup(k, rows["sample_id"])
-        return rows
+    fs: Any
+    files: Any
+    columns: tuple[str, ...]
+    checks: Any = None
+    refined: dict | None = None
+    in_memory: bool = True
 
-    return load
+    @property
+    def used(self) -> list[int]:
+        return list(getattr(self.files, "used", None) or self.files)
+
+    def _read(self, k: int):
+        import ray
+
+        return ray.data.read_parquet(self.files[k], filesystem=self.fs).select_columns(list(self.columns))
+
+    def datasets(self) -> dict:
+        """Ray Train's datasets of a streamed job (one per view, sharded between its workers); none in memory."""
+        return {} if self.in_memory else {f"view{k}": self._read(k) for k in self.used}
+
+    def epochs(self, ctx, view_of: Callable[[int], int], batch_size: int, shuffle: bool, seed: int,
+               prepare: Callable[[dict], dict], memory_prepare: Callable[[dict], dict] | None = None,
+               shuffle_buffer: int = 4096, **memory) -> MemoryEpochs | StreamEpochs:
+        """In memory: each view read once (checked), this worker's share kept, prepared (`memory_prepare`,
+        default `prepare`), then epochs by indexing (`memory`: MemoryEpochs' other options). Streamed: Ray
+        Data batches (this worker's Ray Train shard when there are several), each prepared as it arrives."""
+        refined = Refined(self.fs, self.refined, self.checks) if self.refined else None
+        if self.in_memory:
+            prep = memory_prepare or prepare
+
+            def load(k: int) -> dict[str, torch.Tensor]:
+                raw = read_view(self.fs, self.files[k], list(self.columns), self.checks)
+                share = worker_share(len(raw["sample_id"]), ctx.rank, ctx.world, seed)
+                rows = prep({c: v[share] for c, v in raw.items()})
+                if refined is not None:
+                    rows[C.REFINED] = refined.lookup(k, rows["sample_id"])
+                return rows
+
+            return MemoryEpochs(load, view_of, batch_size, shuffle, seed, **memory)
+        source = (lambda k: ctx.shard(f"view{k}")) if ctx.world > 1 else self._read
+        return StreamEpochs(source, view_of, batch_size, shuffle_buffer, seed, prepare, refined,
+                            check_view(self.fs, self.files, self.checks))
 
 
 def to_device(rows: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn as nn
 
-from raykd.pipeline.errors import CheckpointError, ConfigError
-from raykd.pipeline.registry import Registry
+from raykd.pipeline.core.errors import CheckpointError, ConfigError
+from raykd.pipeline.core.registry import Registry
 
 if TYPE_CHECKING:
-    from raykd.pipeline.models import Preprocess
+    from raykd.pipeline.models.zoo import Preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ class TappedModel(nn.Module):
     children that hold parameters and no `nn.Linear` (the trunk, not the head: `conv1`, `bn1`, `layer1`..
     `layer4` of a ResNet), or, when that is a single `nn.Sequential` (VGG, MobileNet, EfficientNet,
     ConvNeXt: `features`), its children (`features.0`, ...). The parameters are `net.<its own keys>`;
-    a foreign checkpoint loads into `self.net` (`raykd.pipeline.checkpoints.load_foreign`).
+    a foreign checkpoint loads into `self.net` (`raykd.pipeline.models.checkpoints.load_foreign`).
     `grey_to_rgb`: the net takes 3 channels and the data have 1 (torchvision models): the channel is
     repeated (no parameters)."""
 
@@ -268,7 +268,7 @@ def _factory(arch: str) -> Callable:
     """The factory of `module.path:factory`, checked: it must be callable as factory(num_classes=, in_chans=)."""
     import inspect
 
-    from raykd.pipeline.plugins import import_user_module
+    from raykd.pipeline.models.plugins import import_user_module
 
     module, _, attr = arch.rpartition(":")
     if not module or not attr:
@@ -296,7 +296,7 @@ def _user_check(arch: str) -> None:
 
 
 def _user_build(arch: str, num_classes: int, in_chans: int) -> nn.Module:
-    from raykd.pipeline.models import ZooModel
+    from raykd.pipeline.models.zoo import ZooModel
 
     net = _factory(arch)(num_classes=num_classes, in_chans=in_chans)
     if not isinstance(net, nn.Module):

@@ -22,10 +22,11 @@ import math
 import os
 import time
 
-from raykd.pipeline.config import DISTRIBUTIONS, Config, dump_config, variant
-from raykd.pipeline.errors import ConfigError, StageFailed
-from raykd.pipeline.log import log
-from raykd.pipeline.records import inside, out_root, output_lock
+from raykd.pipeline.core.config import Config, dump_config, variant
+from raykd.pipeline.core.errors import ConfigError, StageFailed
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.records import inside, out_root, output_lock
+from raykd.pipeline.core.train_sections import DISTRIBUTIONS
 
 
 def check_space(cfg: Config) -> None:
@@ -85,7 +86,7 @@ def _trial(params: dict, base: dict, name: str, progress, concurrent: int, cwd: 
     """One Tune trial: the base config with this trial's values, distilled exactly as `raykd distill` does."""
     from ray import tune
 
-    from raykd.pipeline.distill import run_distill
+    from raykd.pipeline.stages.students import run_distill
 
     os.chdir(cwd)  # Tune starts trials in their own working folder: relative paths are the user's
     changes = {k.replace("__", "."): v for k, v in params.items()}
@@ -99,7 +100,6 @@ def run_sweep(cfg: Config) -> dict:
     from raykd.pipeline.cache import Cache, cache_uri
 
     check_space(cfg)
-    sw = cfg.sweep
     if cfg.distill.teachers == "cache":  # the one cache every trial reads; never built here
         Cache(cache_uri(cfg), cfg.cache.s3_endpoint)
     name = sweep_name(cfg)
@@ -113,18 +113,19 @@ def _run_sweep(cfg: Config, name: str, root: str, out: str) -> dict:
     import ray
     from ray import tune
 
-    from raykd.pipeline.progress import ProgressPrinter
-    from raykd.pipeline.raysetup import check_fits, concurrent_jobs, init_ray, resolve_device
+    from raykd.pipeline.core.progress import ProgressPrinter
+    from raykd.pipeline.harness.placement import Placement
 
     sw = cfg.sweep
-    init_ray(cfg)
     w = cfg.distill.workers
-    concurrent = sw.max_concurrent or concurrent_jobs(cfg.ray, w.num_workers * w.cpus_per_worker, w.num_workers)
+    # trials at once: sweep.max_concurrent, else as many as the cluster's CPUs fit (Tune counts the trials)
+    place = Placement.decide(cfg, w, jobs=None, parallel=sw.max_concurrent, inline=False)
+    device, concurrent = place.start(), place.parallel
     if w.num_workers == 1:  # the trial trains its student itself: it holds the worker's CPUs (and GPU)
-        res = {"cpu": w.cpus_per_worker, **({"gpu": w.gpus_per_worker} if resolve_device(cfg.run.device) == "cuda" else {})}
+        res = {"cpu": w.cpus_per_worker, **({"gpu": w.gpus_per_worker} if device == "cuda" else {})}
+        place.check_fits("distill.workers.cpus_per_worker/gpus_per_worker")
     else:  # its Ray Train workers hold them (a trial's CPU share would starve Ray Data's reads beside them)
         res = {"cpu": 0}
-    check_fits({"CPU": res["cpu"], "GPU": res.get("gpu", 0)}, "distill.workers.cpus_per_worker/gpus_per_worker")
     # raykd turns Tune's per-trial result files off for its other stages; a sweep wants them: they hold
     # every reported epoch of every trial, also of trials ASHA stopped (read when the callbacks are made)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
@@ -150,8 +151,8 @@ def _run_sweep(cfg: Config, name: str, root: str, out: str) -> dict:
 
             if sw.search == "optuna":
                 try:
-                    from ray.tune.search.optuna import OptunaSearch
                     import optuna
+                    from ray.tune.search.optuna import OptunaSearch
                 except ImportError:
                     raise ConfigError("sweep.search=optuna needs optuna: pip install 'raykd[optuna]'") from None
                 # Optuna's TPE, seeded; the limiter keeps it from proposing more trials than run at once
@@ -191,7 +192,7 @@ def _summarise(cfg: Config, name: str, out: str, grid, seconds: float) -> dict:
                      **{k: m.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc")},
                      "teachers_loaded": m.get("teachers_loaded"), "error": type(r.error).__name__ if r.error else ""})
     if all(r[sw.metric] is None for r in rows):
-        from raykd.pipeline.raysetup import logs_hint
+        from raykd.pipeline.harness.raysetup import logs_hint
 
         errors = sorted({r["error"] for r in rows if r["error"]})
         raise StageFailed(f"sweep {name}: no trial reported a result (errors: {', '.join(errors) or 'none'}; each "

@@ -14,7 +14,7 @@ import queue as _queue
 import threading
 import time
 
-from raykd.pipeline.log import log
+from raykd.pipeline.core.log import log
 
 
 class ProgressPrinter:

@@ -10,16 +10,18 @@ raykd reads; other fields are kept as they are.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
-import threading
 import posixpath
 import re
-from typing import Annotated, Any
+import threading
+from typing import Annotated, Any, Callable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from raykd.pipeline.errors import ConfigError, RaykdError
+from raykd.pipeline.core.errors import ConfigError, RaykdError
 
 # --------------------------------------------------------------------------------------------------
 # schemas
@@ -265,3 +267,49 @@ def output_lock(folder: str, what: str):
     os.makedirs(folder, exist_ok=True)
     return Lock(fsspec.filesystem("file"), folder, folder, name=OUTPUT_LOCK, what=what,
                 then="or give this one another name or run.out_dir")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """A stage output's record and the files it vouches for, one for every stage (a teacher, the professor,
+    a student): `read` (None when there is none; an error naming it, and what to do, when it is not one),
+    `write` (atomic), `intact` (every file it lists matches its sha256) and `reusable(fp)` (the record of
+    this fingerprint with its files intact, else None: the stage trains again)."""
+
+    path: str  # the record file; the files it lists are relative to its folder
+    schema: type[BaseModel]
+    kind: str  # "teacher record", ...: how errors name it
+    files: Callable[[dict], dict[str, str]]  # the record -> {file: sha256}
+    again: str = ""  # appended to a read error: what to do with a bad record
+    error: type[RaykdError] = RaykdError
+
+    def read(self) -> dict | None:
+        try:
+            return load_record(self.path, self.schema, self.kind)
+        except RaykdError as e:
+            if not self.again:
+                raise
+            raise self.error(f"{e}; {self.again}") from None
+
+    def write(self, rec: dict) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        write_record(self.path, rec)
+
+    def intact(self, rec: dict) -> bool:
+        folder = os.path.dirname(self.path)
+        try:
+            return all(sha256_file(os.path.join(folder, f)) == sha for f, sha in self.files(rec).items())
+        except (OSError, KeyError, TypeError):
+            return False
+
+    def reusable(self, fingerprint: str) -> dict | None:
+        rec = self.read()
+        return rec if rec is not None and rec.get("fingerprint") == fingerprint and self.intact(rec) else None

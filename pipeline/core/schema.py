@@ -1,4 +1,4 @@
-"""The base of every config section (raykd.pipeline.config's and the methods' own options), kept free of heavy
+"""The base of every config section (raykd.pipeline.core.config's and the methods' own options), kept free of heavy
 imports so that a method file can declare its options next to its loss."""
 
 from __future__ import annotations

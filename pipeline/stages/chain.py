@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 
-from raykd.pipeline.config import Config, variant
-from raykd.pipeline.log import log
+from raykd.pipeline.core.config import Config, variant
+from raykd.pipeline.core.log import log
 
 
 def compare_runs(cfg: Config) -> list[Config]:
@@ -56,8 +56,8 @@ class BackgroundBuild:
 def run_all(cfg: Config, parallel: int | None = None, overwrite: bool = False, on_teachers=None) -> list[dict]:
     """Every stage of `raykd run`; the students' records. `on_teachers(records)` sees the teachers' records
     before the cache starts (the command prints their table)."""
-    from raykd.pipeline.distill import run_students
-    from raykd.pipeline.teachers import run_teachers
+    from raykd.pipeline.stages.students import run_students
+    from raykd.pipeline.stages.teachers import run_teachers
 
     records = run_teachers(cfg)
     if on_teachers is not None:
@@ -68,7 +68,7 @@ def run_all(cfg: Config, parallel: int | None = None, overwrite: bool = False, o
         return run_students(runs, parallel)
     if any(r.method.targets in ("refined", "both") for r in runs):
         from raykd.pipeline.cache import build_cache
-        from raykd.pipeline.professor import run_professor
+        from raykd.pipeline.stages.professor import run_professor
 
         build_cache(cfg, overwrite=overwrite)
         run_professor(cfg)

@@ -12,22 +12,15 @@ import pickle
 
 import torch
 
-from raykd.pipeline.errors import CheckpointError
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from raykd.pipeline.core.errors import CheckpointError
+from raykd.pipeline.core.records import sha256_file
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str) -> str:
     """Atomically write `state` as safetensors; returns the file's sha256."""
     from safetensors.torch import save_file
 
-    from raykd.pipeline.records import atomic_path
+    from raykd.pipeline.core.records import atomic_path
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:
@@ -95,8 +88,8 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
 
 def resolve_checkpoint(ref: str) -> str:
     """A checkpoint's file: `ref` itself, or a model source's cached weights (`torchvision:<Weights>.<NAME>`,
-    `timm:<name>`: pipeline/sources.py). raykd never downloads: weights not in the cache are an error."""
-    from raykd.pipeline.sources import resolve_checkpoint as resolve
+    `timm:<name>`: pipeline/models/sources.py). raykd never downloads: weights not in the cache are an error."""
+    from raykd.pipeline.models.sources import resolve_checkpoint as resolve
 
     return resolve(ref)
 
@@ -119,7 +112,7 @@ def load_foreign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
                  key_map: dict[str, str | None] | None = None) -> None:
     """A checkpoint made outside raykd (or by it): keys mapped, then loaded strictly; a wrapped model
     (torchvision:, timm:, module:factory) takes the wrapped net's own keys (or raykd's `net.`-prefixed ones)."""
-    from raykd.pipeline.sources import TappedModel
+    from raykd.pipeline.models.sources import TappedModel
 
     state = map_keys(state, key_map or {})
     if isinstance(model, TappedModel) and not all(k.startswith("net.") for k in state):

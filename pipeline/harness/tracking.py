@@ -15,7 +15,7 @@ import math
 import os
 import time
 
-from raykd.pipeline.errors import ConfigError
+from raykd.pipeline.core.errors import ConfigError
 
 
 def tracking_spec(cfg, stage: str, name: str, run_name: str) -> dict | None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import threading
 
-from raykd.pipeline.errors import ConfigError
-from raykd.pipeline.log import log
+from raykd.pipeline.core.errors import ConfigError
+from raykd.pipeline.core.log import log
 
 # Set before ray.init so every Ray process inherits them; a user's own value wins.
 _ENV_DEFAULTS = {
@@ -24,7 +24,7 @@ _ENV_DEFAULTS = {
 }
 
 # Worker and actor logs stay in the Ray session's log folder: the console shows raykd's progress lines
-# (raykd.pipeline.progress). Without a dashboard (ray[train,tune] has none), Ray Train's placement-group
+# (raykd.pipeline.core.progress). Without a dashboard (ray[train,tune] has none), Ray Train's placement-group
 # cleaner warns every few seconds that the state API is unavailable, which would drown them.
 # RAYKD_LOG_TO_DRIVER=1 brings the raw logs back.
 LOG_TO_DRIVER = os.environ.get("RAYKD_LOG_TO_DRIVER", "0") == "1"
@@ -106,7 +106,7 @@ def _init_ray(cfg) -> None:
         env = {k: os.environ[k] for k in _ENV_DEFAULTS if k != "RAY_DATA_LOGGING_CONFIG"}
         with _held_stderr() as held:  # Ray's core logs every failed attempt (~20 lines): kept, shown on success
             try:
-                from raykd.pipeline.plugins import job_imports, ship
+                from raykd.pipeline.models.plugins import job_imports, ship
 
                 runtime_env = {"env_vars": env}
                 if py_modules := ship(job_imports(cfg)):

@@ -1,6 +1,6 @@
 """`raykd professor`: train the CAAE professor on the cached teacher targets, then add a `refined` column.
 
-Training is a job of the shared harness (raykd.pipeline.harness) reading only the cache's labels and teacher
+Training is a job of the shared harness (raykd.pipeline.harness.loop) reading only the cache's labels and teacher
 logits (no teacher runs), one view partition per epoch. The refined column is then written by a Ray Data actor pool over the cache
 into its own files, `refined/view=k/*.parquet` (sample_id, view_id, refined), keyed by
 (sample_id, view_id); the teachers' part files are never rewritten. The manifest, rewritten last,
@@ -11,31 +11,40 @@ professor.json, metrics.jsonl, config.resolved.yaml.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import posixpath
 import time
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from raykd.methods.professor import Professor, professor_losses, teacher_probs
+from raykd.pipeline.cache import (
+    MANIFEST,
+    REFINED,
+    Cache,
+    CacheError,
+    TargetReader,
+    cache_uri,
+    column_array,
+    describe_files,
+    load_refined,
+    view_dir,
+    write_json,
+)
 from raykd.pipeline.cache import columns as C
-from raykd.pipeline.cache import (MANIFEST, REFINED, Cache, CacheError, TargetReader, cache_uri, column_array,
-                            describe_files, load_refined, view_dir, write_json)
-from raykd.pipeline.checkpoints import load_into, read_verified, save_state_dict, sha256_file, state_from_bytes
-from raykd.pipeline.config import Config, write_resolved
-from raykd.pipeline.harness import Job, Task
-from raykd.pipeline.plugins import job_imports
-from raykd.pipeline.records import ProfessorRecord, load_record, out_root, output_lock, write_record
-from raykd.pipeline.tracking import tracking_spec
-from raykd.pipeline.progress import Console, ProgressPrinter
-from raykd.pipeline.log import log
+from raykd.pipeline.cache.epochs import CacheViews
+from raykd.pipeline.core.config import Config, write_resolved
+from raykd.pipeline.core.log import log
+from raykd.pipeline.core.records import ProfessorRecord, StageRecord, out_root, output_lock
+from raykd.pipeline.harness.job import Job, Task
+from raykd.pipeline.harness.tracking import tracking_spec
+from raykd.pipeline.models.checkpoints import load_into, read_verified, save_state_dict, state_from_bytes
+from raykd.pipeline.models.plugins import job_imports
 
 RECORD = "professor.json"
 
@@ -65,25 +74,13 @@ def held_out(sample_ids: np.ndarray, share: float, seed: int) -> np.ndarray:
 class ProfessorJob(Job):
     lc: dict  # the professor's sizes, target sources (teachers), loss weights and optimiser
     targets: TargetReader  # the sources' stored columns, and how they become logits
-    cache_fs: Any
-    files: dict  # view -> its part files
-    checks: Any = None  # their sha256, checked as the job reads them
-    in_memory: bool = True
+    views: CacheViews  # the views it trains on (labels and the teachers' targets)
 
     def build(self, ctx):
         return ProfessorTask(self, ctx)
 
     def datasets(self) -> dict:
-        if self.in_memory:
-            return {}
-        import ray
-
-        return {f"view{k}": ray.data.read_parquet(f, filesystem=self.cache_fs).select_columns(self.columns)
-                for k, f in self.files.items()}
-
-    @property
-    def columns(self) -> list[str]:
-        return ["sample_id", "label", *self.targets.all_columns]
+        return self.views.datasets()
 
 
 class ProfessorTask(Task):
@@ -93,8 +90,7 @@ class ProfessorTask(Task):
     optim_key = "professor.optim"
 
     def __init__(self, job: ProfessorJob, ctx):
-        from raykd.pipeline.batches import MemoryEpochs, StreamEpochs, check_view, read_view, worker_share
-        from raykd.pipeline.data import as_tensor
+        from raykd.pipeline.data.datasets import as_tensor
 
         lc = job.lc
         self.job, self.ctx, self.lc = job, ctx, lc
@@ -102,29 +98,13 @@ class ProfessorTask(Task):
         self.opt_g = torch.optim.Adam(self.prof.generator_parameters(), lr=lc["lr"])
         self.opt_d = torch.optim.Adam(self.prof.discriminator_parameters(), lr=lc["lr"])
         view_of = lambda e: e % lc["views"]  # noqa: E731
-        cols = job.columns
 
         def prepare(raw):  # the targets as logits (top-k rebuilt), per source; held-out samples dropped
             keep = ~held_out(np.asarray(raw["sample_id"]), lc["holdout"], lc["seed"])
             raw = {c: np.asarray(v)[keep] for c, v in raw.items()}
             return {"y": as_tensor(raw["label"]).long(), **{C.logits(s): z for s, z in job.targets(raw).items()}}
 
-        if job.in_memory:
-            def load(k):
-                raw = read_view(job.cache_fs, job.files[k], cols, job.checks)
-                share = worker_share(len(raw["sample_id"]), ctx.rank, ctx.world, job.seed)
-                return prepare({c: v[share] for c, v in raw.items()})
-
-            self.data = MemoryEpochs(load, view_of, lc["batch_size"], True, job.seed)
-        else:
-            import ray
-
-            if ctx.world > 1:
-                source = lambda k: ctx.shard(f"view{k}")  # noqa: E731
-            else:
-                source = lambda k: ray.data.read_parquet(job.files[k], filesystem=job.cache_fs).select_columns(cols)  # noqa: E731
-            self.data = StreamEpochs(source, view_of, lc["batch_size"], 4096, job.seed, prepare,
-                                     check=check_view(job.cache_fs, job.files, job.checks))
+        self.data = job.views.epochs(ctx, view_of, lc["batch_size"], True, job.seed, prepare)
 
     def _sync(self, params) -> None:
         """Several workers: average their gradients (the professor is not wrapped in DDP)."""
@@ -203,7 +183,7 @@ def run_professor(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
-    from raykd.pipeline.raysetup import check_fits, init_ray, local_thread_share, resolve_device
+    from raykd.pipeline.harness.raysetup import check_fits, init_ray, local_thread_share, resolve_device
 
     m = cache.manifest
     p = cfg.professor
@@ -213,13 +193,13 @@ def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
           "teachers": cache.sources, "views": m["views"],
           "batch_size": p.optim.batch_size, "lr": p.optim.lr,
           "weights": {"w_rec": p.w_rec, "w_cls": p.w_cls, "w_z": p.w_z, "w_q": p.w_q}}
-    rec = read_record(out)
+    rec = professor_record(out).read()
     init_ray(cfg)  # before ray.data is imported: it reads raykd's logging settings then
     import ray
     from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat
 
     device = resolve_device(cfg.run.device)
-    if rec is None or rec.get("fingerprint") != fp or not _intact(out, rec):
+    if rec is None or rec.get("fingerprint") != fp or not professor_record(out).intact(rec):
         rec = _train(cfg, cache, lc, fp, out, device)
 
     # the refine pass: a Ray Data actor pool over every view, into refined/view=k/
@@ -261,7 +241,7 @@ def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
     manifest["columns"][C.REFINED] = f"tensor<halffloat>[{m['dataset']['num_classes']}]"
     write_json(fs, posixpath.join(root, MANIFEST), manifest)  # the commit: the teachers' files are untouched
     rec.update(refined_acc=entry["refined_acc"], ensemble_acc=entry["ensemble_acc"], heldout=entry["heldout"])
-    _write_record(out, rec)
+    professor_record(out).write(rec)
     h = entry["heldout"]
     log.info(f"[professor] refined targets: {100 * entry['refined_acc']:.2f}% accurate on the cached views "
           f"(teacher ensemble {100 * entry['ensemble_acc']:.2f}%), {entry['bytes'] / 2**20:.2f} MiB")
@@ -275,9 +255,9 @@ def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
 
 
 def _train(cfg, cache, lc, fp, out, device) -> dict:
-    from raykd.pipeline.batches import in_memory_choice, row_bytes
-    from raykd.pipeline.harness import fit
-    from raykd.pipeline.raysetup import in_process, local_thread_share, train_storage
+    from raykd.pipeline.cache.epochs import in_memory_choice, row_bytes
+    from raykd.pipeline.harness.placement import Placement, queue_of
+    from raykd.pipeline.harness.runner import fit
 
     p, m = cfg.professor, cache.manifest
     w = p.workers
@@ -287,17 +267,18 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
     log.info(f"[professor] training on the cached targets of {cache.sources}: {p.optim.epochs} epochs, "
           f"{w.num_workers} worker(s)")
     t0 = time.time()
-    inline = in_process(cfg, 1, w)
-    with (contextlib.nullcontext(Console()) if inline else ProgressPrinter()) as progress:
+    place = Placement.decide(cfg, w, jobs=1)
+    place.device = device
+    with place.progress() as progress:
         job = ProfessorJob(kind="professor", name="CAAE", run_name=f"professor-{fp[:12]}", seed=p.seed, imports=job_imports(cfg),
                            tracking=tracking_spec(cfg, "professor", "CAAE", f"professor-{fp[:12]}"),
-                           epochs=p.optim.epochs, workers=w, storage=train_storage(cfg), device=device,
-                           torch_threads=w.torch_threads or local_thread_share(cfg.ray, w.num_workers),
-                           progress=getattr(progress, "queue", progress), lc=lc, targets=targets, cache_fs=cache.fs,
-                           files={k: cache.view_files(k) for k in views},
-                           checks=cache.checks([p for k in views for p in cache.view_files(k)]),
-                           in_memory=in_memory_choice(cfg.distill.in_memory, nbytes // w.num_workers))
-        res = fit(job, inline=inline)
+                           epochs=p.optim.epochs, workers=w, storage=place.storage, device=device,
+                           torch_threads=place.threads(), progress=queue_of(progress), lc=lc, targets=targets,
+                           views=CacheViews(cache.fs, {k: cache.view_files(k) for k in views},
+                                            ("sample_id", "label", *targets.all_columns),
+                                            cache.checks([p for k in views for p in cache.view_files(k)]),
+                                            in_memory=in_memory_choice(cfg.distill.in_memory, nbytes // w.num_workers)))
+        res = fit(job, inline=place.inline)
     state, history = res.state, res.history
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for h in history:
@@ -306,7 +287,7 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
            "sha256": save_state_dict(state["task"]["professor"], os.path.join(out, "professor.safetensors")),
            "fingerprint": fp, "epochs": len(history), "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
            "train_seconds": round(time.time() - t0, 2)}
-    _write_record(out, rec)
+    professor_record(out).write(rec)
     return rec
 
 
@@ -365,15 +346,7 @@ def _measure(cache: Cache, pfiles: list[dict], lc: dict) -> dict:
                                refinement_stats(q, p, y).items()}}
 
 
-def read_record(out: str) -> dict | None:
-    """The professor's record (None if it has none; an error naming it if it is not one)."""
-    return load_record(os.path.join(out, RECORD), ProfessorRecord, "professor record")
-
-
-def _write_record(out: str, rec: dict) -> None:
-    write_record(os.path.join(out, RECORD), rec)
-
-
-def _intact(out: str, rec: dict) -> bool:
-    path = os.path.join(out, rec.get("file", ""))
-    return os.path.isfile(path) and sha256_file(path) == rec.get("sha256")
+def professor_record(out: str) -> StageRecord:
+    """The professor's record (professor.json) and its checkpoint."""
+    return StageRecord(os.path.join(out, RECORD), ProfessorRecord, "professor record",
+                       files=lambda r: {r["file"]: r["sha256"]})

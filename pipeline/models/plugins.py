@@ -59,7 +59,7 @@ def job_imports(cfg) -> Imports:
     """What a job's worker must import: `run.imports`, then the modules of `module:factory` models."""
     names = list(cfg.run.imports)
     archs = [t.arch for t in cfg.teachers.models] + [cfg.distill.student.arch]
-    from raykd.pipeline.sources import worker_imports
+    from raykd.pipeline.models.sources import worker_imports
 
     names += [m for a in archs for m in worker_imports(a)]
     names = list(dict.fromkeys(names))

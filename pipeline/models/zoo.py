@@ -1,5 +1,5 @@
 """Models: the zoo (CIFAR-style ResNets and WRNs in RepDistiller/mdistiller shapes, a small CNN family)
-and, through the model sources of pipeline/sources.py, any torchvision or timm classification model
+and, through the model sources of pipeline/models/sources.py, any torchvision or timm classification model
 (`torchvision:<name>`, `timm:<name>`) and a user's own (`<module.path>:<factory>`).
 
 Every model has `forward_stages(x) -> (logits, {stage: map})`, the one way FEED, IMF, the cache writer
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raykd.pipeline.registry import Registry
+from raykd.pipeline.core.registry import Registry
 
 MODELS: Registry = Registry("model")
 
@@ -256,12 +256,12 @@ for _w in (4, 8, 16, 32):
 
 
 # --------------------------------------------------------------------------------------------------
-# every arch string: a zoo name, or `<scheme>:<name>` of a model source (pipeline/sources.py)
+# every arch string: a zoo name, or `<scheme>:<name>` of a model source (pipeline/models/sources.py)
 
 
 def check_arch(arch: str) -> None:
     """ValueError naming what is wrong with `arch` (a zoo name, or a model source's `<scheme>:<name>`)."""
-    from raykd.pipeline.sources import source_of
+    from raykd.pipeline.models.sources import source_of
 
     found = source_of(arch)
     if found is None:
@@ -276,7 +276,7 @@ def build_model(arch: str, num_classes: int, in_chans: int, preprocess: Preproce
     untrained with `num_classes` outputs, weights from a teacher's `checkpoint`, wrapped as a raykd model
     with stage taps). `preprocess`: a teacher's own input size and normalisation, applied first by
     `forward_stages`."""
-    from raykd.pipeline.sources import source_of
+    from raykd.pipeline.models.sources import source_of
 
     found = source_of(arch)
     if found is None:

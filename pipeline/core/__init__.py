@@ -1,0 +1,1 @@
+"""raykd's core layer: the config schema, errors, logging, records, registries."""

@@ -1,0 +1,1 @@
+"""raykd's data layer: data sets, views, batches, shard sources."""

@@ -1,0 +1,1 @@
+"""raykd's models layer: the model zoo, model sources, checkpoints, plugins."""
