@@ -220,10 +220,10 @@ def plan_student(cfg: Config, splits) -> Plan | dict:
                 method, mctx, views, cache, online_teachers, online_professor)
 
 
-def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurrent: int = 1) -> StudentJob:
-    """The plan as a job: the splits as object refs, the cache's files and columns, in memory or streamed."""
+def make_job(p: Plan, refs, progress, place, concurrent: int = 1) -> StudentJob:
+    """The plan as a job, placed by `place` (a harness Placement: device, threads, checkpoint storage): the
+    splits as object refs, the cache's files and columns, in memory or streamed."""
     from raykd.pipeline.cache.epochs import CacheViews, in_memory_choice, memory_budget, row_bytes
-    from raykd.pipeline.harness.raysetup import train_storage
 
     cfg, d = p.cfg, p.cfg.distill
     cache_kw: dict = {}
@@ -253,7 +253,7 @@ def make_job(p: Plan, refs, progress, threads: int | None, device: str, concurre
     splits = p.splits
     return StudentJob(
         kind="distill", name=p.name, run_name=f"student-{p.name}-{p.fp[:12]}", seed=student_seed(cfg),
-        epochs=d.optim.epochs, workers=d.workers, storage=train_storage(cfg), device=device, torch_threads=threads,
+        epochs=d.optim.epochs, workers=d.workers, storage=place.storage, device=place.start(), torch_threads=place.threads(d.workers),
         progress=progress, fault=fault, imports=job_imports(cfg),
         tracking=tracking_spec(cfg, "students", p.name, f"student-{p.name}-{p.fp[:12]}"),
         arch=d.student.arch, num_classes=splits.num_classes, in_chans=splits.in_chans,

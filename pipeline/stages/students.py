@@ -95,12 +95,11 @@ class _Students:
             break
         plan.times = {"data_s": t_plan - t, "plan_s": time.perf_counter() - t_plan}
         t = time.perf_counter()
-        device = self.place.start()
+        self.place.start()  # Ray, when the jobs run as Ray jobs; the device
         d = cfg.distill
         refs = self.place.put(cfg.data.model_dump_json(), {k: getattr(plan.splits, k) for k in ("train", "val", "test")})
         try:
-            job = make_job(plan, refs, self.queue, self.place.threads(d.workers), device,
-                           self.place.parallel * self.concurrent)
+            job = make_job(plan, refs, self.queue, self.place, self.place.parallel * self.concurrent)
         except Exception as e:  # noqa: BLE001  (a cache without what this student reads)
             self.errors[i] = e
             return
