@@ -3,6 +3,8 @@ trained twice the regime's epochs (by default) on the regime's caches (the logit
 epochs: a longer run reads each view more than once) and teachers (run `make bench` first), 5 seeds.
 
     python bench/plateau.py [--epochs N] [--methods ce kd ...] [--out bench/results/fm10/plateau.json]
+    python bench/plateau.py -c configs/bench100.yaml --one-cache --regime bench/results/full/accuracy.json \
+        --out bench/results/full/plateau.json        # the 100-class regime of `make bench`
 
 Tells whether the regime's students were trained long enough: if twice the epochs moves CE or KD (or
 the gap between them), the regime's epochs were too few; `bench/report.py` reads plateau.json for that
@@ -60,6 +62,8 @@ def main() -> None:
     ap.add_argument("--regime", default="bench/results/fm10/accuracy.json",
                     help="the regime's result: which teacher was best and smallest")
     ap.add_argument("--out", default="bench/results/fm10/plateau.json")
+    ap.add_argument("--one-cache", action="store_true",
+                    help="every row reads the regime's feature cache, as bench/accuracy.py --one-cache (make bench)")
     args = ap.parse_args()
     cfg = load_config(args.config)
     regime = json.load(open(args.regime))  # the teachers its rows' placeholders resolved to
@@ -69,12 +73,13 @@ def main() -> None:
     methods = sorted(args.methods, key=lambda m: m not in SLOW)  # the slow ones first: none runs alone at the end
     runs = [(e, m, s) for m in methods for e in lengths for s in args.seeds]
     caches = {LOGITS: on_regime_logits(cfg), FEATURES: on_regime_teachers(cfg)}
-    cfgs = [variant(cfg, {**caches[VARIANTS[m][1]], **row_changes(m, regime["best_teacher"], smallest),
+    kind = {m: FEATURES if args.one_cache else VARIANTS[m][1] for m in methods}
+    cfgs = [variant(cfg, {**caches[kind[m]], **row_changes(m, regime["best_teacher"], smallest),
                           "distill.optim.epochs": e, "distill.student.seed": s, "distill.name": f"plateau{e}-{m}-s{s}"},
                     "plateau probe") for e, m, s in runs]
     from raykd.pipeline.stages.professor import run_professor
 
-    for c in {VARIANTS[m][1]: c for (_, m, _), c in zip(runs, cfgs) if c.method.targets in ("refined", "both")}.values():
+    for c in {kind[m]: c for (_, m, _), c in zip(runs, cfgs) if c.method.targets in ("refined", "both")}.values():
         run_professor(c)  # the regime's professor, reused (its fingerprint does not hold the student's epochs)
     recs = dict(zip(runs, run_students(cfgs, cfg.run.parallel)))
     res = {"command": " ".join(["python bench/plateau.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
