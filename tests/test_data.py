@@ -188,23 +188,6 @@ def test_webdataset_shards_are_the_image_folder_streamed(digit_folder, tmp_path)
     assert shards.fingerprint != folder.fingerprint  # other files: another source
 
 
-def test_webdataset_shards_on_s3(digit_folder, tmp_path, s3_endpoint):
-    import boto3
-
-    train, test = make_shards(digit_folder, tmp_path / "wds", per_shard=40)
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.create_bucket(Bucket="shards")
-    for p in train + test:
-        s3.upload_file(p, "shards", f"wds/{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}")
-    local = load_splits(DataSection(name="webdataset", root=str(tmp_path / "wds"), image_size=24))
-    remote = load_splits(DataSection(name="webdataset", root="s3://shards/wds", image_size=24))
-    assert remote.train.images.paths[0].endswith("::s3://shards/wds/train/train-000000.tar")
-    np.testing.assert_array_equal(local.train.labels, remote.train.labels)
-    np.testing.assert_array_equal(local.train.images[np.arange(20)], remote.train.images[np.arange(20)])
-    with pytest.raises(DataError, match="webdataset: no train/\\*.tar under data.root=s3://shards/nothing"):
-        load_splits(DataSection(name="webdataset", root="s3://shards/nothing", image_size=24))
-
-
 @pytest.mark.parametrize("hf", [False, True], ids=["folders", "hugging-face-layout"])
 def test_parquet_shards_are_the_image_folder_streamed(digit_folder, tmp_path, hf):
     from raykd.pipeline.data.datasets import FileImages
@@ -227,23 +210,28 @@ def test_parquet_shards_are_the_image_folder_streamed(digit_folder, tmp_path, hf
     assert shards.fingerprint != folder.fingerprint
 
 
-def test_parquet_shards_on_s3(digit_folder, tmp_path, s3_endpoint):
+@pytest.mark.parametrize("source,make,first,missing", [
+    ("webdataset", lambda f, out: make_shards(f, out, per_shard=40), "train/train-000000.tar", r"train/\*.tar"),
+    ("parquet", make_parquet_shards, "train/00000.parquet", r"train/\*.parquet \(or train-\*.parquet\)"),
+])
+def test_shards_on_s3(digit_folder, tmp_path, s3_endpoint, source, make, first, missing):
+    """Shards uploaded to an S3 endpoint are read by their URLs: the same rows and pixels as on local disk."""
     import boto3
 
-    train, test = make_parquet_shards(digit_folder, tmp_path / "pq")
+    train, test = make(digit_folder, tmp_path / "shards")
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.create_bucket(Bucket="pqshards")
+    s3.create_bucket(Bucket=source)
     for p in train + test:
-        s3.upload_file(p, "pqshards", f"pq/{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}")
-    local = load_splits(DataSection(name="parquet", root=str(tmp_path / "pq"), image_size=24))
-    remote = load_splits(DataSection(name="parquet", root="s3://pqshards/pq", image_size=24))
-    assert remote.train.images.paths[0].endswith("::s3://pqshards/pq/train/00000.parquet")
+        s3.upload_file(p, source, f"shards/{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}")
+    local = load_splits(DataSection(name=source, root=str(tmp_path / "shards"), image_size=24))
+    remote = load_splits(DataSection(name=source, root=f"s3://{source}/shards", image_size=24))
+    assert remote.train.images.paths[0].endswith(f"::s3://{source}/shards/{first}")
     np.testing.assert_array_equal(local.train.labels, remote.train.labels)
     np.testing.assert_array_equal(local.test.labels, remote.test.labels)
     np.testing.assert_array_equal(local.train.images[np.arange(len(local.train))],
                                   remote.train.images[np.arange(len(remote.train))])
-    with pytest.raises(DataError, match=r"parquet: no train/\*.parquet .* under data.root=s3://pqshards/nothing"):
-        load_splits(DataSection(name="parquet", root="s3://pqshards/nothing", image_size=24))
+    with pytest.raises(DataError, match=f"{source}: no {missing} under data.root=s3://{source}/nothing"):
+        load_splits(DataSection(name=source, root=f"s3://{source}/nothing", image_size=24))
 
 
 def test_a_parquet_file_without_images_or_classes_is_named(tmp_path):

@@ -68,28 +68,41 @@ def index_shards(fs, protocol: str, shards: list[str]) -> tuple[list[str], np.nd
     return urls, np.asarray(labels, dtype=np.int64)
 
 
-@DATASETS.register("webdataset")
-def _webdataset(root: str | None, image_size: int | None) -> Raw:
+def _tar_files(fs, base: str, names: tuple[str, ...]) -> list[str]:
+    return next((s for d in names if (s := _shards(fs, posixpath.join(base, d)))), [])
+
+
+def _shard_source(kind: str, root: str | None, image_size: int | None, train_files: str, find, index) -> Raw:
+    """The splits of a shard source under `root`: `find(fs, base, names)` lists a split's files (those of
+    the first of `names` that has any), `index(fs, protocol, files)` gives their (image refs, classes);
+    `train_files` names what is looked for in messages. Streamed: the images stay in the shards."""
     from raykd.pipeline.cache.storage import open_fs, storage_errors, storage_message
 
     if not root:
-        raise DataError("webdataset: set data.root to the folder or URL holding train/*.tar (and test/*.tar)")
+        raise DataError(f"{kind}: set data.root to the folder or URL holding {train_files} (and the test split beside it)")
     size = image_size or 32
     fs, base = open_fs(root)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     try:
-        train = _shards(fs, posixpath.join(base, "train"))
+        train = find(fs, base, ("train",))
         if not train:
-            raise DataError(f"webdataset: no train/*.tar under data.root={root}")
-        test = next((s for d in ("test", "val") if (s := _shards(fs, posixpath.join(base, d)))), [])
-        tr_urls, tr_y = index_shards(fs, protocol, train)
-        te_urls, te_y = index_shards(fs, protocol, test) if test else ([], None)
+            raise DataError(f"{kind}: no {train_files} under data.root={root}")
+        test = find(fs, base, ("test", "val", "validation"))
+        tr_refs, tr_y = index(fs, protocol, train)
+        te_refs, te_y = index(fs, protocol, test) if test else ([], None)
     except storage_errors() as e:
-        raise DataError(f"webdataset: {storage_message(root, e)}") from None
+        raise DataError(f"{kind}: {storage_message(root, e)}") from None
+    if not len(tr_y):
+        raise DataError(f"{kind}: the train files under data.root={root} hold no samples")
     num_classes = int(max(tr_y.max(), te_y.max() if te_y is not None and len(te_y) else 0)) + 1
-    return Raw(FileImages(np.array(tr_urls, dtype=object), size), tr_y,
-               FileImages(np.array(te_urls, dtype=object), size) if test else None, te_y, num_classes,
+    return Raw(FileImages(np.array(tr_refs, dtype=object), size), tr_y,
+               FileImages(np.array(te_refs, dtype=object), size) if test else None, te_y, num_classes,
                _policy("imagefolder", size))
+
+
+@DATASETS.register("webdataset")
+def _webdataset(root: str | None, image_size: int | None) -> Raw:
+    return _shard_source("webdataset", root, image_size, "train/*.tar", _tar_files, index_shards)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,25 +184,5 @@ def _row_group(url: str, group: int, column: str) -> list:
 
 @DATASETS.register("parquet")
 def _parquet(root: str | None, image_size: int | None) -> Raw:
-    from raykd.pipeline.cache.storage import open_fs, storage_errors, storage_message
-
-    if not root:
-        raise DataError("parquet: set data.root to the folder or URL holding train/*.parquet (and test/*.parquet)")
-    size = image_size or 32
-    fs, base = open_fs(root)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    try:
-        train = _parquet_files(fs, base, ("train",))
-        if not train:
-            raise DataError(f"parquet: no train/*.parquet (or train-*.parquet) under data.root={root}")
-        test = _parquet_files(fs, base, ("test", "val", "validation"))
-        tr_refs, tr_y = index_parquet(fs, protocol, train)
-        te_refs, te_y = index_parquet(fs, protocol, test) if test else ([], None)
-    except storage_errors() as e:
-        raise DataError(f"parquet: {storage_message(root, e)}") from None
-    if not len(tr_y):
-        raise DataError(f"parquet: the train files under data.root={root} hold no rows")
-    num_classes = int(max(tr_y.max(), te_y.max() if te_y is not None and len(te_y) else 0)) + 1
-    return Raw(FileImages(np.array(tr_refs, dtype=object), size), tr_y,
-               FileImages(np.array(te_refs, dtype=object), size) if test else None, te_y, num_classes,
-               _policy("imagefolder", size))
+    return _shard_source("parquet", root, image_size, "train/*.parquet (or train-*.parquet)", _parquet_files,
+                         index_parquet)

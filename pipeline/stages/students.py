@@ -47,7 +47,6 @@ class _Students:
         # say: the progress queue of the driver when this is a Tune trial, where every line goes; else None:
         # the driver's lines are printed here, the jobs' sent to a ProgressPrinter made with the first job
         self.cfgs, self.progress, self.place, self.tune, self.stack = cfgs, say, place, tune, stack
-        self.inline = place.inline
         self._queue = say
         self.runner = place.runner(tune=tune)
         self.concurrent = concurrent  # jobs on this machine at once: its memory is shared between them
@@ -60,7 +59,7 @@ class _Students:
         if self._queue is None:
             from raykd.pipeline.core.progress import Console
 
-            self._queue = Console() if self.inline else self.stack.enter_context(ProgressPrinter()).queue
+            self._queue = Console() if self.place.inline else self.stack.enter_context(ProgressPrinter()).queue
         return self._queue
 
     def _splits(self, cfg: Config):
