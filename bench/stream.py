@@ -1,6 +1,7 @@
-"""Streamed image folders: memory that stays flat as the folder grows 10x, and speed against bare loops.
+"""Streamed image folders and shards: memory that stays flat as the set grows 10x, and speed against bare loops.
 
     python bench/stream.py [--sizes 2000 20000] [--image-size 64] [--rounds 3] [--out bench/results/stream.json]
+    python bench/stream.py --source webdataset --out bench/results/stream_webdataset.json   # or --source parquet
 
 Makes image folders of N JPEGs from Fashion-MNIST training images (upscaled 28 -> 64 px; test/ is the
 same 1,000 test images for every N), then for each N, in a fresh process, runs the FKD-style pipeline on
@@ -12,7 +13,11 @@ Ray worker process (the driver's descendants named ray::*) every 0.2 s, and each
 outside Ray's object store; the peaks are reported. Every size runs `--rounds` times (sizes in turn, a
 fresh process each); the growth and the ratios are taken from the medians over the rounds.
 
-At the largest N it also times the floor, each side by side with raykd's own phase in the same process:
+`--source webdataset` / `parquet` runs the same pipeline on the folder written as shards
+(`write_tar_shards`, 1,000 samples a shard; `write_parquet_shards`, 1,000 rows a file in row groups of 16):
+the memory as the shard set grows; the floor is timed for the folder only.
+
+At the largest N (folder only) it also times the floor, each side by side with raykd's own phase in the same process:
 - cache build vs torchvision's ImageFolder + DataLoader (RandomResizedCrop, 2 loader workers) + the
   teacher's forward under no_grad;
 - a student epoch vs ImageFolder + DataLoader (RandomResizedCrop + flip) + the student's CE step (the
@@ -57,6 +62,20 @@ def make_folder(n: int, size: int, test_n: int = 1000) -> str:
                 os.path.join(d, f"{i:06d}.jpg"), quality=90)
     open(os.path.join(root, ".done"), "w").close()
     return root
+
+
+def make_shards(folder: str, source: str) -> str:
+    """The folder as `source` shards beside it (made once)."""
+    from raykd.pipeline.data.shards import write_parquet_shards, write_tar_shards
+
+    out = f"{folder}-{source}"
+    if not os.path.isfile(os.path.join(out, ".done")):
+        if source == "webdataset":
+            write_tar_shards(folder, out, per_shard=1000)
+        else:
+            write_parquet_shards(folder, out, per_file=1000, group=16)
+        open(os.path.join(out, ".done"), "w").close()
+    return out
 
 
 class RssSampler(threading.Thread):
@@ -117,13 +136,15 @@ def child(args) -> dict:
     from raykd.pipeline.stages.teachers import run_teachers
 
     root = make_folder(args.n, args.image_size)
+    if args.source != "imagefolder":
+        root = make_shards(root, args.source)
     ckpt = os.path.join(WORK, "resnet18-random.safetensors")
     if not os.path.isfile(ckpt):
         torch.manual_seed(0)
         save_state_dict(build_model("torchvision:resnet18", 10, 3).state_dict(), ckpt)
-    out = os.path.join(WORK, f"run-{args.n}")
+    out = os.path.join(WORK, f"run-{args.n}" + ("" if args.source == "imagefolder" else f"-{args.source}"))
     cfg = load_config(None, [
-        f"run.out_dir={out}", "run.device=cpu", "data.name=imagefolder", f"data.root={root}",
+        f"run.out_dir={out}", "run.device=cpu", f"data.name={args.source}", f"data.root={root}",
         f"data.image_size={args.image_size}", "data.val_fraction=0.05", "data.view_policy=random_resized_crop",
         "data.flip=true", f"teachers.models=[{{name: r18, arch: 'torchvision:resnet18', checkpoint: {ckpt}}}]",
         "cache.views=1", "cache.batch_size=256", "distill.student={arch: cnn16}", "distill.optim.epochs=1",
@@ -209,6 +230,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--source", choices=["imagefolder", "webdataset", "parquet"], default="imagefolder",
+                    help="the folder itself, or written as tar or Parquet shards")
     ap.add_argument("--out", default="bench/results/stream.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -227,8 +250,9 @@ def main() -> None:
         for n in args.sizes:
             make_folder(n, args.image_size)
             argv = [sys.executable, __file__, "--child", "--n", str(n), "--image-size", str(args.image_size),
-                    "--round", str(r), *args.overrides] + (["--floor"] if n == max(args.sizes) else [])
-            print(f"[bench] round {r}, streamed folder of {n} images: {' '.join(argv[1:])}", flush=True)
+                    "--round", str(r), "--source", args.source, *args.overrides] + \
+                (["--floor"] if n == max(args.sizes) and args.source == "imagefolder" else [])
+            print(f"[bench] round {r}, streamed {args.source} of {n} images: {' '.join(argv[1:])}", flush=True)
             p = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
             line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
             if p.returncode or line is None:
@@ -246,9 +270,10 @@ def main() -> None:
            "image_size": args.image_size, "rounds": args.rounds, "runs": runs, "median_peaks_mb": peaks,
            **{f"{k.replace('_peak', '').replace('_mb', '')}_growth": round(peaks[big][k] / peaks[small][k] - 1, 3)
               for k in peaks[big]},
-           "rss_target": 0.15,
-           "cache_throughput_ratio": round(med(big, "cache_throughput_ratio", "floor"), 3), "cache_target": 0.85,
-           "student_epoch_ratio": round(med(big, "student_epoch_ratio", "floor"), 3), "student_epoch_target": 1.15}
+           "source": args.source, "rss_target": 0.15}
+    if args.source == "imagefolder":
+        res.update({"cache_throughput_ratio": round(med(big, "cache_throughput_ratio", "floor"), 3), "cache_target": 0.85,
+                    "student_epoch_ratio": round(med(big, "student_epoch_ratio", "floor"), 3), "student_epoch_target": 1.15})
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

@@ -626,12 +626,12 @@ def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_p
 def test_shards_cache_as_the_folder_does(ray_session, digit_folder, tmp_path, source):
     """Tar shards or Parquet files of the folder's JPEGs, streamed: the cache holds the same view records
     and pixels as the folder's images rendered in memory."""
-    from conftest import make_parquet_shards, make_shards
+    from raykd.pipeline.data.shards import write_parquet_shards, write_tar_shards
 
     from raykd.pipeline.core.config import load_config
     from raykd.pipeline.data.splits import load_splits
 
-    (make_shards if source == "webdataset" else make_parquet_shards)(digit_folder, tmp_path / "wds")
+    (write_tar_shards if source == "webdataset" else write_parquet_shards)(digit_folder, tmp_path / "wds")
     base = [f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", f"data.name={source}", f"data.root={tmp_path / 'wds'}",
             "data.image_size=16", "data.val_fraction=0.2", "teachers.optim.epochs=1",
             "teachers.models=[{name: a, arch: cnn4, seed: 1}]", "cache.views=2"]

@@ -76,14 +76,16 @@ def decode_image(path: str, size: int) -> np.ndarray:
     """One image file as uint8 (S, S, 3): RGB, short side resized to S (antialiased), centre crop."""
     from PIL import Image
 
-    if path.startswith("pq:"):  # a row of a Parquet shard's image column (pq:<group>:<row>:<column>::<URL>)
+    # a row of a Parquet shard's image column (pq:<group>:<row>:<column>::<URL>), a tar shard's member
+    # (tar://<member>::<shard URL>): read through the shard's index, kept per process
+    if path.startswith(("pq:", "tar://")):
         import io
 
-        from raykd.pipeline.data.shards import parquet_image
+        from raykd.pipeline.data.shards import parquet_image, tar_member
 
-        img = Image.open(io.BytesIO(parquet_image(path))).convert("RGB")
+        img = Image.open(io.BytesIO((parquet_image if path.startswith("pq:") else tar_member)(path))).convert("RGB")
         return np.asarray(_fit(size)(img), dtype=np.uint8)
-    if "::" in path or "://" in path:  # a member of a shard (tar://<member>::<shard URL>), or a URL
+    if "::" in path or "://" in path:  # a URL, or another fsspec chained URL
         import fsspec
 
         opener = fsspec.open
