@@ -9,9 +9,8 @@ import json
 import os
 from typing import Any, Callable
 
-from raykd.pipeline.core.errors import StageFailed
 from raykd.pipeline.harness.contexts import STATE_FILE, LocalContext, _load_state
-from raykd.pipeline.harness.failures import JobFailed, describe, failure_message, transient
+from raykd.pipeline.harness.failures import JobFailed, describe, transient
 from raykd.pipeline.harness.job import Job, JobResult
 from raykd.pipeline.harness.loop import train_loop
 
@@ -152,13 +151,3 @@ class JobRunner:
                     out = JobFailed.of(job, e, attempt + 1)
             on_done(out)
 
-
-def fit(job: Job, inline: bool = False, tune: bool = False) -> JobResult:
-    """Run one job to its end; a failure is a StageFailed."""
-    out: list = []
-    runner = JobRunner(1, inline=inline, tune=tune)
-    runner.submit(job, out.append)
-    runner.run()
-    if isinstance(out[0], JobFailed):
-        raise StageFailed(failure_message(out[0]))
-    return out[0]

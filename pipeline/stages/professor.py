@@ -256,8 +256,8 @@ def _run(cfg: Config, uri: str, cache: Cache, fp: str, out: str) -> dict:
 
 def _train(cfg, cache, lc, fp, out, device) -> dict:
     from raykd.pipeline.cache.epochs import in_memory_choice, row_bytes
+    from raykd.pipeline.harness.driver import StageDriver
     from raykd.pipeline.harness.placement import Placement, queue_of
-    from raykd.pipeline.harness.runner import fit
 
     p, m = cfg.professor, cache.manifest
     w = p.workers
@@ -278,7 +278,7 @@ def _train(cfg, cache, lc, fp, out, device) -> dict:
                                             ("sample_id", "label", *targets.all_columns),
                                             cache.checks([p for k in views for p in cache.view_files(k)]),
                                             in_memory=in_memory_choice(cfg.distill.in_memory, nbytes // w.num_workers)))
-        res = fit(job, inline=place.inline)
+        res = StageDriver(place).one(job)
     state, history = res.state, res.history
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for h in history:

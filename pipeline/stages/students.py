@@ -16,7 +16,7 @@ from raykd.pipeline.core.errors import RaykdError, StageFailed
 from raykd.pipeline.core.log import log
 from raykd.pipeline.core.progress import ProgressPrinter
 from raykd.pipeline.core.records import out_root, output_lock
-from raykd.pipeline.harness.failures import JobFailed, failure_message
+from raykd.pipeline.harness.driver import StageDriver
 from raykd.pipeline.harness.placement import Placement
 from raykd.pipeline.stages.distill import (
     finish_student,
@@ -48,7 +48,7 @@ class _Students:
         # the driver's lines are printed here, the jobs' sent to a ProgressPrinter made with the first job
         self.cfgs, self.progress, self.place, self.tune, self.stack = cfgs, say, place, tune, stack
         self._queue = say
-        self.runner = place.runner(tune=tune)
+        self.drive = StageDriver(place, tune=tune)
         self.concurrent = concurrent  # jobs on this machine at once: its memory is shared between them
         self.splits: dict[str, Any] = {}
         self.records: list[dict | None] = [None] * len(cfgs)
@@ -126,24 +126,17 @@ class _Students:
                  f"{' ' + str(plan.teachers) if plan.teachers else ''}, {d.optim.epochs} epochs over K={plan.views} "
                  f"views, {d.workers.num_workers} worker(s), {'in memory' if job.in_memory else 'streamed'}")
 
-        def on_done(out):
-            if isinstance(out, JobFailed):
-                self.errors[i] = StageFailed(failure_message(out))
-                return
-            try:
-                rec = finish_student(plan, out)
-            except Exception as e:  # noqa: BLE001
-                self.errors[i] = e
-                return
+        def finish(out, _seconds):
+            rec = finish_student(plan, out)
             _say(self.progress, f"[distill] {plan.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f} "
                  f"-> {plan.sdir}")
             done.append(rec)
             if len(done) == len(chain):
                 self._chain_done(i, chain, done)
-            else:
+            else:  # the chain's next student, in the same run
                 self.start(i, chain, done)
 
-        self.runner.submit(job, on_done, on_start)
+        self.drive.submit(i, job, finish, start=on_start)
 
     def _chain_done(self, i: int, chain: list[Config], done: list[dict]) -> None:
         rec = METHODS.get(chain[-1].method.name).summarise(done, student_dir(chain[-1]))
@@ -157,7 +150,8 @@ class _Students:
             chain = [variant(cfg, changes, "method chain") for changes in
                      METHODS.get(cfg.method.name).chain(cfg, student_name(cfg))]
             self.start(i, chain, [])
-        self.runner.run()
+        self.drive.run()
+        self.errors.update(self.drive.errors)
 
 
 def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=None, tune: bool = False,

@@ -209,15 +209,14 @@ def _run_teachers(cfg: Config, splits: Splits, out: str) -> list[dict]:
 
 
 def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dict]:
-    from raykd.pipeline.harness.failures import JobFailed, failure_message
+    from raykd.pipeline.harness.driver import StageDriver
     from raykd.pipeline.harness.placement import Placement, queue_of
 
     w = cfg.teachers.workers
     place = Placement.decide(cfg, w, jobs=len(to_train), parallel=cfg.teachers.parallel)
     device = place.start()
     refs = place.put("splits", {k: getattr(splits, k) for k in ("train", "val", "test")})
-    records, failed = {}, []
-    runner = place.runner()
+    drive = StageDriver(place, failed=lambda name, e: log.error(f"[teachers] {name}: FAILED: {e}"))
     with place.progress() as progress:
         for spec, fp in to_train:
             job = TeacherJob(
@@ -229,27 +228,19 @@ def _train_all(cfg: Config, splits: Splits, out: str, to_train) -> dict[str, dic
                 preprocess=spec.preprocess(), imports=job_imports(cfg),
                 tracking=tracking_spec(cfg, "teachers", spec.name, f"teacher-{spec.name}-{fp[:12]}"), **refs)
 
-            started: dict = {}
-
-            def on_done(res, spec=spec, fp=fp, started=started):
+            def finish(res, seconds, spec=spec, fp=fp):
                 tdir = teacher_dir(out, spec.name)
-                if isinstance(res, JobFailed):
-                    failed.append(spec.name)
-                    log.error(f"[teachers] {spec.name}: FAILED: {failure_message(res)}")
-                    return
                 rec = _finish_trained(spec, splits, tdir, res.state["task"], res.history)
-                rec["wall_time_s"] = round(time.time() - started["t0"], 2)
-                records[spec.name] = _finalise(rec, spec, fp, splits, cfg, tdir)
+                rec["wall_time_s"] = round(seconds, 2)
+                rec = _finalise(rec, spec, fp, splits, cfg, tdir)
                 log.info(f"[teachers] {spec.name}: done, val {rec['val_acc']:.4f} test {rec['test_acc']:.4f}")
+                return rec
 
-            def on_start(spec=spec, job=job, started=started):
-                started["t0"] = time.time()
-                log.info(f"[teachers] {spec.name} ({spec.arch}): training, {job.epochs} epochs, {w.num_workers} worker(s)")
-
-            runner.submit(job, on_done, on_start)
-        runner.run()
-    if failed:
-        raise StageFailed(f"teacher training failed for {', '.join(failed)} (above); the others are saved")
+            drive.submit(spec.name, job, finish, start=lambda spec=spec, job=job: log.info(
+                f"[teachers] {spec.name} ({spec.arch}): training, {job.epochs} epochs, {w.num_workers} worker(s)"))
+        records = drive.run()
+    if drive.errors:
+        raise StageFailed(f"teacher training failed for {', '.join(drive.errors)} (above); the others are saved")
     return records
 
 
@@ -311,12 +302,6 @@ def _evaluate_given(spec, splits, device, tdir) -> dict:
 def _apply_gate(rec: dict, min_val_acc: float) -> dict:
     rec["gate"] = {"min_val_acc": min_val_acc, "passed": rec["val_acc"] >= min_val_acc}
     return rec
-
-
-
-
-
-
 
 
 def load_teacher(out_dir: str, name: str, for_cache: bool = True) -> tuple[torch.nn.Module, dict]:
