@@ -151,6 +151,42 @@ def test_the_render_pool_gives_the_same_pixels_whatever_its_size(digit_folder, p
     assert not torch.equal(one[0][0], one[1][0])  # another view, another order: the comparison can fail
 
 
+def test_the_render_pool_has_as_many_threads_as_the_job_holds_cpus(digit_folder, monkeypatch):
+    """The pool is sized by the job's torch threads (its share of the cores, set by the harness before the
+    task is built) and every one of its threads renders batches."""
+    import threading
+
+    from raykd.pipeline.cache import epochs as E
+    from raykd.pipeline.core.sections import DataSection
+    from raykd.pipeline.data.splits import load_splits
+    from raykd.pipeline.data.views import ViewPolicy
+
+    splits = load_splits(DataSection(name="imagefolder", root=str(digit_folder), image_size=24))
+    render = E.RowFormat.render
+    seen, gate = set(), threading.Barrier(3, timeout=10)
+
+    def counted(self, batch):  # the first batches wait for each other: each on a thread of its own
+        seen.add(threading.current_thread().name)
+        if len(seen) <= 3:
+            try:
+                gate.wait()
+            except threading.BrokenBarrierError:
+                pass
+        return render(self, batch)
+
+    monkeypatch.setattr(E.RowFormat, "render", counted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        data = E.view_epochs(splits.train, np.arange(len(splits.train)), 0, ViewPolicy(), splits.mean, splits.std,
+                             lambda e: 0, 8, True, 5)
+    finally:
+        torch.set_num_threads(before)
+    assert data.workers == 3
+    assert len(list(data(0))) == -(-len(splits.train) // 8)
+    assert len(seen) == 3 and all(n.startswith("raykd-render") for n in seen), seen
+
+
 def test_device_views_decision_and_the_same_batches_either_way():
     from raykd.pipeline.cache.epochs import device_views_choice
 
