@@ -69,12 +69,13 @@ def index_shards(fs, protocol: str, shards: list[str]) -> tuple[list[str], np.nd
     return urls, np.asarray(labels, dtype=np.int64)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _tar(url: str, pid: int):
     """A shard's tar file system (its member index, read once) and the lock its reads take: one per shard
     and process (`pid`: a forked child opens its own). fsspec's chained `tar://<member>::<shard>` URL
     builds a new index, reading every member's header, on each open: 90 ms an image for a shard of
-    1,000 samples, against 1.5 ms here."""
+    1,000 samples, against 0.08 ms here. Up to 256 shards are kept open per process (a shuffled epoch
+    over more of them indexes a shard again when it comes back)."""
     import threading
 
     import fsspec
@@ -245,10 +246,12 @@ def write_tar_shards(folder, out, per_shard: int = 25) -> tuple[list[str], list[
     return made["train"], made["test"]
 
 
-def write_parquet_shards(folder, out, per_file: int = 40, group: int = 16, hf: bool = False) -> tuple[list[str], list[str]]:
-    """An image folder's train/ and val/ as `parquet` shards: Parquet files with an image-bytes column (Hugging Face's
-    `Image` struct {bytes, path}) and a `label` column, `per_file` rows each, row groups of `group`, in the
-    folder's own order. `hf`: Hugging Face's layout (data/train-00000-of-0000N.parquet, validation-*)."""
+def write_parquet_shards(folder, out, per_file: int = 40, group: int = 16,
+                         hf: bool = False) -> tuple[list[str], list[str]]:
+    """An image folder's train/ and val/ as `parquet` shards: Parquet files with an image-bytes column
+    (Hugging Face's `Image` struct {bytes, path}) and a `label` column, `per_file` rows each, row groups of
+    `group`, in the folder's own order. `hf`: Hugging Face's layout (data/train-00000-of-0000N.parquet,
+    validation-*)."""
     import os
 
     import pyarrow as pa
