@@ -5,8 +5,8 @@ image-bytes column (as Hugging Face datasets publish them), local or on any fssp
 A shard's samples are its members grouped by key (the name before the first dot, WebDataset's rule):
 an image (`.jpg`, `.jpeg`, `.png`, `.webp`) and its class (`.cls`, an integer as text). Nothing is
 materialised: indexing reads only the tar headers and the small `.cls` members, and each image is
-read and decoded when a batch needs it, by its fsspec chained URL (`tar://<member>::<shard URL>`;
-fsspec keeps one index of a shard per process). Sample ids are positions in the sorted shard list and,
+read and decoded when a batch needs it, by its reference `tar://<member>::<shard URL>` through one
+index of its shard per process (`tar_member`). Sample ids are positions in the sorted shard list and,
 within a shard, in key order: stable while the shards are. The images are `FileImages`, as an image
 folder's, so views, caches and students treat both alike (resized on the short side and centre-cropped
 to `data.image_size`).
