@@ -15,7 +15,7 @@ loop's seconds / the build's own `build_seconds` from its manifest: model loadin
 Each pair also runs the bare loop a second time with the malloc settings raykd's teacher forward makes
 (`retain_freed_memory`: freed activations stay in the heap instead of being faulted in again every
 batch), and gives both ratios against that stricter floor too (`..._vs_retained`): what raykd gains
-from the setting that any loop could make.
+from the setting that any loop could make. Every side's minor page faults are recorded (`page_faults`).
 The teachers must exist (they are trained first if not). Writes --out and prints a Markdown table.
 """
 
@@ -72,6 +72,15 @@ def bare(config: str, overrides: list[str], retain: bool = False) -> None:
     print(json.dumps({"loop_s": time.perf_counter() - t0, "rows": n * cfg.cache.views}))
 
 
+def faulted(argv: list[str]) -> tuple[float, str, int]:
+    """`timed`, and the minor page faults the process took (getrusage of the waited-for children)."""
+    import resource
+
+    f0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
+    wall, out = timed(argv)
+    return wall, out, resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - f0
+
+
 def timed(argv: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
     p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
@@ -110,14 +119,14 @@ def main() -> None:
     pairs = []
     with tempfile.TemporaryDirectory(prefix="raykd-bench-") as tmp:
         for i in range(args.pairs):
-            b_wall, b_out = timed([sys.executable, os.path.join(HERE, "cache_build.py"), "--bare", "-c", args.config, *over])
+            bare_side = [sys.executable, os.path.join(HERE, "cache_build.py"), "--bare", "-c", args.config, *over]
+            b_wall, b_out, b_faults = faulted(bare_side)
             floor = json.loads(b_out.strip().splitlines()[-1])
-            s_wall, s_out = timed([sys.executable, os.path.join(HERE, "cache_build.py"), "--bare", "--retain", "-c",
-                                   args.config, *over])
+            s_wall, s_out, s_faults = faulted([*bare_side, "--retain"])
             strict = json.loads(s_out.strip().splitlines()[-1])
             uri = os.path.join(tmp, "cache")
-            r_wall, _ = timed([sys.executable, "-m", "raykd", "cache", "-c", args.config, "--overwrite", *over,
-                               f"cache.uri={uri}"])
+            r_wall, _, r_faults = faulted([sys.executable, "-m", "raykd", "cache", "-c", args.config, "--overwrite", *over,
+                                           f"cache.uri={uri}"])
             with open(os.path.join(uri, "manifest.json")) as f:
                 manifest = json.load(f)
             pair = {"bare_wall_s": round(b_wall, 2), "bare_loop_s": round(floor["loop_s"], 2),
@@ -125,11 +134,12 @@ def main() -> None:
                     "whole_ratio": round(b_wall / r_wall, 3), "in_process_ratio": round(floor["loop_s"] / manifest["build_seconds"], 3),
                     "retained_bare_wall_s": round(s_wall, 2), "retained_bare_loop_s": round(strict["loop_s"], 2),
                     "whole_ratio_vs_retained": round(s_wall / r_wall, 3),
-                    "in_process_ratio_vs_retained": round(strict["loop_s"] / manifest["build_seconds"], 3)}
+                    "in_process_ratio_vs_retained": round(strict["loop_s"] / manifest["build_seconds"], 3),
+                    "page_faults": {"bare": b_faults, "retained_bare": s_faults, "raykd": r_faults}}
             pairs.append(pair)
             print(f"[bench] pair {i + 1}/{args.pairs}: {pair}", flush=True)
     rows = floor["rows"]
-    med = {k: round(statistics.median(p[k] for p in pairs), 3) for k in pairs[0]}
+    med = {k: round(statistics.median(p[k] for p in pairs), 3) for k in pairs[0] if k != "page_faults"}
     import ray
 
     res = {

@@ -626,9 +626,8 @@ def test_streamed_folder_cache_equals_in_memory(ray_session, digit_folder, tmp_p
 def test_shards_cache_as_the_folder_does(ray_session, digit_folder, tmp_path, source):
     """Tar shards or Parquet files of the folder's JPEGs, streamed: the cache holds the same view records
     and pixels as the folder's images rendered in memory."""
-    from raykd.pipeline.data.shards import write_parquet_shards, write_tar_shards
-
     from raykd.pipeline.core.config import load_config
+    from raykd.pipeline.data.shards import write_parquet_shards, write_tar_shards
     from raykd.pipeline.data.splits import load_splits
 
     (write_tar_shards if source == "webdataset" else write_parquet_shards)(digit_folder, tmp_path / "wds")

@@ -217,20 +217,25 @@ def _parquet(root: str | None, image_size: int | None) -> Raw:
 # writing shards from an image folder (the tests and bench/stream.py make theirs so)
 
 
+def _folder_samples(folder, split: str) -> list[tuple[str, int]]:
+    """(path, class) of an image folder's split in `imagefolder`'s order: torchvision's sorted index, the
+    classes named by train/."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    _, to_idx = find_classes(os.path.join(folder, "train"))
+    return make_dataset(os.path.join(folder, split), to_idx, extensions=IMG_EXTENSIONS)
+
+
 def write_tar_shards(folder, out, per_shard: int = 25) -> tuple[list[str], list[str]]:
     """An image folder's train/ and val/ (the imagefolder layout) as `webdataset` tar shards (<key>.jpg +
     <key>.cls) under out/train/ and out/test/, in the folder's own order (classes sorted, files sorted),
     `per_shard` samples each: (train shard paths, test shard paths)."""
     import io
-    import os
     import tarfile
-
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     made = {}
     for split, dest in (("train", "train"), ("val", "test")):
-        _, to_idx = find_classes(os.path.join(folder, "train"))
-        samples = make_dataset(os.path.join(folder, split), to_idx, extensions=IMG_EXTENSIONS)
+        samples = _folder_samples(folder, split)
         os.makedirs(os.path.join(out, dest), exist_ok=True)
         made[dest] = []
         for s in range(0, len(samples), per_shard):
@@ -252,16 +257,12 @@ def write_parquet_shards(folder, out, per_file: int = 40, group: int = 16,
     (Hugging Face's `Image` struct {bytes, path}) and a `label` column, `per_file` rows each, row groups of
     `group`, in the folder's own order. `hf`: Hugging Face's layout (data/train-00000-of-0000N.parquet,
     validation-*)."""
-    import os
-
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     made = {}
     for split, dest in (("train", "train"), ("val", "validation" if hf else "test")):
-        _, to_idx = find_classes(os.path.join(folder, "train"))
-        samples = make_dataset(os.path.join(folder, split), to_idx, extensions=IMG_EXTENSIONS)
+        samples = _folder_samples(folder, split)
         n = -(-len(samples) // per_file)
         made[dest] = []
         for k, s in enumerate(range(0, len(samples), per_file)):

@@ -52,7 +52,11 @@ class _Students:
         self.concurrent = concurrent  # jobs on this machine at once: its memory is shared between them
         self.splits: dict[str, Any] = {}
         self.records: list[dict | None] = [None] * len(cfgs)
-        self.errors: dict[int, BaseException] = {}
+
+    @property
+    def errors(self) -> dict[int, BaseException]:
+        """Each config's failure, by its index: its plan's (bad input), or its job's or finish's (the driver's)."""
+        return self.drive.errors
 
     @property
     def queue(self):
@@ -151,7 +155,6 @@ class _Students:
                      METHODS.get(cfg.method.name).chain(cfg, student_name(cfg))]
             self.start(i, chain, [])
         self.drive.run()
-        self.errors.update(self.drive.errors)
 
 
 def run_students(cfgs: list[Config], parallel: int | None = None, *, progress=None, tune: bool = False,
