@@ -33,6 +33,9 @@ def test_teacher_reaches_stated_accuracy(trained, digits):
     lines = [json.loads(x) for x in open(os.path.join(tdir, "metrics.jsonl"))]
     assert [m["epoch"] for m in lines] == list(range(1, 9))
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    # the test split is evaluated once, after the last epoch, on the best epoch's weights: nothing before it sees test
+    assert not any("test_acc" in m or "best_test_acc" in m for m in lines[:-1])
+    assert lines[-1]["best_test_acc"] == rec["test_acc"] and "test_acc" not in lines[-1]
     assert os.path.isfile(os.path.join(cfg.run.out_dir, "teachers", "config.resolved.yaml"))
     # the saved best checkpoint reproduces the recorded accuracy on the test split
     model, _ = load_teacher(cfg.run.out_dir, "t")

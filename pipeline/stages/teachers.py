@@ -7,6 +7,7 @@ the accuracy gate, fingerprint). A teacher whose record matches its fingerprint 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -118,7 +119,7 @@ class TeacherTask(Task):
         steps = max(1, math.ceil(len(share) / job.optim.batch_size))
         self.opt, self.sched = make_optimizer(self.model.parameters(), job.optim, steps, job.epochs, job.lr)
         self.evaluator = Evaluator({"val": resolve(job.val), "test": resolve(job.test)}, job.mean, job.std, ctx.device)
-        self.best: dict | None = None  # {"model", "epoch", "val_acc", "test_acc"} of the best epoch so far
+        self.best: dict | None = None  # {"model", "epoch", "val_acc"} of the best epoch so far; "test_acc" at the end
         self.epoch = 0
 
     def prepare(self, ctx):
@@ -142,10 +143,17 @@ class TeacherTask(Task):
         return {"loss": loss}, len(y), (logits.argmax(1) == y).sum()
 
     def evaluate(self, epoch):
-        m = self.evaluator(self.bare)
+        """Validation after every epoch; the test split once, after the last, on the best epoch's weights
+        (`best_test_acc`): what the record reports, and nothing chooses by it."""
+        m = self.evaluator(self.bare, skip=("test",))
         if self.best is None or m["val_acc"] >= self.best["val_acc"]:  # ties: the later epoch
             self.best = {"model": {k: v.detach().cpu().clone() for k, v in self.bare.state_dict().items()},
-                         "epoch": self.epoch + 1, "val_acc": m["val_acc"], "test_acc": m["test_acc"]}
+                         "epoch": self.epoch + 1, "val_acc": m["val_acc"]}
+        if epoch + 1 == self.job.epochs:
+            best = copy.deepcopy(self.bare)
+            best.load_state_dict(self.best["model"])
+            t = self.evaluator(best, skip=("val",))
+            self.best["test_acc"] = m["best_test_acc"] = t["test_acc"]
         return m
 
     def epoch_info(self, epoch):
@@ -162,7 +170,8 @@ class TeacherTask(Task):
         self.best = state["best"]
 
     def line(self, m):
-        return f"loss {m['train_loss']:.3f} val {m['val_acc']:.4f} test {m['test_acc']:.4f}"
+        best = f" best epoch's test {m['best_test_acc']:.4f}" if "best_test_acc" in m else ""
+        return f"loss {m['train_loss']:.3f} val {m['val_acc']:.4f}{best}"
 
 
 # --------------------------------------------------------------------------------------------------
