@@ -1,4 +1,5 @@
-"""The benchmark suite: `make bench` (the accuracy regime, about 100 min on 2 CPU cores), `make bench-speed`
+"""The benchmark suite: `make bench` (the 100-class accuracy regime: 70 min on 2 CPU cores with its teachers trained,
+about 130 from an empty folder), `make bench-fm10` (the 10-class one), `make bench-speed`
 (speed against the bare loop and the online teachers) or `make bench-quick` (a small check of the same).
 
     python bench/run.py [--profile full|fm10|speed|quick] [--only accuracy cache_build distill_speed sweep_speed]
